@@ -1,0 +1,378 @@
+"""The `vggembed` command: a thin layer over the library.
+
+stdout carries data only (predictions, info); messages, progress and the
+summary go to stderr. Exit codes:
+
+\b
+  0  every image succeeded
+  1  an error stopped the run (bad weights, bad output path, --strict)
+  2  wrong usage (unknown option, missing argument)
+  3  the run completed, but some images failed (see OUT.errors.csv / stderr)
+  130 interrupted (Ctrl-C); `embed --resume` continues
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import VGGEmbedError
+
+EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group(context_settings=CONTEXT, epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 some images failed, "
+                                              "130 interrupted.")
+@click.version_option(__version__, "--version", prog_name="vggembed")
+@click.option("-v", "--verbose", is_flag=True, help="Show TensorFlow's start-up log and timings by phase.")
+@click.pass_context
+def main(ctx, verbose):
+    """Pretrained VGG16/VGG19 in TensorFlow: embeddings, top-5 labels and feature maps.
+
+    \b
+    Examples:
+      vggembed weights fetch vgg16
+      vggembed embed images/ -o feats.npy
+      find photos -name '*.jpg' | vggembed embed - -o feats.parquet --layer fc2
+      vggembed classify laska.png
+      vggembed info weights/vgg16_weights.npz
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    ctx.obj["t0"] = time.perf_counter()
+    if verbose:
+        os.environ["VGGEMBED_VERBOSE"] = "1"
+
+
+# ------------------------------------------------------------- shared options
+def weight_options(f):
+    f = click.option("--weights", "weights", type=click.Path(dir_okay=False), envvar="VGGEMBED_WEIGHTS",
+                     help="Weight file (.npz or .mat). Default: $VGGEMBED_WEIGHTS, ./weights/, then the cache.")(f)
+    f = click.option("--model", default="vgg16", show_default=True,
+                     help="Published weights to look for when --weights is not given (vgg16, vgg19, ...).")(f)
+    f = click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+                     help="Class names for weights without them: imagenet_classes.py, synset_words.txt, "
+                          "imagenet_class_index.json or one per line.")(f)
+    f = click.option("--legacy-transpose", is_flag=True,
+                     help="Transpose .mat conv kernels (1,0,2,3) as the VGG19 seed did (wrong for the "
+                          "published files; only to reproduce its feature maps).")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)(f)
+    f = click.option("--precision", type=click.Choice(["float32", "bf16", "fp16"]), default="float32",
+                     show_default=True, help="bf16 only where the CPU has AVX512_BF16/AMX, or on GPUs.")(f)
+    return f
+
+
+def run_options(f):
+    f = click.option("--files-from", type=click.Path(exists=True, dir_okay=False),
+                     help="A file with one image path per line (after the INPUTs).")(f)
+    f = click.option("--resize", type=click.Choice(["squash", "center-crop", "none"]), default="squash",
+                     show_default=True, help="squash to 224x224 (the seeds), center-crop (short side 256, "
+                                             "centre 224), or none (native size; conv/pool layers only).")(f)
+    f = click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)(f)
+    f = click.option("--workers", type=click.IntRange(1), default=min(8, os.cpu_count() or 2),
+                     show_default="CPU count, at most 8", help="Decoding threads.")(f)
+    f = click.option("--fast-decode", is_flag=True,
+                     help="Decode JPEGs at reduced scale (2-3x faster on large photos, values change slightly).")(f)
+    f = click.option("--max-pixels", type=click.IntRange(1), default=None,
+                     help="Refuse larger images (default Pillow's 89.5 million).")(f)
+    f = click.option("--strict", is_flag=True, help="Stop at the first image that fails.")(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")(f)
+    return f
+
+
+def _load(ctx, weights, model, labels, legacy_transpose, device, precision):
+    from .model import load
+
+    t = time.perf_counter()
+    vgg = load(weights, model=model, labels=labels, legacy_transpose=legacy_transpose,
+               precision=precision, device=device)
+    if ctx.obj["verbose"]:
+        click.echo(f"vggembed: loaded {vgg.spec.path} ({vgg.spec.arch}, {vgg.spec.layout}) in "
+                   f"{time.perf_counter() - t:.2f}s; start-up so far {time.perf_counter() - ctx.obj['t0']:.2f}s",
+                   err=True)
+    return vgg
+
+
+def _options(resize, batch_size, workers, fast_decode, max_pixels, strict, quiet):
+    from .images import DEFAULT_MAX_PIXELS
+    from .runner import Options
+
+    return Options(resize=resize, batch_size=batch_size, workers=workers, fast_decode=fast_decode,
+                   max_pixels=max_pixels or DEFAULT_MAX_PIXELS, strict=strict,
+                   progress=not quiet and sys.stderr.isatty())
+
+
+def _sources(inputs, files_from):
+    """(paths iterator, total or None). Lists are materialised only when no stdin is involved."""
+    from .inputs import expand
+
+    if not inputs and not files_from:
+        _fail("no input: give image files, folders, '-' for paths on stdin, or --files-from LIST")
+    if "-" in inputs:
+        return expand(inputs, files_from), None
+    paths = list(expand(inputs, files_from))
+    return iter(paths), len(paths)
+
+
+def _finish(ctx, summary, verb, quiet):
+    if ctx.obj["verbose"] and summary.first_batch_seconds is not None:
+        click.echo(f"vggembed: first batch {summary.first_batch_seconds:.2f}s; waited for decoding "
+                   f"{summary.wait_seconds:.2f}s of {summary.seconds:.2f}s", err=True)
+    if not quiet:
+        click.echo("vggembed: " + summary.line(verb), err=True)
+    ctx.exit(EXIT_SOME_FAILED if summary.failed else 0)
+
+
+# -------------------------------------------------------------------- embed
+@main.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="OUT.npy, OUT.csv or OUT.parquet (rows in input order; OUT.index.csv maps rows to paths).")
+@click.option("--layer", default="fc2", show_default=True,
+              help="fc2 = fc7 = relu7 (4096-d), fc1 = fc6 = relu6, fc8/fc3l logits, probs, or any conv/pool layer.")
+@click.option("--pool", type=click.Choice(["avg", "max", "flatten"]), help="Make conv/pool maps into vectors.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--l2-normalize", is_flag=True, help="Scale each vector to unit length.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@run_options
+@weight_options
+@click.pass_context
+def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwrite, files_from, resize,
+          batch_size, workers, fast_decode, max_pixels, strict, quiet, weights, model, labels, legacy_transpose,
+          device, precision):
+    """Embed images into vectors, one row per image, in input order.
+
+    INPUT is an image, a folder (recursive, sorted), or '-' for paths on stdin.
+    Images that fail are reported on stderr and in OUT.errors.csv, and left
+    out; the run goes on (exit code 3).
+
+    \b
+    Examples:
+      vggembed embed images/ -o feats.npy
+      vggembed embed a.jpg b.png -o feats.csv --layer pool5 --pool avg
+      find . -name '*.jpg' | vggembed embed - -o feats.parquet
+    """
+    from . import runner
+    from .output import EmbeddingWriter
+
+    try:
+        writer = EmbeddingWriter(output, dtype=dtype, resume=resume, overwrite=overwrite)
+        vgg = _load(ctx, weights, model, labels, legacy_transpose, device, precision)
+        vgg.embedding_layer(layer, pool)
+        sources, total = _sources(inputs, files_from)
+        opts = _options(resize, batch_size, workers, fast_decode, max_pixels, strict, quiet)
+        summary = runner.embed(vgg, sources, writer, layer=layer, pool=pool, l2_normalize=l2_normalize,
+                               opts=opts, total=total)
+    except KeyboardInterrupt:
+        click.echo(f"vggembed: interrupted; the finished batches are kept: run the same command with --resume",
+                   err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        _fail(str(e))
+    if not quiet:
+        click.echo(f"vggembed: wrote {output} ({writer.rows} x {writer.dim} {dtype})", err=True)
+    _finish(ctx, summary, "embedded", quiet)
+
+
+# ----------------------------------------------------------------- classify
+@main.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1)
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+@run_options
+@weight_options
+@click.pass_context
+def classify(ctx, inputs, top, fmt, output, files_from, resize, batch_size, workers, fast_decode, max_pixels,
+             strict, quiet, weights, model, labels, legacy_transpose, device, precision):
+    """Top ImageNet predictions with their labels.
+
+    For one image the table reads as the VGG16 tutorial's:
+    "1. weasel (0.6934)". For several, one row per image and rank:
+    path, rank, class index, label, probability.
+
+    \b
+    Examples:
+      vggembed classify laska.png
+      vggembed classify photos/ --format csv -o preds.csv
+    """
+    from . import runner
+
+    try:
+        vgg = _load(ctx, weights, model, labels, legacy_transpose, device, precision)
+        if vgg.spec.labels is None and vgg.spec.has_fc:
+            click.echo(f"vggembed: note: no labels for {vgg.spec.path}; showing class indices "
+                       "(pass --labels FILE)", err=True)
+        sources, total = _sources(inputs, files_from)
+        opts = _options(resize, batch_size, workers, fast_decode, max_pixels, strict, quiet)
+        with _Sink(output) as out:
+            emit = _emitter(out, fmt, single=total == 1)
+            summary = runner.classify(vgg, sources, emit, top=top, opts=opts, total=total)
+            emit.close()
+    except KeyboardInterrupt:
+        click.echo("vggembed: interrupted", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        _fail(str(e))
+    _finish(ctx, summary, "classified", quiet)
+
+
+class _Sink:
+    """stdout, or a file that appears under its name only when complete."""
+
+    def __init__(self, path):
+        self.path = Path(path) if path else None
+
+    def __enter__(self):
+        if self.path is None:
+            return sys.stdout
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.f = open(self.tmp, "w", newline="", encoding="utf-8")
+        return self.f
+
+    def __exit__(self, exc_type, *_):
+        if self.path is None:
+            sys.stdout.flush()
+            return
+        self.f.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _emitter(out, fmt, single):
+    """A callable(source, predictions) that writes one format, streaming, plus close()."""
+    fields = ["path", "rank", "index", "label", "probability"]
+
+    class Emit:
+        first = True
+
+        def __call__(self, source, preds):
+            rows = [{"path": source, "rank": p.rank, "index": p.index, "label": p.label,
+                     "probability": p.probability} for p in preds]
+            if fmt == "table" and single:
+                for p in preds:
+                    out.write(f"{p.rank}. {p.label} ({p.probability:.4f})\n")
+            elif fmt == "table":
+                if self.first:
+                    out.write("\t".join(fields) + "\n")
+                for r in rows:
+                    out.write(f"{r['path']}\t{r['rank']}\t{r['index']}\t{r['label']}\t{r['probability']:.4f}\n")
+            elif fmt == "csv":
+                w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+                if self.first:
+                    w.writeheader()
+                w.writerows(rows)
+            elif fmt == "jsonl":
+                out.write(json.dumps({"path": source, "predictions": [_pred(p) for p in preds]}) + "\n")
+            else:
+                out.write(("[\n" if self.first else ",\n") +
+                          json.dumps({"path": source, "predictions": [_pred(p) for p in preds]}))
+            self.first = False
+            out.flush()
+
+        def close(self):
+            if fmt == "json":
+                out.write("[]\n" if self.first else "\n]\n")
+
+    return Emit()
+
+
+def _pred(p):
+    return {"rank": p.rank, "index": p.index, "label": p.label, "probability": p.probability}
+
+
+# --------------------------------------------------------------------- info
+@main.command(context_settings=CONTEXT)
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False))
+def info(weights, labels):
+    """Describe a weight file: format, layout, layers and shapes, checksum.
+
+    Reads the file with numpy/scipy only; TensorFlow is not started.
+    """
+    from . import arch
+    from .weights import load_weights
+
+    try:
+        params, spec = load_weights(weights, labels=labels)
+    except VGGEmbedError as e:
+        _fail(str(e))
+    h, w = spec.input_size[1], spec.input_size[0]
+    count = sum(a.size + b.size for a, b in params.values())
+    known = spec.known
+    lines = [
+        f"file          {spec.path}",
+        f"format        {spec.format} ({spec.layout})",
+        f"architecture  {spec.arch}{'' if spec.has_fc else ' (conv layers only: no fc6-fc8)'}",
+        f"input         {w}x{h} {spec.channel_order}, mean pixel "
+        + " ".join(f"{v:.3f}" for v in spec.mean_pixel),
+        f"parameters    {count:,}",
+        f"labels        " + (f"{len(spec.labels)} from {spec.labels_source}" if spec.labels else "none"),
+        f"md5           {spec.md5}  " + (f"(published file: {known})" if known else "(not a known published file)"),
+        f"layers        output shape at {w}x{h}:",
+    ]
+    del params
+    names = [n for n in arch.layer_names(spec.arch) if spec.has_fc or not arch.is_head(n)]
+    aliases = {v: k for k, v in arch.ALIASES.items()}
+    for name in names:
+        alias = f" (= {aliases[name]})" if name in aliases else ""
+        lines.append(f"  {name + alias:<16} {spec.output_shape(name, h, w)}")
+    click.echo("\n".join(lines))
+
+
+# ------------------------------------------------------------------ weights
+@main.group(context_settings=CONTEXT)
+def weights():
+    """List and download the published weight files."""
+
+
+@weights.command("list")
+def weights_list():
+    """The published files `fetch` knows, and whether each is on this machine."""
+    from .download import cache_dir
+    from .registry import PUBLISHED
+
+    for p in PUBLISHED.values():
+        here = (cache_dir() / p.filename).exists() or (Path("weights") / p.filename).exists()
+        click.echo(f"{p.name:<14} {'present' if here else 'absent':<8} {p.filename:<38} {p.note}")
+
+
+@weights.command("fetch", context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True)
+@click.option("--dest", type=click.Path(file_okay=False), help="Folder (default: $VGGEMBED_HOME or ~/.cache/vggembed).")
+@click.option("--mirror", help="Base URL holding the same file names (default $VGGEMBED_MIRROR).")
+@click.option("-q", "--quiet", is_flag=True)
+def weights_fetch(names, dest, mirror, quiet):
+    """Download published weights, resuming a cut transfer and checking size and MD5.
+
+    \b
+    Examples:
+      vggembed weights fetch vgg16
+      vggembed weights fetch vgg19 --dest weights/
+    """
+    from .download import fetch
+
+    for name in names:
+        try:
+            path = fetch(name, dest=Path(dest) if dest else None, mirror=mirror,
+                         progress=not quiet and sys.stderr.isatty())
+        except VGGEmbedError as e:
+            _fail(str(e))
+        click.echo(str(path))

@@ -1,0 +1,37 @@
+"""Exceptions vggembed raises. The CLI turns each into a one-line message."""
+
+
+class VGGEmbedError(Exception):
+    """Base class: a problem the user can act on, described in one line."""
+
+
+class WeightFileError(VGGEmbedError):
+    """A weight file is missing, unreadable or not laid out as expected.
+
+    The message always starts with the file's path.
+    """
+
+    def __init__(self, path, problem):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class LayerError(VGGEmbedError):
+    """An unknown layer name, or a layer the loaded weights cannot compute."""
+
+
+class ImageError(VGGEmbedError):
+    """One image could not be decoded or preprocessed.
+
+    The message always starts with the image's path (or its position).
+    """
+
+    def __init__(self, source, problem):
+        self.source = str(source)
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
+
+
+class DownloadError(VGGEmbedError):
+    """A weight download failed or its checksum did not match."""

@@ -1,0 +1,253 @@
+"""Write embeddings as they are computed, so that nothing is lost and nothing looks complete too early.
+
+While a run is going, vectors go to `OUT.partial` (an .npy file whose header
+is rewritten at the end) and one line per input, in input order, to
+`OUT.index.csv.partial` (path, row, error). Each batch's vectors are flushed
+before its index lines, so the index never names a row that is not on disk.
+At the end the final files are made from those two and renamed into place,
+`OUT` last:
+
+- `OUT` (.npy, .csv or .parquet): the vectors, one row per image that worked;
+- `OUT.index.csv`: every input in order with its row, or its error;
+- `OUT.errors.csv`: path and error of each image that failed.
+
+An interrupted run leaves only `.partial` files; `--resume` truncates them to
+the last complete batch and carries on from there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import VGGEmbedError
+
+FORMATS = {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}
+HEADER_BYTES = 128  # a fixed-size .npy header, so the row count can be rewritten in place
+INDEX_FIELDS = ["path", "row", "error"]
+
+
+def output_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise VGGEmbedError(f"{path}: unknown output format {path.suffix!r}; use .npy, .csv or .parquet")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise VGGEmbedError(f'{path}: Parquet output needs pyarrow: pip install "vggembed[parquet]"') from None
+    return fmt
+
+
+def sidecars(out: Path) -> dict[str, Path]:
+    return {
+        "index": out.with_name(out.name + ".index.csv"),
+        "errors": out.with_name(out.name + ".errors.csv"),
+        "data_partial": out.with_name(out.name + ".partial"),
+        "index_partial": out.with_name(out.name + ".index.csv.partial"),
+    }
+
+
+def npy_header(rows: int, dim: int, dtype) -> bytes:
+    d = "{'descr': '%s', 'fortran_order': False, 'shape': (%d, %d), }" % (np.dtype(dtype).str, rows, dim)
+    d = d.ljust(HEADER_BYTES - 10 - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d.encode("latin1")
+
+
+class EmbeddingWriter:
+    """Stage vectors and the row index; finish into the requested format.
+
+    Args:
+        out: the final output path; its extension picks the format.
+        dtype: float32 or float16.
+        resume: continue the `.partial` files of an interrupted run.
+        overwrite: replace an existing output (and discard partial files).
+    """
+
+    def __init__(self, out, *, dtype="float32", resume=False, overwrite=False):
+        self.out = Path(out)
+        self.format = output_format(self.out)
+        self.dtype = np.dtype(dtype)
+        self.paths = sidecars(self.out)
+        self.dim: int | None = None
+        self.rows = 0  # vectors on disk
+        self.done = 0  # inputs accounted for (rows + failures)
+        self.failed = 0
+        self._data = self._index = None
+        partial = self.paths["data_partial"].exists() or self.paths["index_partial"].exists()
+        if overwrite:
+            for key in ("data_partial", "index_partial"):
+                self.paths[key].unlink(missing_ok=True)
+        elif resume and partial:
+            self._reopen()
+        elif resume:
+            if self.out.exists():
+                raise VGGEmbedError(f"{self.out}: already complete, nothing to resume")
+        elif partial:
+            raise VGGEmbedError(f"{self.paths['index_partial']}: an interrupted run left this; pass --resume to "
+                                "continue it or --overwrite to start over")
+        elif self.out.exists():
+            raise VGGEmbedError(f"{self.out}: exists; pass --overwrite to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    # -------------------------------------------------------------- resume
+    def _reopen(self) -> None:
+        """Keep the complete prefix of an interrupted run; position both files after it."""
+        index = self.paths["index_partial"]
+        data = self.paths["data_partial"]
+        raw = index.read_bytes() if index.exists() else b""
+        keep = raw[: raw.rfind(b"\n") + 1]  # a line cut by the kill is dropped
+        lines = list(csv.reader(io.StringIO(keep.decode("utf-8"))))
+        if lines and lines[0] == INDEX_FIELDS:
+            lines = lines[1:]
+        header_ok = data.exists() and data.stat().st_size >= HEADER_BYTES
+        if header_ok:
+            with open(data, "rb") as f:
+                f.seek(8)
+                (hlen,) = struct.unpack("<H", f.read(2))
+                header = f.read(hlen).decode("latin1")
+            descr = header.split("'descr': '")[1].split("'")[0]
+            if np.dtype(descr) != self.dtype:
+                raise VGGEmbedError(f"{data}: holds {np.dtype(descr)} vectors; resume with --dtype {np.dtype(descr)}")
+            self.dim = int(header.split("'shape': (")[1].split(")")[0].split(",")[1])
+            on_disk = (data.stat().st_size - HEADER_BYTES) // (self.dim * self.dtype.itemsize)
+        else:
+            on_disk = 0
+        # Drop index lines whose rows did not reach the disk (cannot happen with
+        # flushed writes, but a truncated file must never shift rows).
+        while lines and lines[-1][1] and int(lines[-1][1]) >= on_disk:
+            lines.pop()
+        self.done = len(lines)
+        self.rows = sum(1 for line in lines if line[1])
+        self.failed = self.done - self.rows
+        self.resumed_sources = [line[0] for line in lines]
+        with open(index, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(INDEX_FIELDS)
+            w.writerows(lines)
+        if header_ok:
+            with open(data, "r+b") as f:
+                f.truncate(HEADER_BYTES + self.rows * self.dim * self.dtype.itemsize)
+            self._data = open(data, "r+b")
+            self._data.seek(0, os.SEEK_END)
+        self._index = open(index, "a", newline="", encoding="utf-8")
+
+    # --------------------------------------------------------------- write
+    def write(self, chunk, vectors: np.ndarray | None) -> None:
+        """Append one chunk: `vectors` holds a row per item of `chunk` without an error."""
+        if vectors is not None and len(vectors):
+            vectors = np.ascontiguousarray(vectors, dtype=self.dtype)
+            if self._data is None:
+                self.dim = vectors.shape[1]
+                self._data = open(self.paths["data_partial"], "w+b")
+                self._data.write(npy_header(0, self.dim, self.dtype))
+            elif vectors.shape[1] != self.dim:
+                raise VGGEmbedError(f"{self.out}: vectors of width {vectors.shape[1]} cannot join rows of width "
+                                    f"{self.dim} (resumed with other options?)")
+            self._data.write(vectors.tobytes())
+            self._data.flush()
+        if self._index is None:
+            self._index = open(self.paths["index_partial"], "w", newline="", encoding="utf-8")
+            csv.writer(self._index).writerow(INDEX_FIELDS)
+        w = csv.writer(self._index)
+        for item in chunk:
+            if item.error is None:
+                w.writerow([item.source, self.rows, ""])
+                self.rows += 1
+            else:
+                w.writerow([item.source, "", item.error])
+                self.failed += 1
+        self._index.flush()
+        self.done += len(chunk)
+
+    def close(self) -> None:
+        """Flush and close the partial files, leaving them resumable."""
+        for f in (self._data, self._index):
+            if f is not None and not f.closed:
+                f.close()
+
+    def finish(self) -> None:
+        """Turn the partial files into the final outputs, `OUT` renamed last."""
+        if self._index is None:  # no input at all
+            self._index = open(self.paths["index_partial"], "w", newline="", encoding="utf-8")
+            csv.writer(self._index).writerow(INDEX_FIELDS)
+        if self._data is None:
+            self.dim = self.dim or 0
+            self._data = open(self.paths["data_partial"], "w+b")
+            self._data.write(npy_header(0, self.dim, self.dtype))
+        self._data.seek(0)
+        self._data.write(npy_header(self.rows, self.dim, self.dtype))
+        self._data.flush()
+        os.fsync(self._data.fileno())
+        self.close()
+
+        self._write_errors()
+        _copy_into_place(self.paths["index_partial"], self.paths["index"])
+        data = self.paths["data_partial"]
+        if self.format == "npy":
+            os.replace(data, self.out)
+        else:
+            tmp = self.out.with_name(self.out.name + ".tmp")
+            vectors = np.load(data, mmap_mode="r")
+            sources = self._row_sources()
+            (_write_csv if self.format == "csv" else _write_parquet)(tmp, sources, vectors)
+            del vectors
+            os.replace(tmp, self.out)
+            data.unlink()
+        self.paths["index_partial"].unlink()
+
+    def _rows(self):
+        with open(self.paths["index_partial"], newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            next(reader)
+            yield from reader
+
+    def _row_sources(self) -> list[str]:
+        return [path for path, row, _ in self._rows() if row]
+
+    def _write_errors(self) -> None:
+        tmp = self.paths["errors"].with_name(self.paths["errors"].name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "error"])
+            w.writerows([path, error] for path, row, error in self._rows() if not row)
+        os.replace(tmp, self.paths["errors"])
+
+
+def _copy_into_place(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(src, "rb") as a, open(tmp, "wb") as b:
+        while chunk := a.read(1 << 20):
+            b.write(chunk)
+    os.replace(tmp, dst)
+
+
+def _write_csv(path: Path, sources, vectors, chunk=4096) -> None:
+    fmt = "%.9g" if vectors.dtype == np.float32 else "%.5g"  # enough digits to round-trip
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path"] + [f"d{i}" for i in range(vectors.shape[1])])
+        for start in range(0, len(sources), chunk):
+            block = vectors[start: start + chunk]
+            for src, vec in zip(sources[start: start + chunk], block):
+                w.writerow([src] + [fmt % v for v in vec])
+
+
+def _write_parquet(path: Path, sources, vectors, chunk=8192) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dim = vectors.shape[1]
+    value_type = pa.float32() if vectors.dtype == np.float32 else pa.float16()
+    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(value_type, dim))])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, max(len(sources), 1), chunk):
+            block = np.ascontiguousarray(vectors[start: start + chunk])
+            flat = pa.array(block.reshape(-1), type=value_type)
+            column = pa.FixedSizeListArray.from_arrays(flat, dim)
+            writer.write_table(pa.table({"path": sources[start: start + chunk], "embedding": column}, schema=schema))

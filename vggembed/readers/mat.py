@@ -1,0 +1,161 @@
+"""MatConvNet `.mat` files, in both layouts found in the wild.
+
+- older (v1.0-beta16): top-level `layers`, `classes`, `normalization`;
+  `normalization.averageImage` is a whole mean image.
+- newer: top-level `layers` and `meta` (`meta.normalization`, `meta.classes`);
+  `averageImage` is the mean pixel.
+
+Struct fields are read by name, never by position: their order differs
+between files. Kernels are stored HWIO for RGB input (MatConvNet's Caffe
+importer reverses the blob's axes and swaps the first two), so they are used
+as stored; fc6..fc8 are stored as convolutions and become matrices here.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+
+from .. import arch as arch_mod
+from ..errors import WeightFileError
+from ..weights import WeightSpec
+
+
+def read(path: Path, *, legacy_transpose: bool = False):
+    try:
+        data = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=False)
+    except NotImplementedError:
+        raise WeightFileError(path, "is a MATLAB v7.3 (HDF5) file; save it as -v7 to read it") from None
+    except (ValueError, TypeError, OSError, EOFError, zlib.error, IndexError) as e:
+        raise WeightFileError(path, f"not a readable MATLAB .mat file (truncated or corrupt?): {e}") from None
+    top = sorted(k for k in data if not k.startswith("__"))
+    if "layers" in data and "meta" in data:
+        layout, meta = "matconvnet", _unwrap(data["meta"])
+        norm = _field(path, meta, "normalization", "meta")
+        classes = _field(path, meta, "classes", "meta", required=False)
+    elif "layers" in data and "normalization" in data:
+        layout, norm, classes = "matconvnet-beta16", data["normalization"], data.get("classes")
+    else:
+        raise WeightFileError(
+            path,
+            f"unknown .mat layout: top-level variables are {top}; expected layers+meta "
+            "(MatConvNet) or layers+classes+normalization (MatConvNet beta16)",
+        )
+
+    mean = np.asarray(_field(path, norm, "averageImage", "normalization"), dtype=np.float64)
+    if mean.size % 3:
+        raise WeightFileError(path, f"normalization.averageImage has shape {mean.shape}; expected 3 values or HxWx3")
+    mean_pixel = tuple(float(v) for v in mean.reshape(-1, 3).mean(axis=0))
+    size = _field(path, norm, "imageSize", "normalization", required=False)
+    input_size = (224, 224) if size is None else tuple(int(v) for v in np.asarray(size).ravel()[:2])
+
+    labels = None
+    if classes is not None:
+        desc = _field(path, classes, "description", "classes", required=False)
+        labels = _strings(desc) if desc is not None else None
+
+    convs = _conv_layers(path, data["layers"])
+    names = [n for n, _, _ in convs]
+    if "conv3_4" in names:
+        arch = "vgg19"
+    elif "conv1_1" in names:
+        arch = "vgg16"
+    else:
+        raise WeightFileError(path, f"holds no VGG conv layers (expected conv1_1, ...); found: {names[:8]}")
+    wanted = arch_mod.conv_names(arch)
+    has_fc = any(n in arch_mod.FC_NAMES for n in names)
+    if has_fc:
+        wanted += list(arch_mod.FC_NAMES)
+    if names != wanted:
+        missing = [n for n in wanted if n not in names]
+        detail = f"missing {missing}" if missing else f"unexpected order or extra layers {names}"
+        raise WeightFileError(path, f"conv layers do not match {arch}: {detail}")
+
+    params = {}
+    for name, kernel, bias in convs:
+        if kernel.ndim != 4:
+            raise WeightFileError(path, f"{name} kernel has shape {kernel.shape}; expected 4 dimensions")
+        if name in arch_mod.FC_NAMES:
+            # HWIO flattened row-major == TensorFlow's NHWC flatten of the input.
+            kernel = kernel.reshape(-1, kernel.shape[-1])
+        elif legacy_transpose:
+            kernel = kernel.transpose(1, 0, 2, 3)
+        params[name] = (np.ascontiguousarray(kernel, dtype=np.float32), bias.reshape(-1).astype(np.float32))
+
+    spec = WeightSpec(
+        path=str(path),
+        arch=arch,
+        format="mat",
+        layout=layout,
+        mean_pixel=mean_pixel,
+        input_size=input_size,
+        labels=labels,
+        labels_source="the .mat file" if labels is not None else None,
+        legacy_transpose=legacy_transpose,
+    )
+    return params, spec
+
+
+def _conv_layers(path, layers):
+    """(name, kernel, bias) of every `conv`-type layer, in file order."""
+    out = []
+    cells = np.asarray(layers).ravel()
+    for i, cell in enumerate(cells):
+        layer = _unwrap(cell)
+        where = f"layers{{{i + 1}}}"
+        if _string(_field(path, layer, "type", where)) != "conv":
+            continue
+        name = _string(_field(path, layer, "name", where))
+        fields = _fieldnames(layer)
+        if "weights" in fields:
+            w = np.asarray(getattr(layer, "weights")).ravel()
+            if w.size != 2:
+                raise WeightFileError(path, f"{name}.weights holds {w.size} arrays; expected {{kernel, bias}}")
+            kernel, bias = w[0], w[1]
+        elif "filters" in fields and "biases" in fields:  # MatConvNet before beta8
+            kernel, bias = layer.filters, layer.biases
+        else:
+            raise WeightFileError(path, f"{name} has no weights field (fields: {fields})")
+        out.append((name, np.asarray(kernel), np.asarray(bias)))
+    return out
+
+
+def _unwrap(x):
+    """Strip the 1x1 cell and struct arrays that loadmat wraps values in."""
+    while isinstance(x, np.ndarray) and x.dtype == object and x.size == 1:
+        x = x.flat[0]
+    if isinstance(x, np.ndarray) and x.dtype.kind == "V" and x.size == 1:
+        x = x.flat[0]
+    return x
+
+
+def _fieldnames(s) -> list[str]:
+    return list(getattr(s, "_fieldnames", None) or [])
+
+
+def _field(path, struct, name, where, required=True):
+    s = _unwrap(struct)
+    if name not in _fieldnames(s):
+        if not required:
+            return None
+        raise WeightFileError(path, f"{where} has no field {name!r} (fields: {_fieldnames(s)})")
+    return _unwrap(getattr(s, name))
+
+
+def _string(x) -> str:
+    x = _unwrap(x)
+    if isinstance(x, np.ndarray):
+        return "".join(str(v) for v in x.ravel())
+    return str(x)
+
+
+def _strings(x) -> list[str]:
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        return [_string(v) for v in arr.ravel()]
+    if arr.dtype.kind == "U" and arr.ndim == 2 and arr.shape[0] > 1:  # char matrix, one row each
+        return ["".join(row).rstrip() for row in arr]
+    return [str(v).rstrip() for v in arr.ravel()]

@@ -1,0 +1,136 @@
+"""Reader -> model -> writer: the loop behind `vggembed embed` and `vggembed classify`.
+
+The runner owns ordering and accounting: every input is either a row or a
+recorded failure, in input order; it times decoding-wait and compute apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import VGGEmbedError
+from .images import DEFAULT_MAX_PIXELS, prepare
+from .model import VGG
+from .pipeline import Item, chunks, decode_stream, stack
+
+
+@dataclass
+class Options:
+    resize: str = "squash"
+    batch_size: int = 16
+    workers: int = 2
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fast_decode: bool = False
+    strict: bool = False
+    progress: bool = False
+
+
+@dataclass
+class Summary:
+    images: int = 0
+    failed: int = 0
+    skipped: int = 0  # done by an earlier, interrupted run
+    seconds: float = 0.0
+    wait_seconds: float = 0.0  # the model waiting for decoded images
+    first_batch_seconds: float | None = None
+    failures: list = field(default_factory=list)
+
+    def line(self, verb: str) -> str:
+        rate = self.images / self.seconds if self.seconds else 0.0
+        text = f"{verb} {self.images - self.failed} of {self.images} images in {self.seconds:.1f}s ({rate:.1f} images/s)"
+        if self.failed:
+            text += f"; {self.failed} failed"
+        if self.skipped:
+            text += f"; {self.skipped} already done by the interrupted run"
+        return text
+
+
+class StrictStop(VGGEmbedError):
+    """--strict: the first bad image ends the run."""
+
+
+def batches(model: VGG, sources: Iterable[str], opts: Options, summary: Summary, total: int | None = None
+            ) -> Iterator[tuple[list[Item], np.ndarray | None]]:
+    """Decoded chunks of `sources` with their stacked batch, in input order."""
+    from tqdm import tqdm
+
+    fn = functools.partial(prepare, resize_mode=opts.resize, size=model.spec.input_size,
+                           max_pixels=opts.max_pixels, fast_decode=opts.fast_decode)
+    # Native-size images differ in shape, so each is its own batch.
+    batch_size = 1 if opts.resize == "none" else opts.batch_size
+    window = max(2 * batch_size, 4 * opts.workers)
+    stream = decode_stream(sources, fn, workers=opts.workers, window=window)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="img", file=sys.stderr, disable=not opts.progress, dynamic_ncols=True) as bar:
+        waited = time.perf_counter()
+        for chunk in chunks(stream, batch_size):
+            summary.wait_seconds += time.perf_counter() - waited
+            for item in chunk:
+                if item.error is not None:
+                    if opts.strict:
+                        raise StrictStop(f"{item.source}: {item.error} (--strict)")
+                    summary.failures.append((item.source, item.error))
+                    if opts.progress:
+                        bar.write(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
+                    else:
+                        print(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
+            yield chunk, stack(chunk)
+            if summary.first_batch_seconds is None:
+                summary.first_batch_seconds = time.perf_counter() - start
+            summary.images += len(chunk)
+            summary.failed += sum(item.error is not None for item in chunk)
+            summary.seconds = time.perf_counter() - start
+            bar.update(len(chunk))
+            waited = time.perf_counter()
+
+
+def skip_done(sources: Iterable[str], done: list[str]) -> Iterator[str]:
+    """Skip the inputs an interrupted run finished, checking they are the same ones."""
+    it = iter(sources)
+    for i, expected in enumerate(done):
+        got = next(it, None)
+        if got != expected:
+            raise VGGEmbedError(
+                f"--resume: input {i + 1} is {got!r} but the interrupted run had {expected!r}; "
+                "resume with the same inputs, or pass --overwrite to start over")
+    yield from it
+
+
+def embed(model: VGG, sources: Iterable[str], writer, *, layer: str, pool: str | None, l2_normalize: bool,
+          opts: Options, total: int | None = None) -> Summary:
+    """Embed every source into `writer` (an `output.EmbeddingWriter`)."""
+    name = model.embedding_layer(layer, pool)
+    summary = Summary(skipped=writer.done)
+    done = getattr(writer, "resumed_sources", [])
+    if done:
+        sources = skip_done(sources, done)
+        total = None if total is None else total - len(done)
+    try:
+        for chunk, batch in batches(model, sources, opts, summary, total):
+            vectors = None if batch is None else model.embed_batch(batch, name, pool, l2_normalize)
+            writer.write(chunk, vectors)
+        writer.finish()
+    finally:
+        writer.close()
+    return summary
+
+
+def classify(model: VGG, sources: Iterable[str], emit: Callable[[str, list], None], *, top: int, opts: Options,
+             total: int | None = None) -> Summary:
+    """Call `emit(source, predictions)` for every image that decodes, in input order."""
+    model.resolve("prob")
+    summary = Summary()
+    for chunk, batch in batches(model, sources, opts, summary, total):
+        if batch is None:
+            continue
+        probs = model.run(batch, ["prob"])["prob"]
+        ok = [item for item in chunk if item.error is None]
+        for item, p in zip(ok, probs):
+            emit(item.source, model.top_k(p, top))
+    return summary

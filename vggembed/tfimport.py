@@ -1,0 +1,43 @@
+"""Import TensorFlow once, quietly.
+
+TensorFlow prints start-up lines (oneDNN notes, "could not find cuda
+drivers", cuInit errors) straight to file descriptor 2 before its logging is
+set up, so no environment variable hides them. They are silenced here unless
+VGGEMBED_VERBOSE is set (the CLI's -v does that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+_tf = None
+
+
+def tensorflow():
+    """The tensorflow module, imported on first use."""
+    global _tf
+    if _tf is None:
+        quiet = not os.environ.get("VGGEMBED_VERBOSE")
+        with _silenced_stderr() if quiet else contextlib.nullcontext():
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if quiet else "0")
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # device probing prints too
+        _tf = tf
+    return _tf
+
+
+@contextlib.contextmanager
+def _silenced_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
