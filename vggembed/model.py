@@ -180,7 +180,8 @@ class VGG:
         """
         name = self.embedding_layer(layer, pool)
         images = _as_list(images)
-        rows = [self.embed_batch(self._stack(images[i: i + batch_size], resize), name, pool, l2_normalize)
+        pad_to = None if resize == "none" else batch_size
+        rows = [self.embed_batch(self._stack(images[i: i + batch_size], resize), name, pool, l2_normalize, pad_to)
                 for i in range(0, len(images), batch_size)]
         return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
 
@@ -192,8 +193,18 @@ class VGG:
                              "to make it a vector")
         return name
 
-    def embed_batch(self, batch: np.ndarray, name: str, pool: str | None, l2_normalize: bool = False) -> np.ndarray:
-        vectors = self.run(batch, [name], pool)[name]
+    def embed_batch(self, batch: np.ndarray, name: str, pool: str | None, l2_normalize: bool = False,
+                    pad_to: int | None = None) -> np.ndarray:
+        """Vectors for one preprocessed batch.
+
+        `pad_to` pads a short (last) batch with zeros to that size, so every
+        batch has one shape: no retracing, and each row comes from the same
+        kernels whatever the number of images.
+        """
+        n = len(batch)
+        if pad_to is not None and n < pad_to:
+            batch = np.concatenate([batch, np.zeros((pad_to - n,) + batch.shape[1:], batch.dtype)])
+        vectors = self.run(batch, [name], pool)[name][:n]
         if l2_normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)

@@ -113,7 +113,8 @@ def embed(model: VGG, sources: Iterable[str], writer, *, layer: str, pool: str |
         total = None if total is None else total - len(done)
     try:
         for chunk, batch in batches(model, sources, opts, summary, total):
-            vectors = None if batch is None else model.embed_batch(batch, name, pool, l2_normalize)
+            vectors = None if batch is None else model.embed_batch(
+                batch, name, pool, l2_normalize, pad_to=None if opts.resize == "none" else opts.batch_size)
             writer.write(chunk, vectors)
         writer.finish()
     finally:

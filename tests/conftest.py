@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny VGG-shaped weight files in every layout, and real photos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vggembed import synthetic
+
+TINY_WIDTHS = (4, 8, 8, 16, 16)
+TINY_FC = 32
+TINY_CLASSES = 10
+LABELS = [f"label {i}" for i in range(TINY_CLASSES)]
+
+
+def _photo_dir() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    """Real photos bundled in scikit-image's and matplotlib's wheels."""
+    import matplotlib
+
+    data = _photo_dir()
+    grace = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    return [data / "chelsea.png", data / "coffee.png", data / "astronaut.png", grace]
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    return {
+        "vgg16": synthetic.make_params("vgg16", TINY_WIDTHS, TINY_FC, TINY_CLASSES, seed=1),
+        "vgg19": synthetic.make_params("vgg19", TINY_WIDTHS, TINY_FC, TINY_CLASSES, seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, tiny_params):
+    """{(arch, layout): path} for tiny files in every layout."""
+    root = tmp_path_factory.mktemp("tiny")
+    files = {}
+    for arch, params in tiny_params.items():
+        folder = root / arch
+        folder.mkdir()
+        files[arch, "frossard"] = synthetic.write_npz(params, folder / f"{arch}.npz")
+        for layout in ("matconvnet", "matconvnet-beta16"):
+            files[arch, layout] = synthetic.write_mat(params, folder / f"{arch}-{layout}.mat", layout=layout,
+                                                      labels=LABELS)
+    return files
+
+
+@pytest.fixture(scope="session")
+def tiny16(tiny) -> Path:
+    return tiny["vgg16", "frossard"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny16):
+    import vggembed
+
+    return vggembed.load(tiny16)
+
+
+@pytest.fixture
+def image_dir(tmp_path, photos) -> Path:
+    """A folder of real photos, one in a subfolder."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for p in photos[:3]:
+        shutil.copy(p, folder / p.name)
+    shutil.copy(photos[3], folder / "sub" / photos[3].name)
+    return folder
+
+
+def cosine(a, b):
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def env_without_tf_noise():
+    env = dict(os.environ)
+    env.pop("VGGEMBED_VERBOSE", None)
+    return env
