@@ -122,41 +122,51 @@ class VGG:
 
         stop = max(self._index[n] for n in wanted)
         layers = self.layers[: stop + 1]
-        params, mean, dtype = self._params, self._mean, self._dtype
+        mean, dtype = self._mean, self._dtype
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
         def forward(x):
             x = tf.cast(x - mean, dtype)
             out = {}
             for layer in layers:
-                if layer.kind == "conv":
-                    w, b = params[layer.name]
-                    x = tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
-                elif layer.kind == "relu":
-                    x = tf.nn.relu(x)
-                elif layer.kind == "pool":
-                    x = tf.nn.max_pool2d(x, 2, 2, "SAME")
-                elif layer.kind == "fc":
-                    w, b = params[layer.name]
-                    if layer.name == "fc6":
-                        x = tf.reshape(x, [tf.shape(x)[0], -1])  # NHWC flatten, as Frossard's fc6_W rows
-                    x = tf.nn.bias_add(tf.matmul(x, w), b)
-                elif layer.kind == "softmax":
-                    x = tf.nn.softmax(tf.cast(x, tf.float32))
+                x = self._apply(layer, x)
                 if layer.name in wanted:
-                    y = tf.cast(x, tf.float32)
-                    if pool is not None and len(y.shape) == 4:
-                        if pool == "avg":
-                            y = tf.reduce_mean(y, axis=[1, 2])
-                        elif pool == "max":
-                            y = tf.reduce_max(y, axis=[1, 2])
-                        else:
-                            y = tf.reshape(y, [tf.shape(y)[0], -1])
-                    out[layer.name] = y
+                    out[layer.name] = _pooled(tf.cast(x, tf.float32), pool)
             return out
 
         self._functions[key] = forward
         return forward
+
+    def _apply(self, layer, x):
+        """One layer's TensorFlow ops (traced inside `forward`, eager inside `walk`)."""
+        tf = tensorflow()
+        if layer.kind == "conv":
+            w, b = self._params[layer.name]
+            return tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
+        if layer.kind == "relu":
+            return tf.nn.relu(x)
+        if layer.kind == "pool":
+            return tf.nn.max_pool2d(x, 2, 2, "SAME")
+        if layer.kind == "fc":
+            w, b = self._params[layer.name]
+            if layer.name == "fc6":
+                x = tf.reshape(x, [tf.shape(x)[0], -1])  # NHWC flatten, as Frossard's fc6_W rows
+            return tf.nn.bias_add(tf.matmul(x, w), b)
+        return tf.nn.softmax(tf.cast(x, tf.float32))
+
+    def walk(self, batch: np.ndarray, last: str):
+        """Yield (name, float32 tensor) layer by layer up to `last`, holding only the current one.
+
+        For very large inputs (feature maps of a whole photo): each tensor can
+        be reduced or saved and dropped before the next is computed.
+        """
+        tf = tensorflow()
+        stop = self._index[self.resolve(last)]
+        with tf.device(self.device):
+            x = tf.cast(tf.constant(batch, tf.float32) - self._mean, self._dtype)
+            for layer in self.layers[: stop + 1]:
+                x = self._apply(layer, x)
+                yield layer.name, tf.cast(x, tf.float32)
 
     # -------------------------------------------------------- friendly API
     def features(self, images, layers, *, resize: str = "squash") -> dict[str, np.ndarray]:
@@ -232,6 +242,18 @@ class VGG:
             raise VGGEmbedError(f"images of different sizes {sorted(shapes)} cannot share a batch with resize "
                                 "'none'; pass them one at a time")
         return np.stack(arrays).astype(np.float32, copy=False)
+
+
+def _pooled(y, pool):
+    """Reduce a 4-D map to a vector per image (avg, max, flatten); anything else passes."""
+    tf = tensorflow()
+    if pool is None or len(y.shape) != 4:
+        return y
+    if pool == "avg":
+        return tf.reduce_mean(y, axis=[1, 2])
+    if pool == "max":
+        return tf.reduce_max(y, axis=[1, 2])
+    return tf.reshape(y, [tf.shape(y)[0], -1])
 
 
 def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool = False,

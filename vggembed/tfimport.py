@@ -25,6 +25,8 @@ def tensorflow():
             import tensorflow as tf
 
             tf.config.list_physical_devices("GPU")  # device probing prints too
+            if quiet:  # e.g. retracing notes when a program loads several models
+                tf.get_logger().setLevel("ERROR")
         _tf = tf
     return _tf
 
