@@ -52,7 +52,6 @@ def main(ctx, verbose):
     """
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
-    ctx.obj["t0"] = time.perf_counter()
     if verbose:
         os.environ["VGGEMBED_VERBOSE"] = "1"
 
@@ -94,15 +93,22 @@ def run_options(f):
 
 
 def _load(ctx, weights, model, labels, legacy_transpose, device, precision):
-    from .model import load
+    """Load the network, timing each start-up phase (shown with -v)."""
+    from .download import find_weights
+    from .model import VGG
+    from .tfimport import tensorflow
+    from .weights import load_weights
 
-    t = time.perf_counter()
-    vgg = load(weights, model=model, labels=labels, legacy_transpose=legacy_transpose,
-               precision=precision, device=device)
+    t0 = time.perf_counter()
+    tensorflow()
+    t1 = time.perf_counter()
+    params, spec = load_weights(weights or find_weights(model), labels=labels, legacy_transpose=legacy_transpose)
+    t2 = time.perf_counter()
+    vgg = VGG(params, spec, precision=precision, device=device)
+    t3 = time.perf_counter()
     if ctx.obj["verbose"]:
-        click.echo(f"vggembed: loaded {vgg.spec.path} ({vgg.spec.arch}, {vgg.spec.layout}) in "
-                   f"{time.perf_counter() - t:.2f}s; start-up so far {time.perf_counter() - ctx.obj['t0']:.2f}s",
-                   err=True)
+        click.echo(f"vggembed: {spec.path} ({spec.arch}, {spec.layout}) on {vgg.device}, {precision}; start-up: "
+                   f"TensorFlow import {t1 - t0:.2f}s, weight file {t2 - t1:.2f}s, model {t3 - t2:.2f}s", err=True)
     return vgg
 
 
@@ -129,7 +135,7 @@ def _sources(inputs, files_from):
 
 def _finish(ctx, summary, verb, quiet):
     if ctx.obj["verbose"] and summary.first_batch_seconds is not None:
-        click.echo(f"vggembed: first batch {summary.first_batch_seconds:.2f}s; waited for decoding "
+        click.echo(f"vggembed: first batch (decode, graph build, run) {summary.first_batch_seconds:.2f}s; waited for decoding "
                    f"{summary.wait_seconds:.2f}s of {summary.seconds:.2f}s", err=True)
     if not quiet:
         click.echo("vggembed: " + summary.line(verb), err=True)

@@ -1,0 +1,234 @@
+"""vggembed beside Keras, in one run: model-only throughput, bf16, end to end, start-up and memory.
+
+Machines are noisy, so every comparison is a ratio taken in the same run,
+alternating the two sides. Without --weights, full-size random VGG16 weights
+are made (Frossard layout) and fed to both vggembed and
+keras.applications.VGG16(weights=None).
+
+    python benchmarks/throughput.py                    # everything, defaults
+    python benchmarks/throughput.py --only model --batch-sizes 1,8,32
+    python benchmarks/throughput.py --only e2e --images 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import vggembed  # noqa: E402
+from vggembed import arch, synthetic  # noqa: E402
+from vggembed.model import cpu_has_native_bf16  # noqa: E402
+
+
+def gflop_per_image(spec, h=224, w=224) -> float:
+    """Multiply-adds x 2 of the conv and fc layers."""
+    flops, c = 0, 3
+    widths = iter(spec.conv_widths)
+    for layer in arch.layers(spec.arch):
+        if layer.kind == "conv":
+            out = next(widths)
+            flops += 2 * h * w * 9 * c * out
+            c = out
+        elif layer.kind == "pool":
+            h, w = -(-h // 2), -(-w // 2)
+    prev = h * w * c
+    for size in spec.fc_sizes:
+        flops += 2 * prev * size
+        prev = size
+    return flops / 1e9
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def keras_vgg(params, which="vgg16", policy=None):
+    import keras
+
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = (keras.applications.VGG16 if which == "vgg16" else keras.applications.VGG19)(weights=None)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    dense = {"fc1": "fc6", "fc2": "fc7", "predictions": "fc8"}
+    for layer in model.layers:
+        if layer.name.startswith("block") and "conv" in layer.name:
+            layer.set_weights(list(params[f"conv{layer.name[5]}_{layer.name.split('conv')[1]}"]))
+        elif layer.name in dense:
+            layer.set_weights(list(params[dense[layer.name]]))
+    return model
+
+
+def timed(fn, batch, seconds) -> float:
+    """Images per second of fn(batch), after one warm-up call, over about `seconds`."""
+    fn(batch)
+    n, start = 0, time.perf_counter()
+    while True:
+        fn(batch)
+        n += len(batch)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return n / elapsed
+
+
+def alternate(a, b, batch, seconds, rounds):
+    """Median images/s of a and b, measured alternately."""
+    ra, rb = [], []
+    for _ in range(rounds):
+        ra.append(timed(a, batch, seconds))
+        rb.append(timed(b, batch, seconds))
+    return float(np.median(ra)), float(np.median(rb))
+
+
+def bench_model(params, m, args, gflop):
+    import tensorflow as tf
+
+    km = keras_vgg(params)
+    kfn = tf.function(lambda x: km(x, training=False))
+    mean = np.float32(m.spec.mean_pixel)
+    print(f"\n## Model only, VGG16 float32 ({gflop:.1f} GFLOP/image), median of {args.rounds} alternating rounds")
+    print(f"{'batch':>6} {'vggembed img/s':>15} {'GFLOP/s':>8} {'keras img/s':>12} {'GFLOP/s':>8} {'ratio':>6}")
+    rng = np.random.default_rng(0)
+    for bs in args.batch_sizes:
+        x = rng.uniform(0, 255, (bs, 224, 224, 3)).astype(np.float32)
+        ours = lambda b: m.run(b, ["relu7"])  # noqa: E731
+        theirs = lambda b: kfn(tf.constant(b - mean)).numpy()  # noqa: E731
+        a, k = alternate(ours, theirs, x, args.seconds, args.rounds)
+        print(f"{bs:>6} {a:>15.2f} {a * gflop:>8.0f} {k:>12.2f} {k * gflop:>8.0f} {a / k:>6.2f}")
+    del km, kfn
+
+
+def bench_bf16(params, m32, args, gflop, photos):
+    import tensorflow as tf
+
+    print("\n## bf16 (CPU with native bf16) against Keras mixed_bfloat16 and vggembed float32")
+    if not cpu_has_native_bf16():
+        print("skipped: this CPU lacks AVX512_BF16/AMX, where vggembed refuses bf16 (it would be slower)")
+        return
+    m16 = vggembed.VGG(params, m32.spec, precision="bf16")
+    kb = keras_vgg(params, policy="mixed_bfloat16")
+    kfn = tf.function(lambda x: kb(x, training=False))
+    mean = np.float32(m32.spec.mean_pixel)
+    bs = args.batch_sizes[-1]
+    x = np.random.default_rng(1).uniform(0, 255, (bs, 224, 224, 3)).astype(np.float32)
+    a, k = alternate(lambda b: m16.run(b, ["relu7"]), lambda b: kfn(tf.constant(b - mean)).numpy(), x,
+                     args.seconds, args.rounds)
+    f32 = timed(lambda b: m32.run(b, ["relu7"]), x, args.seconds)
+    print(f"batch {bs}: vggembed bf16 {a:.2f} img/s ({a * gflop:.0f} GFLOP/s), keras mixed_bfloat16 {k:.2f} img/s, "
+          f"ratio {a / k:.2f}; vggembed float32 {f32:.2f} img/s, bf16/float32 {a / f32:.2f}")
+    batch = np.stack([vggembed.images.prepare(p) for p in photos]).astype(np.float32)
+    e32, e16 = m32.run(batch, ["relu7", "prob"]), m16.run(batch, ["relu7", "prob"])
+    cos = [np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v) + 1e-30) for u, v in zip(e32["relu7"], e16["relu7"])]
+    top1 = np.mean(e32["prob"].argmax(1) == e16["prob"].argmax(1))
+    print(f"on {len(photos)} real photos: mean cosine of fc2 bf16 vs float32 {np.mean(cos):.5f}, "
+          f"top-1 agreement {top1:.0%}")
+
+
+def make_jpegs(folder: Path, n: int, size) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = list(sample_photos())
+    paths = []
+    for i in range(n):
+        img = Image.open(photos[i % len(photos)]).convert("RGB").resize(size, Image.BICUBIC)
+        paths.append(folder / f"{i:05d}.jpg")
+        img.save(paths[-1], quality=90)
+    return paths
+
+
+def bench_e2e(m, args, tmp: Path):
+    from vggembed import runner
+    from vggembed.output import EmbeddingWriter
+
+    bs = args.batch_sizes[-1]
+    x = np.random.default_rng(2).uniform(0, 255, (bs, 224, 224, 3)).astype(np.float32)
+    print(f"\n## End to end: vggembed embed over JPEG folders, batch {bs}, {args.workers} decode threads")
+    print(f"{'photos':>16} {'fast-decode':>11} {'img/s':>7} {'model-only':>10} {'ratio':>6} {'cos to exact':>12}")
+    for label, size in (("500x375", (500, 375)), ("4000x3000", (4000, 3000))):
+        paths = make_jpegs(tmp / label, args.images, size)
+        exact = None
+        for fast in (False, True):
+            out = tmp / f"{label}-{fast}.npy"
+            opts = runner.Options(batch_size=bs, workers=args.workers, fast_decode=fast)
+            start = time.perf_counter()
+            runner.embed(m, iter(map(str, paths)), EmbeddingWriter(out, overwrite=True), layer="fc2", pool=None,
+                         l2_normalize=False, opts=opts)
+            rate = len(paths) / (time.perf_counter() - start)
+            model_only = timed(lambda b: m.run(b, ["relu7"]), x, args.seconds)
+            vectors = np.load(out)
+            if exact is None:
+                exact, cos = vectors, 1.0
+            else:
+                cos = float(np.mean([np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v) + 1e-30)
+                                     for u, v in zip(vectors, exact)]))
+            print(f"{label:>16} {str(fast):>11} {rate:>7.2f} {model_only:>10.2f} {rate / model_only:>6.2f} "
+                  f"{cos:>12.5f}")
+
+
+def sample_photos():
+    import matplotlib
+    import skimage
+
+    data = Path(skimage.__file__).parent / "data"
+    yield from (data / n for n in ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png"))
+    yield Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", help="a VGG16 .npz/.mat (default: full-size random weights)")
+    parser.add_argument("--batch-sizes", default="1,8,32", type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--seconds", type=float, default=5.0, help="timing window per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison")
+    parser.add_argument("--images", type=int, default=64, help="photos per end-to-end folder")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--only", choices=["model", "bf16", "e2e"], action="append")
+    args = parser.parse_args()
+    sections = args.only or ["model", "bf16", "e2e"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        import platform
+
+        print(f"# vggembed {vggembed.__version__} benchmarks on {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs, native bf16: {cpu_has_native_bf16()}")
+        start = time.perf_counter()
+        weights = args.weights or synthetic.write_npz(synthetic.make_params("vgg16", seed=0), tmp / "vgg16.npz")
+        t = time.perf_counter()
+        with open(weights, "rb") as f:
+            while f.read(1 << 24):
+                pass
+        read_s = time.perf_counter() - t
+        t = time.perf_counter()
+        params, spec = vggembed.load_weights(weights)
+        load_s = time.perf_counter() - t
+        m = vggembed.VGG(params, spec)
+        gflop = gflop_per_image(spec)
+        t = time.perf_counter()
+        m.run(np.zeros((1, 224, 224, 3), np.float32), ["relu7"])
+        first_s = time.perf_counter() - t
+        print(f"start-up: read file from page cache {read_s:.2f}s, load_weights {load_s:.2f}s "
+              f"({load_s / read_s:.1f}x the read), first batch incl. graph build {first_s:.2f}s "
+              f"(weights made in {t - start - read_s - load_s:.1f}s)")
+        if "model" in sections:
+            bench_model(params, m, args, gflop)
+        if "bf16" in sections:
+            bench_bf16(params, m, args, gflop, list(sample_photos()))
+        if "e2e" in sections:
+            bench_e2e(m, args, tmp)
+        print(f"\npeak RSS {peak_rss_mib():.0f} MiB (weights {sum(w.nbytes + b.nbytes for w, b in params.values()) / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
