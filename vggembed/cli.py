@@ -145,8 +145,9 @@ def _finish(ctx, summary, verb, quiet):
 # -------------------------------------------------------------------- embed
 @main.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="OUT.npy, OUT.csv or OUT.parquet (rows in input order; OUT.index.csv maps rows to paths).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="OUT.npy, OUT.csv or OUT.parquet (rows in input order; OUT.index.csv maps rows to paths); "
+                   "a folder with --engine ray.")
 @click.option("--layer", default="fc2", show_default=True,
               help="fc2 = fc7 = relu7 (4096-d), fc1 = fc6 = relu6, fc8/fc3l logits, probs, or any conv/pool layer.")
 @click.option("--pool", type=click.Choice(["avg", "max", "flatten"]), help="Make conv/pool maps into vectors.")
@@ -154,12 +155,19 @@ def _finish(ctx, summary, verb, quiet):
 @click.option("--l2-normalize", is_flag=True, help="Scale each vector to unit length.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: run on a Ray cluster; OUT is then a folder of Parquet parts (see `vggembed merge`).")
+@click.option("--address", help="Ray cluster to join (auto, or ray://HOST:PORT); default: start one here.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="With --engine ray: GPUs per model actor (--workers is then the number of actors).")
+@click.option("--part-size", type=click.IntRange(1), default=1000, show_default=True,
+              help="With --engine ray: images per Parquet part, the unit of --resume.")
 @run_options
 @weight_options
 @click.pass_context
-def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwrite, files_from, resize,
-          batch_size, workers, fast_decode, max_pixels, strict, quiet, weights, model, labels, legacy_transpose,
-          device, precision):
+def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwrite, engine, address,
+          gpus_per_worker, part_size, files_from, resize, batch_size, workers, fast_decode, max_pixels, strict,
+          quiet, weights, model, labels, legacy_transpose, device, precision):
     """Embed images into vectors, one row per image, in input order.
 
     INPUT is an image, a folder (recursive, sorted), or '-' for paths on stdin.
@@ -175,6 +183,15 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
     from . import runner
     from .output import EmbeddingWriter
 
+    if engine == "ray":
+        if ctx.get_parameter_source("workers") == click.core.ParameterSource.DEFAULT:
+            workers = 1  # model actors, not decoding threads, on Ray
+        _embed_ray(ctx, inputs, output, files_from, quiet, weights=weights, model=model, layer=layer, pool=pool,
+                   l2_normalize=l2_normalize, dtype=dtype, resize=resize, batch_size=batch_size, workers=workers,
+                   gpus_per_worker=gpus_per_worker, address=address, part_size=part_size, resume=resume,
+                   overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, device=device,
+                   precision=precision)
+        return
     try:
         writer = EmbeddingWriter(output, dtype=dtype, resume=resume, overwrite=overwrite)
         vgg = _load(ctx, weights, model, labels, legacy_transpose, device, precision)
@@ -192,6 +209,54 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
     if not quiet:
         click.echo(f"vggembed: wrote {output} ({writer.rows} x {writer.dim} {dtype})", err=True)
     _finish(ctx, summary, "embedded", quiet)
+
+
+def _embed_ray(ctx, inputs, output, files_from, quiet, *, weights, model, **kw):
+    from . import distributed
+    from .download import find_weights
+    from .inputs import expand
+
+    try:
+        if not inputs and not files_from:
+            _fail("no input: give image files, folders, '-' for paths on stdin, or --files-from LIST")
+        paths = list(expand(inputs, files_from))
+        counts = distributed.embed(paths, output, weights=str(weights or find_weights(model)),
+                                   log=lambda line: click.echo(line, err=True), **kw)
+    except KeyboardInterrupt:
+        click.echo("vggembed: interrupted; finished parts are kept: run the same command with --resume", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        _fail(str(e))
+    if not quiet:
+        rate = counts["images"] / counts["seconds"] if counts["seconds"] else 0.0
+        click.echo(f"vggembed: embedded {counts['images'] - counts['failed']} of {counts['images']} images on Ray "
+                   f"in {counts['seconds']:.1f}s ({rate:.1f} images/s)"
+                   + (f"; {counts['failed']} failed" if counts["failed"] else "")
+                   + (f"; {counts['skipped']} already done" if counts["skipped"] else "")
+                   + f"; parts in {output} (vggembed merge {output} -o feats.npy)", err=True)
+    ctx.exit(EXIT_SOME_FAILED if counts["failed"] else 0)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="OUT.npy, OUT.csv or OUT.parquet, with OUT.index.csv and OUT.errors.csv.")
+@click.option("--overwrite", is_flag=True)
+def merge(run_dir, output, overwrite):
+    """Gather an --engine ray folder into one output, rows in the local engine's order.
+
+    \b
+    Example:
+      vggembed merge feats_parts/ -o feats.npy
+    """
+    from .distributed import merge as merge_parts
+
+    try:
+        rows, failed = merge_parts(run_dir, output, overwrite=overwrite)
+    except VGGEmbedError as e:
+        _fail(str(e))
+    click.echo(f"vggembed: wrote {output} ({rows} rows; {failed} failed images listed in {output}.errors.csv)",
+               err=True)
 
 
 # ----------------------------------------------------------------- classify

@@ -33,6 +33,8 @@ INDEX_FIELDS = ["path", "row", "error"]
 
 
 def output_format(path: Path) -> str:
+    if path.is_dir():
+        raise VGGEmbedError(f"{path}: is a folder; name an output file (a folder is for --engine ray)")
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise VGGEmbedError(f"{path}: unknown output format {path.suffix!r}; use .npy, .csv or .parquet")
