@@ -134,6 +134,17 @@ def bench_bf16(params, m32, args, gflop, photos):
           f"top-1 agreement {top1:.0%}")
 
 
+def bench_xla(params, m, args, gflop):
+    print("\n## XLA (jit_compile) against plain TensorFlow + oneDNN, float32, alternating")
+    mx = vggembed.VGG(params, m.spec, jit_compile=True)
+    rng = np.random.default_rng(3)
+    for bs in args.batch_sizes:
+        x = rng.uniform(0, 255, (bs, 224, 224, 3)).astype(np.float32)
+        plain, xla = alternate(lambda b: m.run(b, ["relu7"]), lambda b: mx.run(b, ["relu7"]), x, args.seconds,
+                               args.rounds)
+        print(f"batch {bs:>3}: plain {plain:.2f} img/s, XLA {xla:.2f} img/s, XLA/plain {xla / plain:.2f}")
+
+
 def make_jpegs(folder: Path, n: int, size) -> list[Path]:
     from PIL import Image
 
@@ -193,9 +204,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison")
     parser.add_argument("--images", type=int, default=64, help="photos per end-to-end folder")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--only", choices=["model", "bf16", "e2e"], action="append")
+    parser.add_argument("--only", choices=["model", "bf16", "e2e", "xla"], action="append")
     args = parser.parse_args()
-    sections = args.only or ["model", "bf16", "e2e"]
+    sections = args.only or ["model", "bf16", "e2e", "xla"]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -227,6 +238,8 @@ def main() -> None:
             bench_bf16(params, m, args, gflop, list(sample_photos()))
         if "e2e" in sections:
             bench_e2e(m, args, tmp)
+        if "xla" in sections:
+            bench_xla(params, m, args, gflop)
         print(f"\npeak RSS {peak_rss_mib():.0f} MiB (weights {sum(w.nbytes + b.nbytes for w, b in params.values()) / 2**20:.0f} MiB)")
 
 

@@ -46,7 +46,8 @@ class VGG:
     PIL images or HxWx3 RGB arrays in 0..255.
     """
 
-    def __init__(self, params: dict, spec: WeightSpec, *, precision: str = "float32", device: str = "auto"):
+    def __init__(self, params: dict, spec: WeightSpec, *, precision: str = "float32", device: str = "auto",
+                 jit_compile: bool = False):
         tf = tensorflow()
 
         if precision not in PRECISIONS:
@@ -69,6 +70,8 @@ class VGG:
             }
             self._mean = tf.constant(np.asarray(spec.mean_pixel, np.float32).reshape(1, 1, 1, 3))
         self._functions: dict = {}
+        # XLA: measured slower than plain TensorFlow with oneDNN on CPU (benchmarks/throughput.py --only xla).
+        self.jit_compile = jit_compile
 
     # ----------------------------------------------------------------- names
     @property
@@ -124,7 +127,7 @@ class VGG:
         layers = self.layers[: stop + 1]
         mean, dtype = self._mean, self._dtype
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)], jit_compile=self.jit_compile)
         def forward(x):
             x = tf.cast(x - mean, dtype)
             out = {}
