@@ -17,17 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
-
-def make_images(folder: Path, n: int) -> None:
-    import skimage
-
-    base = Image.open(Path(skimage.__file__).parent / "data" / "astronaut.png").convert("RGB")
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        x, y = (i * 7) % 440, (i * 13) % 440
-        base.crop((x, y, x + 64, y + 48)).save(folder / f"{i:06d}.jpg", quality=85)
+from vggembed import synthetic
 
 
 def main() -> None:
@@ -41,11 +31,12 @@ def main() -> None:
         tmp = Path(tmp)
         weights = args.weights
         if weights is None:
-            from vggembed import synthetic
-
             weights = synthetic.write_npz(synthetic.make_params("vgg16", (4, 8, 8, 16, 16), 32, 10), tmp / "w.npz")
         counts = [int(c) for c in args.counts.split(",")]
-        make_images(tmp / "images", max(counts))
+        import skimage
+
+        astronaut = Path(skimage.__file__).parent / "data" / "astronaut.png"
+        synthetic.photo_crops(astronaut, tmp / "images", max(counts), suffix=".jpg")
         all_images = sorted((tmp / "images").iterdir())
         print(f"{'images':>8} {'seconds':>8} {'images/s':>9} {'peak RSS MiB':>13}")
         for n in counts:

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import vggembed
+from vggembed import synthetic
 from vggembed.cli import main
 
 VGGEMBED = [sys.executable, "-m", "vggembed"]
@@ -249,10 +250,7 @@ def test_stdin_pipeline_with_find(tmp_path, image_dir, tiny16, tiny_model):
 def many_images(tmp_path_factory, photos):
     """300 small real-photo crops, enough for a run to be stopped part way."""
     folder = tmp_path_factory.mktemp("many")
-    base = Image.open(photos[2]).convert("RGB")
-    for i in range(300):
-        x, y = (i * 7) % 400, (i * 13) % 400
-        base.crop((x, y, x + 64, y + 48)).save(folder / f"img{i:04d}.png")
+    synthetic.photo_crops(photos[2], folder, 300)
     return folder
 
 

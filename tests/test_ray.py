@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-
+from vggembed import synthetic
 from vggembed.cli import main
 
 ray = pytest.importorskip("ray")
@@ -31,12 +30,9 @@ def ray_runtime():
 def folder(tmp_path_factory, photos):
     """240 small real-photo crops with bad images among them."""
     root = tmp_path_factory.mktemp("rayimgs")
-    base = Image.open(photos[2]).convert("RGB")
-    for i in range(240):
-        x, y = (i * 7) % 400, (i * 11) % 400
-        base.crop((x, y, x + 40, y + 30)).save(root / f"img{i:04d}.jpg", quality=90)
-    (root / "img0005.jpg").write_bytes(b"")
-    (root / "img0100.jpg").write_text("not an image")
+    paths = synthetic.photo_crops(photos[2], root, 240, size=(40, 30), suffix=".jpg")
+    paths[5].write_bytes(b"")
+    paths[100].write_text("not an image")
     return root
 
 

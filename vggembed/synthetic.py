@@ -114,3 +114,18 @@ def _cell(strings) -> np.ndarray:
     for i, s in enumerate(strings):
         cell[0, i] = s
     return cell
+
+
+def photo_crops(photo, folder, n: int, size=(64, 48), suffix=".png") -> list[Path]:
+    """`n` different small crops of one real photo, named 0000..., for runs over many files."""
+    from PIL import Image
+
+    base = Image.open(photo).convert("RGB")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        x, y = (i * 7) % (base.width - size[0]), (i * 13) % (base.height - size[1])
+        paths.append(folder / f"img{i:06d}{suffix}")
+        base.crop((x, y, x + size[0], y + size[1])).save(paths[-1])
+    return paths
