@@ -91,14 +91,21 @@ class VGG:
         return self.spec.output_shape(self.resolve(name), height, width)
 
     # ------------------------------------------------------------- running
-    def run(self, batch: np.ndarray, layers, pool: str | None = None) -> dict[str, np.ndarray]:
+    def run(self, batch: np.ndarray, layers, pool: str | None = None, pad_to: int | None = None
+            ) -> dict[str, np.ndarray]:
         """Run a preprocessed batch (N, H, W, 3; RGB 0..255) once; return each requested layer.
 
         Args:
             batch: float32 or uint8 array.
             layers: canonical layer names.
             pool: reduce 4-D outputs over space with `avg`, `max` or `flatten`.
+            pad_to: pad a short (last) batch with zeros to this size, so every
+                batch has one shape: each row then comes from the same kernels
+                whatever the number of images (oneDNN picks kernels per shape).
         """
+        n = len(batch)
+        if pad_to is not None and n < pad_to:
+            batch = np.concatenate([batch, np.zeros((pad_to - n,) + batch.shape[1:], batch.dtype)])
         tf = tensorflow()
 
         wanted = tuple(dict.fromkeys(layers))
@@ -115,7 +122,7 @@ class VGG:
         fn = self._function(wanted, pool)
         with tf.device(self.device):
             out = fn(tf.constant(batch, tf.float32))
-        return {name: out[name].numpy() for name in wanted}
+        return {name: out[name].numpy()[:n] for name in wanted}
 
     def _function(self, wanted: tuple, pool):
         key = (wanted, pool)
@@ -208,16 +215,8 @@ class VGG:
 
     def embed_batch(self, batch: np.ndarray, name: str, pool: str | None, l2_normalize: bool = False,
                     pad_to: int | None = None) -> np.ndarray:
-        """Vectors for one preprocessed batch.
-
-        `pad_to` pads a short (last) batch with zeros to that size, so every
-        batch has one shape: no retracing, and each row comes from the same
-        kernels whatever the number of images.
-        """
-        n = len(batch)
-        if pad_to is not None and n < pad_to:
-            batch = np.concatenate([batch, np.zeros((pad_to - n,) + batch.shape[1:], batch.dtype)])
-        vectors = self.run(batch, [name], pool)[name][:n]
+        """Vectors for one preprocessed batch (see `run` for `pad_to`)."""
+        vectors = self.run(batch, [name], pool, pad_to)[name]
         if l2_normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
@@ -229,7 +228,8 @@ class VGG:
         images = _as_list(images)
         out = []
         for i in range(0, len(images), batch_size):
-            probs = self.run(self._stack(images[i: i + batch_size], resize), ["prob"])["prob"]
+            batch = self._stack(images[i: i + batch_size], resize)
+            probs = self.run(batch, ["prob"], pad_to=batch_size)["prob"]
             out += [self.top_k(p, top) for p in probs]
         return out
 

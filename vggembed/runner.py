@@ -30,6 +30,11 @@ class Options:
     strict: bool = False
     progress: bool = False
 
+    @property
+    def pad_to(self) -> int | None:
+        """Every batch padded to one shape, except native-size images (one per batch)."""
+        return None if self.resize == "none" else self.batch_size
+
 
 @dataclass
 class Summary:
@@ -63,7 +68,7 @@ def batches(model: VGG, sources: Iterable[str], opts: Options, summary: Summary,
     fn = functools.partial(prepare, resize_mode=opts.resize, size=model.spec.input_size,
                            max_pixels=opts.max_pixels, fast_decode=opts.fast_decode)
     # Native-size images differ in shape, so each is its own batch.
-    batch_size = 1 if opts.resize == "none" else opts.batch_size
+    batch_size = opts.pad_to or 1
     window = max(2 * batch_size, 4 * opts.workers)
     stream = decode_stream(sources, fn, workers=opts.workers, window=window)
     start = time.perf_counter()
@@ -113,8 +118,7 @@ def embed(model: VGG, sources: Iterable[str], writer, *, layer: str, pool: str |
         total = None if total is None else total - len(done)
     try:
         for chunk, batch in batches(model, sources, opts, summary, total):
-            vectors = None if batch is None else model.embed_batch(
-                batch, name, pool, l2_normalize, pad_to=None if opts.resize == "none" else opts.batch_size)
+            vectors = None if batch is None else model.embed_batch(batch, name, pool, l2_normalize, opts.pad_to)
             writer.write(chunk, vectors)
         writer.finish()
     finally:
@@ -130,7 +134,7 @@ def classify(model: VGG, sources: Iterable[str], emit: Callable[[str, list], Non
     for chunk, batch in batches(model, sources, opts, summary, total):
         if batch is None:
             continue
-        probs = model.run(batch, ["prob"])["prob"]
+        probs = model.run(batch, ["prob"], pad_to=opts.pad_to)["prob"]
         ok = [item for item in chunk if item.error is None]
         for item, p in zip(ok, probs):
             emit(item.source, model.top_k(p, top))
