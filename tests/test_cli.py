@@ -284,3 +284,26 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, many_images, tiny1
     np.testing.assert_array_equal(np.load(out), np.load(full))
     assert read_index(out) == read_index(full)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_resume_never_keeps_index_lines_whose_rows_are_missing(tmp_path, image_dir, tiny16):
+    """A staged file cut shorter than its index (disk full, a copy) loses rows, never shifts them."""
+    full = tmp_path / "full.npy"
+    assert run("embed", image_dir, "-o", full, "--weights", tiny16, "--batch-size", 1).exit_code == 0
+    out = tmp_path / "cut.npy"
+    index = read_index(full)
+    # fake an interrupted run: index says 3 rows done, the data holds only 1
+    with open(str(out) + ".index.csv.partial", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "row", "error"])
+        w.writerows([r["path"], r["row"], ""] for r in index[:3])
+    from vggembed.output import npy_header
+
+    data = np.load(full)
+    with open(str(out) + ".partial", "wb") as f:
+        f.write(npy_header(0, data.shape[1], np.float32) + data[:1].tobytes())
+    result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--batch-size", 1, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "1 already done" in result.stderr
+    np.testing.assert_array_equal(np.load(out), data)
+    assert read_index(out) == index

@@ -124,3 +124,37 @@ def test_resume_with_other_options_is_refused(tmp_path, ray_runtime, folder, tin
     other = run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
                 "--layer", "fc1", "--resume")
     assert other.exit_code == 1 and "--resume with other options" in other.stderr
+
+
+def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, ray_runtime, folder, tiny16):
+    import os
+    import threading
+
+    from vggembed import distributed
+    from vggembed.inputs import expand
+
+    parts = tmp_path / "parts"
+    paths = list(expand([str(folder)]))
+    result = {}
+
+    def job():
+        result["counts"] = distributed.embed(paths, parts, weights=str(tiny16), batch_size=8, part_size=20,
+                                             log=lambda line: None)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and time.time() < deadline and thread.is_alive():
+        if list(parts.glob("part-*.parquet")):
+            pids = subprocess.run(["pgrep", "-f", r"MapBatches\(Embedder\)"], capture_output=True, text=True)
+            if pids.stdout.split():
+                killed = int(pids.stdout.split()[0])
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    thread.join(timeout=300)
+    assert killed is not None and len(list(parts.glob("part-*.parquet"))) == 12
+    assert result["counts"]["failed"] == 2
+    merged = tmp_path / "merged.npy"
+    assert run("merge", parts, "-o", merged).exit_code == 0
+    assert_same_outputs(merged, local_reference(tmp_path, folder, tiny16))

@@ -80,6 +80,7 @@ class EmbeddingWriter:
         self.rows = 0  # vectors on disk
         self.done = 0  # inputs accounted for (rows + failures)
         self.failed = 0
+        self.resumed_sources: list[str] = []  # inputs an interrupted run finished, in order
         self._data = self._index = None
         partial = self.paths["data_partial"].exists() or self.paths["index_partial"].exists()
         if overwrite:
@@ -120,10 +121,10 @@ class EmbeddingWriter:
             on_disk = (data.stat().st_size - HEADER_BYTES) // (self.dim * self.dtype.itemsize)
         else:
             on_disk = 0
-        # Drop index lines whose rows did not reach the disk (cannot happen with
-        # flushed writes, but a truncated file must never shift rows).
-        while lines and lines[-1][1] and int(lines[-1][1]) >= on_disk:
-            lines.pop()
+        # Keep the index only up to the first row that did not reach the disk
+        # (flushed writes make this rare, but a truncated file must never shift rows).
+        lines = lines[: next((i for i, line in enumerate(lines) if line[1] and int(line[1]) >= on_disk),
+                             len(lines))]
         self.done = len(lines)
         self.rows = sum(1 for line in lines if line[1])
         self.failed = self.done - self.rows

@@ -112,7 +112,7 @@ def embed(model: VGG, sources: Iterable[str], writer, *, layer: str, pool: str |
     """Embed every source into `writer` (an `output.EmbeddingWriter`)."""
     name = model.embedding_layer(layer, pool)
     summary = Summary(skipped=writer.done)
-    done = getattr(writer, "resumed_sources", [])
+    done = writer.resumed_sources
     if done:
         sources = skip_done(sources, done)
         total = None if total is None else total - len(done)
