@@ -207,3 +207,27 @@ def test_full_size_parity_with_keras_and_across_formats(tmp_path, photos, which)
     for other in outputs[1:]:
         np.testing.assert_array_equal(other["relu7"], outputs[0]["relu7"])
         np.testing.assert_array_equal(other["prob"], outputs[0]["prob"])
+
+
+def test_precision_and_device_choices(tiny, tiny_params, photos):
+    from vggembed.errors import VGGEmbedError
+    from vggembed.model import VGG, cpu_has_native_bf16
+    from vggembed.weights import load_weights
+
+    params, spec = load_weights(tiny["vgg16", "frossard"])
+    with pytest.raises(VGGEmbedError, match="fp16 runs on GPUs only"):
+        VGG(params, spec, precision="fp16", device="cpu")
+    if cpu_has_native_bf16():
+        f32 = VGG(params, spec, device="cpu").embed(photos, batch_size=4)
+        b16 = VGG(params, spec, precision="bf16", device="cpu").embed(photos, batch_size=4)
+        assert b16.dtype == np.float32
+        cos = (f32 * b16).sum(1) / np.linalg.norm(f32, axis=1) / np.linalg.norm(b16, axis=1)
+        assert cos.min() > 0.99
+    else:
+        with pytest.raises(VGGEmbedError, match="lacks native bf16"):
+            VGG(params, spec, precision="bf16", device="cpu")
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        with pytest.raises(VGGEmbedError, match="--device gpu: TensorFlow sees no GPU"):
+            VGG(params, spec, device="gpu")
