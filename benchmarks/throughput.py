@@ -218,9 +218,9 @@ def main() -> None:
         weights = args.weights or synthetic.write_npz(synthetic.make_params("vgg16", seed=0), tmp / "vgg16.npz")
         t = time.perf_counter()
         with open(weights, "rb") as f:
-            while f.read(1 << 24):
-                pass
+            data = f.read()  # the file's bytes into fresh memory: the floor for any loader
         read_s = time.perf_counter() - t
+        del data
         t = time.perf_counter()
         params, spec = vggembed.load_weights(weights)
         load_s = time.perf_counter() - t
@@ -229,7 +229,7 @@ def main() -> None:
         t = time.perf_counter()
         m.run(np.zeros((1, 224, 224, 3), np.float32), ["relu7"])
         first_s = time.perf_counter() - t
-        print(f"start-up: read file from page cache {read_s:.2f}s, load_weights {load_s:.2f}s "
+        print(f"start-up: read the file into memory {read_s:.2f}s, load_weights {load_s:.2f}s "
               f"({load_s / read_s:.1f}x the read), first batch incl. graph build {first_s:.2f}s "
               f"(weights made in {t - start - read_s - load_s:.1f}s)")
         if "model" in sections:

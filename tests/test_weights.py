@@ -206,3 +206,13 @@ def test_mat_missing_layer_fields_named(tmp_path):
 def test_folder_is_not_a_weight_file(tmp_path):
     with pytest.raises(WeightFileError, match="is a folder"):
         load_weights(tmp_path)
+
+
+def test_compressed_npz_reads_the_same(tmp_path, tiny_params):
+    params = tiny_params["vgg16"]
+    path = tmp_path / "c.npz"
+    np.savez_compressed(path, **{f"{n}_{s}": a for n, (w, b) in params.items() for s, a in (("W", w), ("b", b))})
+    got, _ = load_weights(path)
+    for name, (w, b) in params.items():
+        np.testing.assert_array_equal(got[name][0], w)
+        np.testing.assert_array_equal(got[name][1], b)
