@@ -307,3 +307,16 @@ def test_resume_never_keeps_index_lines_whose_rows_are_missing(tmp_path, image_d
     assert "1 already done" in result.stderr
     np.testing.assert_array_equal(np.load(out), data)
     assert read_index(out) == index
+
+
+def test_native_size_needs_a_conv_layer(tmp_path, image_dir, tiny16, tiny_model):
+    bad = run("embed", image_dir, "-o", tmp_path / "f.npy", "--weights", tiny16, "--resize", "none")
+    assert bad.exit_code == 1 and "layer fc2 needs the 224x224 input" in bad.stderr
+    assert not list(tmp_path.glob("f.npy*"))
+    out = tmp_path / "g.npy"
+    ok = run("embed", image_dir, "-o", out, "--weights", tiny16, "--resize", "none", "--layer", "relu5_3",
+             "--pool", "avg")
+    assert ok.exit_code == 0, ok.output
+    paths = [r["path"] for r in read_index(out)]
+    ref = np.concatenate([tiny_model.embed([p], "relu5_3", pool="avg", resize="none") for p in paths])
+    np.testing.assert_array_equal(np.load(out), ref)

@@ -186,7 +186,10 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
     if engine == "ray":
         if ctx.get_parameter_source("workers") == click.core.ParameterSource.DEFAULT:
             workers = 1  # model actors, not decoding threads, on Ray
+        if strict:
+            raise click.UsageError("--strict stops at the first bad image; --engine ray records them as rows")
         _embed_ray(ctx, inputs, output, files_from, quiet, weights=weights, model=model, layer=layer, pool=pool,
+                   legacy_transpose=legacy_transpose,
                    l2_normalize=l2_normalize, dtype=dtype, resize=resize, batch_size=batch_size, workers=workers,
                    gpus_per_worker=gpus_per_worker, address=address, part_size=part_size, resume=resume,
                    overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, device=device,
@@ -201,7 +204,7 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
         summary = runner.embed(vgg, sources, writer, layer=layer, pool=pool, l2_normalize=l2_normalize,
                                opts=opts, total=total)
     except KeyboardInterrupt:
-        click.echo(f"vggembed: interrupted; the finished batches are kept: run the same command with --resume",
+        click.echo("vggembed: interrupted; the finished batches are kept: run the same command with --resume",
                    err=True)
         ctx.exit(EXIT_INTERRUPTED)
     except VGGEmbedError as e:

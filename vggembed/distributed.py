@@ -73,10 +73,10 @@ class Embedder:
     """Ray Data actor: one loaded model per actor, reused for every batch."""
 
     def __init__(self, weights: str, layer: str, pool, l2_normalize: bool, batch_size: int, device: str,
-                 precision: str):
+                 precision: str, legacy_transpose: bool):
         from .model import load
 
-        self.model = load(weights, device=device, precision=precision)
+        self.model = load(weights, device=device, precision=precision, legacy_transpose=legacy_transpose)
         self.name = self.model.embedding_layer(layer, pool)
         self.pool, self.l2, self.batch_size = pool, l2_normalize, batch_size
 
@@ -152,7 +152,7 @@ class RunDir:
 def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=None, l2_normalize=False,
           dtype="float32", resize="squash", batch_size=16, workers=1, gpus_per_worker=0.0, address=None,
           part_size=1000, resume=False, overwrite=False, max_pixels=None, fast_decode=False, device="auto",
-          precision="float32", log=print) -> dict:
+          precision="float32", legacy_transpose=False, log=print) -> dict:
     """Embed `paths` on Ray into OUT_DIR part files. Returns counts for the summary line."""
     try:
         import ray
@@ -165,7 +165,8 @@ def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=N
         raise VGGEmbedError("--engine ray needs a fixed input size: use --resize squash or center-crop")
     _, spec = load_weights(weights)  # fail fast on the driver, with the file's own message
     options = {"weights": str(Path(weights).resolve()), "layer": layer, "pool": pool, "l2_normalize": l2_normalize,
-               "dtype": dtype, "resize": resize, "batch_size": batch_size, "fast_decode": fast_decode}
+               "dtype": dtype, "resize": resize, "batch_size": batch_size, "fast_decode": fast_decode,
+               "legacy_transpose": legacy_transpose}
     run = RunDir(out_dir, paths, options, part_size, resume=resume, overwrite=overwrite)
     done = run.done()
     todo = [{"id": i, "path": p} for i, p in enumerate(paths) if i // part_size not in done]
@@ -199,7 +200,8 @@ def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=N
             num_gpus=gpus_per_worker or None, num_cpus=1 if not gpus_per_worker else None,
             fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "layer": layer, "pool": pool,
                                    "l2_normalize": l2_normalize, "batch_size": batch_size,
-                                   "device": "gpu" if gpus_per_worker else "cpu", "precision": precision})
+                                   "device": "gpu" if gpus_per_worker else "cpu", "precision": precision,
+                                   "legacy_transpose": legacy_transpose})
         pending: dict[int, dict] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k in np.unique(np.asarray(batch["id"]) // part_size):

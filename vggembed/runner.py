@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import VGGEmbedError
+from . import arch as arch_mod
+from .errors import LayerError, VGGEmbedError
 from .images import DEFAULT_MAX_PIXELS, prepare
 from .model import VGG
 from .pipeline import Item, chunks, decode_stream, stack
@@ -111,6 +112,9 @@ def embed(model: VGG, sources: Iterable[str], writer, *, layer: str, pool: str |
           opts: Options, total: int | None = None) -> Summary:
     """Embed every source into `writer` (an `output.EmbeddingWriter`)."""
     name = model.embedding_layer(layer, pool)
+    if opts.resize == "none" and arch_mod.is_head(name):
+        raise LayerError(f"layer {layer} needs the {model.spec.input_size[0]}x{model.spec.input_size[1]} input the fc "
+                         "layers were trained at: use --resize squash or center-crop, or a conv/pool layer")
     summary = Summary(skipped=writer.done)
     done = writer.resumed_sources
     if done:
