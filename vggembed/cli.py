@@ -133,12 +133,13 @@ def _sources(inputs, files_from):
     return iter(paths), len(paths)
 
 
-def _finish(ctx, summary, verb, quiet):
+def _finish(ctx, summary, verb, quiet, tail=""):
+    """The one summary line on stderr, and the exit code."""
     if ctx.obj["verbose"] and summary.first_batch_seconds is not None:
         click.echo(f"vggembed: first batch (decode, graph build, run) {summary.first_batch_seconds:.2f}s; waited for decoding "
                    f"{summary.wait_seconds:.2f}s of {summary.seconds:.2f}s", err=True)
     if not quiet:
-        click.echo("vggembed: " + summary.line(verb), err=True)
+        click.echo("vggembed: " + summary.line(verb) + tail, err=True)
     ctx.exit(EXIT_SOME_FAILED if summary.failed else 0)
 
 
@@ -209,9 +210,7 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
         ctx.exit(EXIT_INTERRUPTED)
     except VGGEmbedError as e:
         _fail(str(e))
-    if not quiet:
-        click.echo(f"vggembed: wrote {output} ({writer.rows} x {writer.dim} {dtype})", err=True)
-    _finish(ctx, summary, "embedded", quiet)
+    _finish(ctx, summary, "embedded", quiet, f"; wrote {output} ({writer.rows} x {writer.dim} {dtype})")
 
 
 def _embed_ray(ctx, inputs, output, files_from, quiet, *, weights, model, **kw):
