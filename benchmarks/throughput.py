@@ -105,7 +105,6 @@ def bench_model(params, m, args, gflop):
         theirs = lambda b: kfn(tf.constant(b - mean)).numpy()  # noqa: E731
         a, k = alternate(ours, theirs, x, args.seconds, args.rounds)
         print(f"{bs:>6} {a:>15.2f} {a * gflop:>8.0f} {k:>12.2f} {k * gflop:>8.0f} {a / k:>6.2f}")
-    del km, kfn
 
 
 def bench_bf16(params, m32, args, gflop, photos):

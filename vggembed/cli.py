@@ -397,7 +397,7 @@ def info(weights, labels):
         f"input         {w}x{h} {spec.channel_order}, mean pixel "
         + " ".join(f"{v:.3f}" for v in spec.mean_pixel),
         f"parameters    {count:,}",
-        f"labels        " + (f"{len(spec.labels)} from {spec.labels_source}" if spec.labels else "none"),
+        "labels        " + (f"{len(spec.labels)} from {spec.labels_source}" if spec.labels else "none"),
         f"md5           {spec.md5}  " + (f"(published file: {known})" if known else "(not a known published file)"),
         f"layers        output shape at {w}x{h}:",
     ]

@@ -18,6 +18,7 @@ the last complete batch and carries on from there.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import struct
@@ -38,11 +39,8 @@ def output_format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise VGGEmbedError(f"{path}: unknown output format {path.suffix!r}; use .npy, .csv or .parquet")
-    if fmt == "parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise VGGEmbedError(f'{path}: Parquet output needs pyarrow: pip install "vggembed[parquet]"') from None
+    if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise VGGEmbedError(f'{path}: Parquet output needs pyarrow: pip install "vggembed[parquet]"')
     return fmt
 
 

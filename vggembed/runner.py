@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -45,7 +45,6 @@ class Summary:
     seconds: float = 0.0
     wait_seconds: float = 0.0  # the model waiting for decoded images
     first_batch_seconds: float | None = None
-    failures: list = field(default_factory=list)
 
     def line(self, verb: str) -> str:
         rate = self.images / self.seconds if self.seconds else 0.0
@@ -81,7 +80,6 @@ def batches(model: VGG, sources: Iterable[str], opts: Options, summary: Summary,
                 if item.error is not None:
                     if opts.strict:
                         raise StrictStop(f"{item.source}: {item.error} (--strict)")
-                    summary.failures.append((item.source, item.error))
                     if opts.progress:
                         bar.write(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
                     else:
