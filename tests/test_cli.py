@@ -320,3 +320,21 @@ def test_native_size_needs_a_conv_layer(tmp_path, image_dir, tiny16, tiny_model)
     paths = [r["path"] for r in read_index(out)]
     ref = np.concatenate([tiny_model.embed([p], "relu5_3", pool="avg", resize="none") for p in paths])
     np.testing.assert_array_equal(np.load(out), ref)
+
+
+def test_an_unexpected_decoder_exception_is_one_failed_row(tmp_path, image_dir, tiny16, monkeypatch):
+    from vggembed import images
+
+    real = images.load_rgb
+
+    def flaky(source, **kw):
+        if str(source).endswith("coffee.png"):
+            raise TypeError("decoder bug")
+        return real(source, **kw)
+
+    monkeypatch.setattr(images, "load_rgb", flaky)
+    result = run("embed", image_dir, "-o", tmp_path / "f.npy", "--weights", tiny16)
+    assert result.exit_code == 3
+    errors = {Path(r["path"]).name: r["error"] for r in read_index(tmp_path / "f.npy") if r["error"]}
+    assert errors == {"coffee.png": "TypeError: decoder bug"}
+    assert np.load(tmp_path / "f.npy").shape == (3, 32)

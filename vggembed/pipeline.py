@@ -38,6 +38,8 @@ def decode_stream(sources: Iterable[str], prepare: Callable[[str], np.ndarray], 
             return Item(index, source, error=e.problem)
         except MemoryError:
             return Item(index, source, error="out of memory while decoding")
+        except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the run
+            return Item(index, source, error=f"{type(e).__name__}: {e}")
 
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="vggembed-decode")
     pending: collections.deque = collections.deque()
