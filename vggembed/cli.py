@@ -84,7 +84,7 @@ def run_options(f):
     f = click.option("--workers", type=click.IntRange(1), default=min(8, os.cpu_count() or 2),
                      show_default="CPU count, at most 8", help="Decoding threads.")(f)
     f = click.option("--fast-decode", is_flag=True,
-                     help="Decode JPEGs at reduced scale (2-3x faster on large photos, values change slightly).")(f)
+                     help="Decode JPEGs at reduced scale (much faster on large photos; values change slightly).")(f)
     f = click.option("--max-pixels", type=click.IntRange(1), default=None,
                      help="Refuse larger images (default Pillow's 89.5 million).")(f)
     f = click.option("--strict", is_flag=True, help="Stop at the first image that fails.")(f)
