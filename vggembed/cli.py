@@ -17,7 +17,6 @@ import csv
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -93,22 +92,17 @@ def run_options(f):
 
 
 def _load(ctx, weights, model, labels, legacy_transpose, device, precision):
-    """Load the network, timing each start-up phase (shown with -v)."""
-    from .download import find_weights
-    from .model import VGG
-    from .tfimport import tensorflow
-    from .weights import load_weights
+    """Load the network; with -v, say how long each start-up phase took."""
+    from .model import load
 
-    t0 = time.perf_counter()
-    tensorflow()
-    t1 = time.perf_counter()
-    params, spec = load_weights(weights or find_weights(model), labels=labels, legacy_transpose=legacy_transpose)
-    t2 = time.perf_counter()
-    vgg = VGG(params, spec, precision=precision, device=device)
-    t3 = time.perf_counter()
+    t = {}
+    vgg = load(weights, model=model, labels=labels, legacy_transpose=legacy_transpose, precision=precision,
+               device=device, timings=t)
     if ctx.obj["verbose"]:
+        spec = vgg.spec
         click.echo(f"vggembed: {spec.path} ({spec.arch}, {spec.layout}) on {vgg.device}, {precision}; start-up: "
-                   f"TensorFlow import {t1 - t0:.2f}s, weight file {t2 - t1:.2f}s, model {t3 - t2:.2f}s", err=True)
+                   f"TensorFlow import {t['tensorflow']:.2f}s, weight file {t['weights']:.2f}s, "
+                   f"model {t['model']:.2f}s", err=True)
     return vgg
 
 
@@ -216,12 +210,9 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
 def _embed_ray(ctx, inputs, output, files_from, quiet, *, weights, model, **kw):
     from . import distributed
     from .download import find_weights
-    from .inputs import expand
 
     try:
-        if not inputs and not files_from:
-            _fail("no input: give image files, folders, '-' for paths on stdin, or --files-from LIST")
-        paths = list(expand(inputs, files_from))
+        paths = list(_sources(inputs, files_from)[0])  # the driver needs the whole sorted list for its ids
         counts = distributed.embed(paths, output, weights=str(weights or find_weights(model)),
                                    log=lambda line: click.echo(line, err=True), **kw)
     except KeyboardInterrupt:
@@ -419,11 +410,11 @@ def weights():
 @weights.command("list")
 def weights_list():
     """The published files `fetch` knows, and whether each is on this machine."""
-    from .download import cache_dir
+    from .download import search_folders
     from .registry import PUBLISHED
 
     for p in PUBLISHED.values():
-        here = (cache_dir() / p.filename).exists() or (Path("weights") / p.filename).exists()
+        here = any((folder / p.filename).exists() for folder in search_folders())
         click.echo(f"{p.name:<14} {'present' if here else 'absent':<8} {p.filename:<38} {p.note}")
 
 

@@ -24,6 +24,7 @@ the weight file's path must be readable on every node.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ import numpy as np
 
 from .errors import VGGEmbedError
 from .images import prepare
+from .pipeline import decode_one
 
 MANIFEST = "manifest.json"
 DECODE_CPUS = 0.5  # per decoding task: Pillow work is light beside the model's
@@ -54,18 +56,14 @@ def _digest(paths: list[str]) -> str:
 # ------------------------------------------------------------- cluster side
 def decode_batch(batch: dict, resize: str, size, max_pixels: int, fast_decode: bool) -> dict:
     """Ray Data task: decode a batch of paths; never raises (errors become values)."""
+    fn = functools.partial(prepare, resize_mode=resize, size=tuple(size), max_pixels=max_pixels,
+                           fast_decode=fast_decode)
+    blank = np.zeros((size[1], size[0], 3), np.uint8)
     images, errors = [], []
     for path in batch["path"]:
-        try:
-            images.append(prepare(str(path), resize_mode=resize, size=tuple(size), max_pixels=max_pixels,
-                                  fast_decode=fast_decode))
-            errors.append("")
-        except VGGEmbedError as e:
-            images.append(np.zeros((size[1], size[0], 3), np.uint8))
-            errors.append(getattr(e, "problem", str(e)))
-        except Exception as e:  # noqa: BLE001 - a row must carry any failure, never kill the job
-            images.append(np.zeros((size[1], size[0], 3), np.uint8))
-            errors.append(f"{type(e).__name__}: {e}")
+        array, error = decode_one(fn, str(path))
+        images.append(blank if error else array)
+        errors.append(error or "")
     return {"id": batch["id"], "path": batch["path"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
 
 

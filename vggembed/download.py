@@ -25,6 +25,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VGGEMBED_HOME") or Path.home() / ".cache" / "vggembed")
 
 
+def search_folders() -> tuple[Path, Path]:
+    """Where commands look for a published file by name, in order."""
+    return Path("weights"), cache_dir()
+
+
 def find_weights(model: str = "vgg16") -> Path:
     """The weight file to use when the user named none.
 
@@ -40,7 +45,7 @@ def find_weights(model: str = "vgg16") -> Path:
     if name not in PUBLISHED:
         raise VGGEmbedError(f"unknown model {model!r}; known: {', '.join(PUBLISHED)}")
     filename = PUBLISHED[name].filename
-    for folder in (Path("weights"), cache_dir()):
+    for folder in search_folders():
         if (folder / filename).is_file():
             return folder / filename
     raise VGGEmbedError(

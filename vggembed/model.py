@@ -260,7 +260,7 @@ def _pooled(y, pool):
 
 
 def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool = False,
-         precision: str = "float32", device: str = "auto") -> VGG:
+         precision: str = "float32", device: str = "auto", timings: dict | None = None) -> VGG:
     """Load a weight file into a ready-to-run network.
 
     Args:
@@ -271,13 +271,24 @@ def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool
         legacy_transpose: the VGG19 seed's (1, 0, 2, 3) kernel transpose.
         precision: float32 (default), bf16 (CPUs with native bf16, GPUs) or fp16 (GPUs).
         device: cpu, gpu or auto (the GPU when TensorFlow sees one).
+        timings: if given, filled with seconds per start-up phase
+            (`tensorflow`, `weights`, `model`).
     """
+    import time
+
     if path is None:
         from .download import find_weights
 
         path = find_weights(model)
+    t0 = time.perf_counter()
+    tensorflow()
+    t1 = time.perf_counter()
     params, spec = load_weights(path, labels=labels, legacy_transpose=legacy_transpose)
-    return VGG(params, spec, precision=precision, device=device)
+    t2 = time.perf_counter()
+    vgg = VGG(params, spec, precision=precision, device=device)
+    if timings is not None:
+        timings.update(tensorflow=t1 - t0, weights=t2 - t1, model=time.perf_counter() - t2)
+    return vgg
 
 
 def _pick_device(device: str) -> str:

@@ -27,19 +27,25 @@ class Item:
     error: str | None = None
 
 
+def decode_one(prepare: Callable[[str], np.ndarray], source) -> tuple[np.ndarray | None, str | None]:
+    """(array, None) or (None, error): a bad file is a value, never an exception."""
+    try:
+        return prepare(source), None
+    except ImageError as e:
+        return None, e.problem
+    except MemoryError:
+        return None, "out of memory while decoding"
+    except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the run
+        return None, f"{type(e).__name__}: {e}"
+
+
 def decode_stream(sources: Iterable[str], prepare: Callable[[str], np.ndarray], *, workers: int = 2,
                   window: int = 64) -> Iterator[Item]:
     """Yield an Item per source, in order, decoding up to `window` ahead."""
 
     def work(index, source):
-        try:
-            return Item(index, source, array=prepare(source))
-        except ImageError as e:
-            return Item(index, source, error=e.problem)
-        except MemoryError:
-            return Item(index, source, error="out of memory while decoding")
-        except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not end the run
-            return Item(index, source, error=f"{type(e).__name__}: {e}")
+        array, error = decode_one(prepare, source)
+        return Item(index, source, array=array, error=error)
 
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="vggembed-decode")
     pending: collections.deque = collections.deque()
