@@ -53,6 +53,29 @@ def test_tiny_network_matches_numpy_reference(tiny, tiny_params, photos):
         assert np.abs(got[name] - ref[name]).max() <= 1e-4 * scale, name
 
 
+def test_network_holds_loaded_weights_in_place_and_copies_other_arrays(tiny, tiny_params, photos):
+    path = tiny["vgg16", "frossard"]
+    params, spec = vggembed.load_weights(path)
+    m = vggembed.VGG(params, spec)
+    w = params["conv1_1"][0]
+    assert not w.flags.writeable  # the network uses this memory: it must not change under it
+    tensor = m._params["conv1_1"][0]
+    assert np.from_dlpack(tensor).ctypes.data == w.ctypes.data
+
+    # Arrays a caller built (misaligned, Fortran-ordered, float64) are copied, with the same results.
+    own = {}
+    for name, (w, b) in tiny_params["vgg16"].items():
+        shifted = np.empty(w.size + 1, np.float32)[1:].reshape(w.shape)
+        shifted[...] = w
+        own[name] = (np.asfortranarray(shifted), b.astype(np.float64))
+    batch = np.stack([prepare(p) for p in photos[:2]]).astype(np.float32)
+    expected = m.run(batch, ["prob"])["prob"]
+    np.testing.assert_array_equal(vggembed.VGG(own, spec).run(batch, ["prob"])["prob"], expected)
+    assert own["conv1_1"][0].flags.writeable
+    # A second network from the same (now read-only) arrays takes its own copy.
+    np.testing.assert_array_equal(vggembed.VGG(params, spec).run(batch, ["prob"])["prob"], expected)
+
+
 def test_odd_size_pooling_rounds_up_like_caffe(tiny, tiny_params):
     m = vggembed.load(tiny["vgg16", "frossard"])
     x = np.random.default_rng(0).uniform(0, 255, (1, 75, 101, 3)).astype(np.float32)
@@ -128,6 +151,17 @@ def test_embed_rows_follow_input_order_and_batching(tiny_model, photos):
     # Other batch sizes may pick other kernels: equal to float32 rounding.
     np.testing.assert_allclose(tiny_model.embed(photos, batch_size=3), one_batch, rtol=1e-5, atol=1e-5)
 
+
+
+def test_one_graph_serves_every_batch_and_input_size(tiny, photos):
+    """No retracing per batch: on a GPU each trace costs seconds and memory."""
+    m = vggembed.load(tiny["vgg16", "frossard"])
+    m.embed(photos * 3, batch_size=4)  # full batches and a padded short one
+    m.run(np.zeros((1, 224, 224, 3), np.float32), ["relu7"])
+    for shape in ((3, 75, 101, 3), (2, 224, 224, 3)):
+        m.run(np.zeros(shape, np.float32), ["pool5"])
+    traces = {key: fn.experimental_get_tracing_count() for key, fn in m._functions.items()}
+    assert traces == {(("relu7",), None): 1, (("pool5",), None): 1}
 
 def test_classify_returns_sorted_labelled_top_k(tiny, photos):
     m = vggembed.load(tiny["vgg19", "matconvnet-beta16"])

@@ -10,6 +10,7 @@ import pytest
 from vggembed import synthetic
 from vggembed.errors import LayerError, WeightFileError
 from vggembed.labels import LabelFileError, read_labels
+from vggembed.readers import ALIGN
 from vggembed.weights import load_weights
 
 from .conftest import LABELS, TINY_CLASSES
@@ -24,6 +25,8 @@ def test_every_layout_reads_back_the_written_arrays(tiny, tiny_params, arch, lay
     for name, (w, b) in tiny_params[arch].items():
         np.testing.assert_array_equal(params[name][0], w, err_msg=name)
         np.testing.assert_array_equal(params[name][1], b, err_msg=name)
+        for a in params[name]:  # what TensorFlow can adopt without a copy
+            assert a.dtype == np.float32 and a.flags.c_contiguous and a.ctypes.data % ALIGN == 0, name
     np.testing.assert_allclose(spec.mean_pixel, (123.68, 116.779, 103.939), rtol=1e-6)
     assert spec.input_size == (224, 224) and spec.has_fc and spec.fc_sizes == (32, 32, TINY_CLASSES)
     if layout != "frossard":

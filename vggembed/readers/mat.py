@@ -22,6 +22,7 @@ import scipy.io
 from .. import arch as arch_mod
 from ..errors import WeightFileError
 from ..weights import WeightSpec
+from . import aligned_float32
 
 
 def read(path: Path, *, legacy_transpose: bool = False):
@@ -83,7 +84,7 @@ def read(path: Path, *, legacy_transpose: bool = False):
             kernel = kernel.reshape(-1, kernel.shape[-1])
         elif legacy_transpose:
             kernel = kernel.transpose(1, 0, 2, 3)
-        params[name] = (np.ascontiguousarray(kernel, dtype=np.float32), bias.reshape(-1).astype(np.float32))
+        params[name] = (aligned_float32(kernel), aligned_float32(bias.reshape(-1)))
 
     spec = WeightSpec(
         path=str(path),

@@ -13,6 +13,7 @@ import numpy as np
 from .. import arch as arch_mod
 from ..errors import WeightFileError
 from ..weights import IMAGENET_MEAN_RGB, WeightSpec
+from . import aligned_empty, aligned_float32
 
 _CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
 
@@ -94,7 +95,7 @@ class _Archive:
             header_len = f.tell() - start
             f.seek(start)
             crc = zlib.crc32(f.read(header_len))
-            arr = np.empty(shape, dtype, order="F" if fortran else "C")
+            arr = aligned_empty(shape, dtype, order="F" if fortran else "C")
             view = memoryview(arr.reshape(-1, order="A")).cast("B")
             if header_len + view.nbytes != info.file_size:
                 raise zipfile.BadZipFile(f"{info.filename}: header and size disagree")
@@ -123,7 +124,7 @@ def _array(archive, path, key) -> np.ndarray:
         raise WeightFileError(path, f"array {key} is unreadable (truncated or corrupt?): {e}") from None
     if not np.issubdtype(arr.dtype, np.floating):
         raise WeightFileError(path, f"array {key} has dtype {arr.dtype}; expected floating point")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return aligned_float32(arr)
 
 
 def _listing(keys, most=8) -> str:
