@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 from pathlib import Path
 
@@ -87,3 +88,10 @@ def env_without_tf_noise():
     env = dict(os.environ)
     env.pop("VGGEMBED_VERBOSE", None)
     return env
+
+
+def interruptible():
+    """preexec_fn for a child that Ctrl-C must reach: a shell starts background
+    jobs (a CI step, `pytest &`) with SIGINT ignored, and Python keeps an
+    ignored SIGINT ignored, so the child would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -21,6 +21,8 @@ import vggembed
 from vggembed import synthetic
 from vggembed.cli import main
 
+from .conftest import interruptible
+
 VGGEMBED = [sys.executable, "-m", "vggembed"]
 
 
@@ -256,17 +258,23 @@ def many_images(tmp_path_factory, photos):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, many_images, tiny16, sig):
+    listing = tmp_path / "list.txt"
+    paths = [str(p) for p in sorted(many_images.iterdir())]
+    listing.write_text("\n".join(paths) + "\n")
     full = tmp_path / "full.npy"
-    args = ["embed", str(many_images), "--weights", str(tiny16), "--batch-size", "4", "--workers", "1"]
-    subprocess.run(VGGEMBED + args + ["-o", str(full)], check=True, capture_output=True)
+    args = ["embed", "--weights", str(tiny16), "--batch-size", "4", "--workers", "1"]
+    subprocess.run(VGGEMBED + args + ["--files-from", str(listing), "-o", str(full)], check=True, capture_output=True)
 
+    # The run reads its paths from a pipe that stays open after the first
+    # half, so it is certainly mid-way, with rows written, when stopped.
     out = tmp_path / "cut.npy"
-    proc = subprocess.Popen(VGGEMBED + args + ["-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(VGGEMBED + args + ["-", "-o", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=interruptible)
+    proc.stdin.write("".join(p + "\n" for p in paths[:150]).encode())
+    proc.stdin.flush()
     index = Path(str(out) + ".index.csv.partial")
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if index.exists() and index.read_text().count("\n") > 40:
-            break
+    while time.time() < deadline and not (index.exists() and index.read_text().count("\n") > 40):
         time.sleep(0.02)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -274,6 +282,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, many_images, tiny1
     assert not out.exists(), "an interrupted run must not leave a file that looks complete"
     if sig == signal.SIGINT:
         assert b"--resume" in err
+    args += ["--files-from", str(listing)]
 
     refused = subprocess.run(VGGEMBED + args + ["-o", str(out)], capture_output=True, text=True)
     assert refused.returncode == 1 and "pass --resume" in refused.stderr

@@ -16,6 +16,8 @@ from click.testing import CliRunner
 from vggembed import synthetic
 from vggembed.cli import main
 
+from .conftest import interruptible
+
 ray = pytest.importorskip("ray")
 
 
@@ -88,7 +90,7 @@ def test_interrupted_ray_run_resumes_to_the_same_result(tmp_path, ray_runtime, f
     parts = tmp_path / "parts"
     args = [sys.executable, "-m", "vggembed", "embed", str(folder), "-o", str(parts), "--engine", "ray",
             "--weights", str(tiny16), "--batch-size", "8", "--workers", "1", "--part-size", "20"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
     deadline = time.time() + 180
     while time.time() < deadline and not list(parts.glob("part-*.parquet")):
         time.sleep(0.05)
