@@ -130,13 +130,19 @@ def bench_bf16(params, m32, args, gflop, photos):
     batch = photo_views(photos, per_photo=30)
     e32 = run_all(m32, batch, bs)
     e16 = run_all(m16, batch, bs)
-    cos = [np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v) + 1e-30) for u, v in zip(e32["relu7"], e16["relu7"])]
+    cos = cosines(e32["relu7"], e16["relu7"])
     agree = int(np.sum(e32["prob"].argmax(1) == e16["prob"].argmax(1)))
     print(f"on {len(batch)} views of {len(photos)} real photos: mean cosine of fc2 bf16 vs float32 {np.mean(cos):.5f} "
           f"(min {np.min(cos):.5f}), top-1 agreement {agree}/{len(batch)} = {agree / len(batch):.1%}")
     if not args.weights:
         print("(random weights: their class margins are not a trained network's, so top-1 agreement is only "
               "indicative; pass --weights with the real file for the figure that counts)")
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of a to the same row of b."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)
 
 
 def photo_views(photos, per_photo: int) -> np.ndarray:
@@ -298,8 +304,7 @@ def bench_e2e(m, args, tmp: Path):
             if exact is None:
                 exact, cos = vectors, 1.0
             else:
-                cos = float(np.mean([np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v) + 1e-30)
-                                     for u, v in zip(vectors, exact)]))
+                cos = float(np.mean(cosines(vectors, exact)))
             print(f"{label:>10} {mb:>7.2f} {str(fast):>11} {cost:>9.1f} {rate:>7.2f} {model_only:>10.2f} "
                   f"{rate / model_only:>6.2f} {bound:>6.2f} {cos:>12.5f}")
 

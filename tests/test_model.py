@@ -11,6 +11,7 @@ import vggembed
 from vggembed import arch, synthetic
 from vggembed.errors import LayerError
 from vggembed.images import prepare
+from vggembed.model import cpu_has_native_bf16
 
 
 def numpy_vgg(params, spec, x):
@@ -74,6 +75,11 @@ def test_network_holds_loaded_weights_in_place_and_copies_other_arrays(tiny, tin
     assert own["conv1_1"][0].flags.writeable
     # A second network from the same (now read-only) arrays takes its own copy.
     np.testing.assert_array_equal(vggembed.VGG(params, spec).run(batch, ["prob"])["prob"], expected)
+    # A converted copy (bf16) leaves the caller's array alone.
+    fresh, _ = vggembed.load_weights(path)
+    if cpu_has_native_bf16():
+        vggembed.VGG(fresh, spec, precision="bf16")
+        assert fresh["conv1_1"][0].flags.writeable
 
 
 def test_odd_size_pooling_rounds_up_like_caffe(tiny, tiny_params):
@@ -152,7 +158,6 @@ def test_embed_rows_follow_input_order_and_batching(tiny_model, photos):
     np.testing.assert_allclose(tiny_model.embed(photos, batch_size=3), one_batch, rtol=1e-5, atol=1e-5)
 
 
-
 def test_one_graph_serves_every_batch_and_input_size(tiny, photos):
     """No retracing per batch: on a GPU each trace costs seconds and memory."""
     m = vggembed.load(tiny["vgg16", "frossard"])
@@ -162,6 +167,7 @@ def test_one_graph_serves_every_batch_and_input_size(tiny, photos):
         m.run(np.zeros(shape, np.float32), ["pool5"])
     traces = {key: fn.experimental_get_tracing_count() for key, fn in m._functions.items()}
     assert traces == {(("relu7",), None): 1, (("pool5",), None): 1}
+
 
 def test_classify_returns_sorted_labelled_top_k(tiny, photos):
     m = vggembed.load(tiny["vgg19", "matconvnet-beta16"])

@@ -84,10 +84,12 @@ class VGG:
         tf = tensorflow()
         array = aligned_float32(array)
         tensor = tf.experimental.dlpack.from_dlpack(array.__dlpack__())
-        array.flags.writeable = False
         if self._dtype != tf.float32:
             return tf.cast(tensor, self._dtype)
-        return tensor if self.device.startswith("/CPU") else tf.identity(tensor)
+        if not self.device.startswith("/CPU"):
+            return tf.identity(tensor)
+        array.flags.writeable = False  # shared from here on
+        return tensor
 
     # ----------------------------------------------------------------- names
     @property
