@@ -1,0 +1,329 @@
+"""Open any embedding output as one thing: a float matrix on disk, the path of each row, and its recipe.
+
+Every format vggembed writes can be an INDEX for search, dedup and cluster:
+
+- `OUT.npy` with `OUT.npy.index.csv` (the rows are the index lines whose
+  `row` column is filled, in that order) -- read in place;
+- `OUT.parquet` (`path`, `embedding` fixed-size list);
+- `OUT.csv` (`path`, `d0` .. `dN`);
+- an `--engine ray` folder (`manifest.json` and `part-NNNNN.parquet` with
+  `id`, `path`, `status`, `error`, `embedding`; failed rows are skipped).
+
+Parquet, CSV and Ray outputs are converted once, a bounded batch at a time,
+into a temporary `.npy` that is removed on `close()`. Rows are read back in
+blocks with plain file reads into one reused buffer, not through a memory
+map whose touched pages would all count as resident memory: scanning 300k
+4096-d vectors (4.9 GB) then costs one block of memory, not the file's size.
+
+The recipe (how the vectors were made) comes from `OUT.meta.json` beside
+`.npy`/`.csv` files, the Parquet schema metadata key `vggembed`, or the Ray
+manifest's `recipe`; outputs written before recipes existed give None.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import VGGEmbedError
+
+META_KEY = b"vggembed"
+
+
+class Vectors:
+    """An embedding output opened for reading. Use as a context manager, or call `close()`.
+
+    Attributes:
+        source: the INDEX the user named.
+        paths: the image path of each row (str as os.fsdecode gives it).
+        recipe: the recorded recipe as a dict, or None for outputs written before recipes.
+        rows, dim, dtype: the matrix's shape and stored type (float32 or float16).
+    """
+
+    def __init__(self, source: Path, npy: Path, paths: list[str], recipe: dict | None, *, temporary: bool):
+        self.source = source
+        self.npy = npy
+        self.paths = paths
+        self.recipe = recipe
+        self._temporary = temporary
+        with open(npy, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            self._offset = f.tell()
+        if len(shape) != 2 or fortran or np.dtype(dtype).kind != "f":
+            raise VGGEmbedError(f"{source}: holds a {dtype} array of shape {shape}; expected rows of float vectors")
+        self.rows, self.dim = shape
+        self.dtype = np.dtype(dtype)
+        if len(paths) != self.rows:
+            raise VGGEmbedError(f"{source}: {self.rows} vectors but {len(paths)} paths in its index; "
+                                "the files do not belong together")
+        self._file = open(npy, "rb")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._temporary:
+            self.npy.unlink(missing_ok=True)
+
+    def matrix(self) -> np.ndarray:
+        """The whole matrix, memory-mapped read-only (stored dtype)."""
+        return np.load(self.npy, mmap_mode="r")
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) as float32, read with one file read (into `out` when given)."""
+        n = stop - start
+        raw = np.empty((n, self.dim), self.dtype)
+        self._file.seek(self._offset + start * self.dim * self.dtype.itemsize)
+        got = self._file.readinto(memoryview(raw).cast("B"))
+        if got != raw.nbytes:
+            raise VGGEmbedError(f"{self.npy}: ends before row {stop} (truncated?)")
+        if self.dtype == np.float32 and out is None:
+            return raw
+        if out is None:
+            return raw.astype(np.float32)
+        out = out[:n]
+        out[...] = raw
+        return out
+
+    def take(self, rows) -> np.ndarray:
+        """Some rows, in the given order, as float32 (touches only their pages)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            bad = rows[(rows < 0) | (rows >= self.rows)][0]
+            raise VGGEmbedError(f"{self.source}: has rows 0..{self.rows - 1}; row {bad} does not exist")
+        return np.asarray(self.matrix()[rows], dtype=np.float32)
+
+
+def open_vectors(index, *, tmp_dir=None) -> Vectors:
+    """Open an embedding output (`.npy`, `.parquet`, `.csv`, or a Ray output folder).
+
+    Args:
+        index: the output's path.
+        tmp_dir: where Parquet, CSV and Ray outputs are converted (default: the system's temp folder).
+
+    Raises:
+        VGGEmbedError: the path is missing or not an embedding output; the message says which and why.
+    """
+    index = Path(os.fsdecode(index))
+    if index.is_dir():
+        return _open_ray(index, tmp_dir)
+    if not index.exists():
+        raise VGGEmbedError(f"{index}: no such file or folder")
+    suffix = index.suffix.lower()
+    if suffix == ".npy":
+        return _open_npy(index)
+    if suffix == ".parquet":
+        return _open_parquet(index, tmp_dir)
+    if suffix == ".csv":
+        return _open_csv(index, tmp_dir)
+    raise VGGEmbedError(f"{index}: not an embedding output; give a .npy, .parquet or .csv file, "
+                        "or a folder written by --engine ray")
+
+
+# ------------------------------------------------------------------ recipe
+def _meta_json(out: Path, rows: int) -> dict | None:
+    meta = out.with_name(out.name + ".meta.json")
+    if not meta.exists():
+        return None
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VGGEmbedError(f"{meta}: unreadable ({e})") from None
+    if data.get("rows") is not None and data["rows"] != rows:
+        raise VGGEmbedError(f"{meta}: records {data['rows']} rows but {out} has {rows}; the files do not belong "
+                            "together")
+    return data.get("recipe")
+
+
+def _parquet_recipe(schema, where: Path) -> dict | None:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw).get("recipe")
+    except ValueError:
+        raise VGGEmbedError(f"{where}: its vggembed metadata is not JSON") from None
+
+
+# --------------------------------------------------------------------- npy
+def _open_npy(out: Path) -> Vectors:
+    index = out.with_name(out.name + ".index.csv")
+    if not index.exists():
+        raise VGGEmbedError(f"{out}: no {index.name} beside it, so its rows have no paths; keep the index that "
+                            "`vggembed embed` wrote with it")
+    paths = []
+    with open(index, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[:2] != ["path", "row"]:
+            raise VGGEmbedError(f"{index}: not a vggembed index (expected columns path,row,error)")
+        for line in reader:
+            if len(line) > 1 and line[1] != "":
+                if int(line[1]) != len(paths):
+                    raise VGGEmbedError(f"{index}: row {line[1]} where row {len(paths)} was expected")
+                paths.append(line[0])
+    vectors = Vectors(out, out, paths, None, temporary=False)
+    vectors.recipe = _meta_json(out, vectors.rows)
+    return vectors
+
+
+# ------------------------------------------------- conversion into a .npy
+class _NpyBuilder:
+    """Append float32 rows to a temporary .npy, then fix its header."""
+
+    def __init__(self, source: Path, tmp_dir):
+        fd, name = tempfile.mkstemp(prefix="vggembed-vectors-", suffix=".npy", dir=tmp_dir)
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "w+b")
+        self.source = source
+        self.dim: int | None = None
+        self.rows = 0
+        self.paths: list[str] = []
+
+    def add(self, paths: list[str], block: np.ndarray) -> None:
+        from .output import npy_header
+
+        if self.dim is None:
+            self.dim = block.shape[1]
+            self.file.write(npy_header(0, self.dim, np.float32))
+        elif block.shape[1] != self.dim:
+            raise VGGEmbedError(f"{self.source}: rows of width {block.shape[1]} after rows of width {self.dim}")
+        self.file.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+        self.rows += len(block)
+        self.paths += paths
+
+    def done(self, recipe: dict | None) -> Vectors:
+        from .output import npy_header
+
+        self.file.seek(0)
+        self.file.write(npy_header(self.rows, self.dim or 0, np.float32))
+        self.file.close()
+        return Vectors(self.source, self.path, self.paths, recipe, temporary=True)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _convert(source: Path, tmp_dir, fill, recipe) -> Vectors:
+    builder = _NpyBuilder(source, tmp_dir)
+    try:
+        fill(builder)
+        return builder.done(recipe)
+    except BaseException:
+        builder.discard()
+        raise
+
+
+def _arrow_rows(batch, where: Path) -> tuple[list[str], np.ndarray]:
+    """(paths, float32 matrix) of a record batch, rows with a null embedding left out."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = batch.schema.names
+    if "path" not in names or "embedding" not in names:
+        raise VGGEmbedError(f"{where}: no path and embedding columns; not a vggembed Parquet output")
+    emb = batch.column("embedding")
+    if not pa.types.is_fixed_size_list(emb.type):
+        raise VGGEmbedError(f"{where}: embedding column is {emb.type}, not a fixed-size list")
+    ok = pc.is_valid(emb)
+    if "status" in names:
+        ok = pc.and_(ok, pc.equal(batch.column("status"), "ok"))
+    if not pc.all(ok).as_py():
+        emb = emb.filter(ok)
+        paths = batch.column("path").filter(ok).to_pylist()
+    else:
+        paths = batch.column("path").to_pylist()
+    dim = emb.type.list_size
+    flat = emb.flatten().to_numpy(zero_copy_only=False)
+    return paths, flat.reshape(len(paths), dim)
+
+
+def _need_pyarrow(where: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise VGGEmbedError(f'{where}: reading Parquet needs pyarrow: pip install "vggembed[parquet]"') from None
+    return pq
+
+
+def _open_parquet(path: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
+    pq = _need_pyarrow(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors have no common base worth naming
+        raise VGGEmbedError(f"{path}: not a readable Parquet file ({e})") from None
+    recipe = _parquet_recipe(pf.schema_arrow, path)
+
+    def fill(builder):
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=["path", "embedding"]):
+            builder.add(*_arrow_rows(batch, path))
+
+    return _convert(path, tmp_dir, fill, recipe)
+
+
+def _open_ray(folder: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
+    from .distributed import MANIFEST, part_name
+
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise VGGEmbedError(f"{folder}: a folder without {MANIFEST}; not an --engine ray output")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    parts = [folder / part_name(k) for k in range(manifest["parts"])]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise VGGEmbedError(f"{folder}: {len(missing)} of {len(parts)} parts missing (first: {missing[0]}); "
+                            "finish the run with --resume first")
+    pq = _need_pyarrow(folder)
+
+    def fill(builder):
+        for part in parts:
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows,
+                                                           columns=["path", "status", "embedding"]):
+                builder.add(*_arrow_rows(batch, part))
+
+    return _convert(folder, tmp_dir, fill, manifest.get("recipe"))
+
+
+def _open_csv(path: Path, tmp_dir, batch_rows: int = 1024) -> Vectors:
+    def fill(builder):
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or header[0] != "path" or header[1:2] != ["d0"]:
+                raise VGGEmbedError(f"{path}: not a vggembed CSV output (expected columns path,d0,d1,...)")
+            dim = len(header) - 1
+            paths, rows = [], []
+            for lineno, line in enumerate(reader, start=2):
+                if len(line) != dim + 1:
+                    raise VGGEmbedError(f"{path}: line {lineno} has {len(line) - 1} values, the header {dim}")
+                try:
+                    rows.append(np.array(line[1:], dtype=np.float32))
+                except ValueError:
+                    raise VGGEmbedError(f"{path}: line {lineno} holds a value that is not a number") from None
+                paths.append(line[0])
+                if len(rows) == batch_rows:
+                    builder.add(paths, np.stack(rows))
+                    paths, rows = [], []
+            if rows or builder.dim is None:
+                builder.add(paths, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+
+    vectors = _convert(path, tmp_dir, fill, None)
+    vectors.recipe = _meta_json(path, vectors.rows)
+    return vectors
