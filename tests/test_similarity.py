@@ -239,3 +239,24 @@ def test_kmeans_is_deterministic_and_assigns_the_nearest_centre(npy, matrix):
     with open_vectors(npy) as v:
         sampled, _ = similarity.kmeans(v, 5, seed=3, fit_rows=1000)
     assert len(sampled) == N
+
+
+def test_approximate_search_reaches_exact_hits_when_it_visits_every_list(tmp_path, npy, matrix):
+    pytest.importorskip("faiss")
+    import shutil
+
+    from vggembed import ann
+
+    index = shutil.copy(npy, tmp_path / "f.npy")
+    shutil.copy(f"{npy}.index.csv", tmp_path / "f.npy.index.csv")
+    exact = vggembed.search(index, rows=[3, 100, 2000], k=10)
+    lists = ann.default_lists(N)
+    approx = vggembed.search(index, rows=[3, 100, 2000], k=10, approximate=True, nprobe=lists)
+    # PCA to min(256, D) dims keeps everything here, and every list is visited: the exact answer
+    assert [(h.row, h.rank) for h in approx.hits] == [(h.row, h.rank) for h in exact.hits]
+    np.testing.assert_allclose([h.score for h in approx.hits], [h.score for h in exact.hits], atol=1e-6)
+    saved = tmp_path / "f.npy.faiss"
+    assert saved.exists()
+    stamp = saved.stat().st_mtime_ns
+    vggembed.search(index, rows=[3], k=10, approximate=True, nprobe=2)
+    assert saved.stat().st_mtime_ns == stamp, "the saved index is reused"

@@ -72,7 +72,8 @@ def _opened(index) -> tuple[Vectors, bool]:
 
 # ------------------------------------------------------------------ search
 def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 10, min_score: float | None = None,
-           weights=None, block_rows: int = similarity.BLOCK_ROWS) -> SearchResult:
+           weights=None, approximate: bool = False, nprobe: int = 32, block_rows: int = similarity.BLOCK_ROWS
+           ) -> SearchResult:
     """The k most similar indexed images to each query.
 
     Args:
@@ -82,6 +83,9 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
         k: hits per query.
         min_score: leave out hits with a lower cosine.
         weights: the weight file to embed query images with (default: found by the recorded MD5).
+        approximate: use a faiss PCA + IVF index (built once and saved as INDEX.faiss) instead of an
+            exact pass; hits are re-scored exactly, only recall is approximate.
+        nprobe: lists an approximate search visits (more: slower, better recall).
 
     Returns:
         A `SearchResult`: hits ordered by query, then rank (ties: earlier row first).
@@ -108,7 +112,15 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
         if not matrix:
             raise VGGEmbedError("no query: give query images or rows of the index")
         q = np.concatenate(matrix) if matrix else np.zeros((0, vectors.dim), np.float32)
-        found = similarity.top_k(vectors, q, k, min_score=min_score, exclude=exclude, block_rows=block_rows)
+        if approximate:
+            from . import ann
+
+            index_file = Path(str(vectors.source).rstrip("/\\") + ".faiss")
+            found = ann.search(ann.load_or_build(vectors, index_file), vectors, q, k, nprobe=nprobe, exclude=exclude)
+            if min_score is not None:
+                found = [[(r, s) for r, s in hits if s >= min_score] for hits in found]
+        else:
+            found = similarity.top_k(vectors, q, k, min_score=min_score, exclude=exclude, block_rows=block_rows)
         hits = [Hit(name, rank, vectors.paths[row], score, row)
                 for name, result in zip(names, found) for rank, (row, score) in enumerate(result, start=1)]
         return SearchResult(hits, failed)
