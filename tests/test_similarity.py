@@ -10,6 +10,7 @@ from vggembed import similarity
 from vggembed.errors import VGGEmbedError
 from vggembed.output import EmbeddingWriter
 from vggembed.pipeline import Item
+from vggembed.recipe import Recipe
 from vggembed.vectors import open_vectors
 
 N, D = 3000, 24
@@ -32,6 +33,7 @@ def matrix():
 def write_output(path, x, fmt_paths):
     """Write `x` with the real writer, a failed input every FAILED_EVERY rows."""
     writer = EmbeddingWriter(path)
+    writer.begin(Recipe(weights_md5="0" * 32))
     chunk, rows, n = [], [], 0
     for i, vec in enumerate(x):
         if i % FAILED_EVERY == 5:
@@ -166,6 +168,7 @@ def test_every_format_gives_the_same_answers(tmp_path, npy, matrix):
     for out in outputs:
         with open_vectors(out, tmp_dir=tmp_path) as v:
             assert v.rows == N and v.dim == D and v.paths == [name(i) for i in range(N)]
+            assert v.recipe == Recipe(weights_md5="0" * 32), "the recipe travels with every format"
             found = similarity.pairs(v, 0.9)
             top = similarity.top_k(v, matrix[[3, 100]], 5)
             answers.append((list(found.i), list(found.j), [[r for r, _ in t] for t in top]))
@@ -186,7 +189,7 @@ def ray_folder(folder, x, part_size=700):
         paths.append(name(i))
         emb.append(vec)
         errors.append("")
-    run = RunDir(folder, paths, {"dtype": "float32"}, part_size, resume=False, overwrite=False)
+    run = RunDir(folder, paths, Recipe(weights_md5="0" * 32), part_size, resume=False, overwrite=False)
     for k in range(run.parts):
         sl = slice(k * part_size, (k + 1) * part_size)
         ids = np.arange(len(paths))[sl]
@@ -196,7 +199,8 @@ def ray_folder(folder, x, part_size=700):
 
 
 def test_float16_outputs_are_read_as_float32(tmp_path, matrix):
-    writer = EmbeddingWriter(tmp_path / "h.npy", dtype="float16")
+    writer = EmbeddingWriter(tmp_path / "h.npy")
+    writer.begin(Recipe(dtype="float16"))
     writer.write([Item(i, name(i)) for i in range(100)], matrix[:100])
     writer.finish()
     with open_vectors(tmp_path / "h.npy") as v:

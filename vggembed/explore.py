@@ -18,6 +18,7 @@ import numpy as np
 
 from . import similarity
 from .errors import VGGEmbedError
+from .recipe import Recipe
 from .vectors import Vectors, open_vectors
 
 # Near-duplicates (re-encodes, resizes, crops of a few percent) of real photos
@@ -164,46 +165,53 @@ def cluster(index, k: int, *, seed: int = 0, block_rows: int = similarity.BLOCK_
 
 
 # --------------------------------------------------- queries, as the index
-def find_recorded_weights(recipe: dict, where: str) -> Path:
-    """The weight file whose MD5 the recipe records, among the usual places."""
-    from .download import search_folders
-    from .registry import file_md5
+def find_recorded_weights(recipe: Recipe, where: str) -> Path:
+    """The weight file whose MD5 the recipe records: $VGGEMBED_WEIGHTS, then ./weights/ and the cache
+    (the recorded file name first, then every other .npz/.mat there)."""
+    from .download import cached_md5, search_folders
 
-    md5, name = recipe.get("weights_md5"), recipe.get("weights") or ""
     candidates = []
     if os.environ.get("VGGEMBED_WEIGHTS"):
         candidates.append(Path(os.environ["VGGEMBED_WEIGHTS"]))
     folders = [f for f in search_folders() if f.is_dir()]
-    candidates += [f / Path(name).name for f in folders if name]
+    if recipe.weights:
+        candidates += [f / Path(recipe.weights).name for f in folders]
     candidates += sorted(p for f in folders for p in f.iterdir() if p.suffix.lower() in (".npz", ".mat"))
     seen = set()
     for c in candidates:
         if c in seen or not c.is_file():
             continue
         seen.add(c)
-        if file_md5(c) == md5:
+        if cached_md5(c) == recipe.weights_md5:
             return c
-    raise RecipeError(f"{where}: was made with {name or 'weights'} (MD5 {md5}), not found in $VGGEMBED_WEIGHTS, "
-                      "./weights/ or the cache; pass --weights PATH")
+    raise RecipeError(f"{where}: was made with {recipe.weights or 'weights'} (MD5 {recipe.weights_md5}), which is "
+                      "not in $VGGEMBED_WEIGHTS, ./weights/ or the cache; pass --weights PATH")
 
 
-def check_weights(recipe: dict | None, weights, where: str) -> Path:
-    """The weights to embed queries for an index with this recipe; refuses other weights."""
-    from .registry import file_md5
+def query_recipe(recipe: Recipe | None, weights, where: str) -> Recipe:
+    """The index's recipe with `weights` set to a file on this machine that has the recorded MD5.
+
+    Given weights whose MD5 differs from the recorded one are refused. An
+    index without a recipe needs `weights`, and is assumed made with the
+    embed command's defaults (fc2, squash, float32).
+    """
+    from .download import cached_md5
 
     if weights is None:
         if recipe is None:
             raise RecipeError(f"{where}: records no recipe (written before vggembed recorded one), so query images "
                               "need --weights: the file it was made with")
-        return find_recorded_weights(recipe, where)
+        return recipe.replace(weights=str(find_recorded_weights(recipe, where)))
     weights = Path(weights)
     if not weights.is_file():
         raise VGGEmbedError(f"{weights}: no such weight file")
-    if recipe is not None and recipe.get("weights_md5") and file_md5(weights) != recipe["weights_md5"]:
-        raise RecipeError(f"{weights}: MD5 {file_md5(weights)} differs from the {recipe['weights_md5']} of the "
-                          f"weights {where} was made with ({recipe.get('weights')}); its queries would not be "
-                          "comparable")
-    return weights
+    if recipe is None:
+        return Recipe(weights=str(weights))
+    md5 = cached_md5(weights)
+    if recipe.weights_md5 and md5 != recipe.weights_md5:
+        raise RecipeError(f"{weights}: MD5 {md5} differs from the {recipe.weights_md5} of {recipe.weights}, which "
+                          f"{where} was made with; its queries would not be comparable: pass that file")
+    return recipe.replace(weights=str(weights))
 
 
 def embed_queries(vectors: Vectors, sources: list[str], *, weights=None
@@ -214,29 +222,22 @@ def embed_queries(vectors: Vectors, sources: list[str], *, weights=None
         (sources that worked, their vectors, [(source, error)] for those that failed).
     """
     from .inputs import expand
-    from .model import load
-    from .runner import Options, Summary, batches
+    from .model import load_recipe
+    from .runner import Options, Summary, batches, pad_to
 
-    recipe = vectors.recipe
-    path = check_weights(recipe, weights, str(vectors.source))
-    r = recipe or {}  # an output without a recipe: the embed command's defaults
-    model = load(path, legacy_transpose=bool(r.get("legacy_transpose", False)),
-                 precision=r.get("precision") or "float32")
-    layer, pool = r.get("layer") or "fc2", r.get("pool")
-    name = model.embedding_layer(layer, pool)
-    opts = Options(resize=r.get("resize") or "squash", batch_size=QUERY_BATCH, workers=2,
-                   fast_decode=bool(r.get("fast_decode", False)))
+    recipe = query_recipe(vectors.recipe, weights, str(vectors.source))
+    model = load_recipe(recipe)
+    name = model.embedding_layer(recipe.layer, recipe.pool)
+    opts = Options(batch_size=QUERY_BATCH, workers=2)
     ok, out, failed = [], [], []
-    for chunk, batch in batches(model, expand(sources), opts, Summary()):
+    for chunk, batch in batches(model, expand(sources), recipe, opts, Summary()):
         failed += [(item.source, item.error) for item in chunk if item.error is not None]
         if batch is not None:
-            out.append(model.embed_batch(batch, name, pool, bool(r.get("l2_normalize", False)), opts.pad_to))
+            out.append(model.embed_batch(batch, name, recipe.pool, recipe.l2_normalize, pad_to(recipe, opts)))
             ok += [item.source for item in chunk if item.error is None]
-    dim = out[0].shape[1] if out else vectors.dim
-    if dim != vectors.dim:
-        raise RecipeError(f"{vectors.source}: holds {vectors.dim}-d vectors but {path} gives {dim}-d {layer} "
-                          "vectors; pass the weights and options it was made with")
     matrix = np.concatenate(out) if out else np.zeros((0, vectors.dim), np.float32)
+    if matrix.shape[1] != vectors.dim:
+        raise RecipeError(f"{vectors.source}: holds {vectors.dim}-d vectors but {recipe.weights} gives "
+                          f"{matrix.shape[1]}-d {recipe.layer} vectors; pass the weights and options it was made with")
     # rows stored as float16 were rounded; round the queries alike
-    dtype = np.dtype(r.get("dtype") or vectors.dtype)
-    return ok, matrix.astype(dtype).astype(np.float32), failed
+    return ok, matrix.astype(recipe.dtype).astype(np.float32), failed

@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VGGEmbedError
-
-META_KEY = b"vggembed"
+from .recipe import Recipe
 
 
 class Vectors:
@@ -41,11 +40,11 @@ class Vectors:
     Attributes:
         source: the INDEX the user named.
         paths: the image path of each row (str as os.fsdecode gives it).
-        recipe: the recorded recipe as a dict, or None for outputs written before recipes.
+        recipe: the recorded `Recipe`, or None for outputs written before recipes were recorded.
         rows, dim, dtype: the matrix's shape and stored type (float32 or float16).
     """
 
-    def __init__(self, source: Path, npy: Path, paths: list[str], recipe: dict | None, *, temporary: bool):
+    def __init__(self, source: Path, npy: Path, paths: list[str], recipe: Recipe | None, *, temporary: bool):
         self.source = source
         self.npy = npy
         self.paths = paths
@@ -137,28 +136,22 @@ def open_vectors(index, *, tmp_dir=None) -> Vectors:
 
 
 # ------------------------------------------------------------------ recipe
-def _meta_json(out: Path, rows: int) -> dict | None:
-    meta = out.with_name(out.name + ".meta.json")
-    if not meta.exists():
-        return None
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise VGGEmbedError(f"{meta}: unreadable ({e})") from None
-    if data.get("rows") is not None and data["rows"] != rows:
-        raise VGGEmbedError(f"{meta}: records {data['rows']} rows but {out} has {rows}; the files do not belong "
-                            "together")
-    return data.get("recipe")
+def _recorded(out: Path, rows: int) -> Recipe | None:
+    """The recipe recorded with a finished output (None before recipes were recorded); checks its row count."""
+    from .output import recorded_meta
 
-
-def _parquet_recipe(schema, where: Path) -> dict | None:
-    raw = (schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        return None
     try:
-        return json.loads(raw).get("recipe")
-    except ValueError:
-        raise VGGEmbedError(f"{where}: its vggembed metadata is not JSON") from None
+        meta = recorded_meta(out)
+    except VGGEmbedError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged Parquet footer or JSON: one line naming the file
+        raise VGGEmbedError(f"{out}: its recorded recipe is unreadable ({e})") from None
+    if meta is None:
+        return None
+    if meta.get("rows") is not None and meta["rows"] != rows:
+        raise VGGEmbedError(f"{out}: its recipe records {meta['rows']} rows but it holds {rows}; the files do not "
+                            "belong together")
+    return Recipe.from_dict(meta["recipe"])
 
 
 # --------------------------------------------------------------------- npy
@@ -179,7 +172,7 @@ def _open_npy(out: Path) -> Vectors:
                     raise VGGEmbedError(f"{index}: row {line[1]} where row {len(paths)} was expected")
                 paths.append(line[0])
     vectors = Vectors(out, out, paths, None, temporary=False)
-    vectors.recipe = _meta_json(out, vectors.rows)
+    vectors.recipe = _recorded(out, vectors.rows)
     return vectors
 
 
@@ -208,7 +201,7 @@ class _NpyBuilder:
         self.rows += len(block)
         self.paths += paths
 
-    def done(self, recipe: dict | None) -> Vectors:
+    def done(self, recipe: Recipe | None) -> Vectors:
         from .output import npy_header
 
         self.file.seek(0)
@@ -269,13 +262,14 @@ def _open_parquet(path: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow's errors have no common base worth naming
         raise VGGEmbedError(f"{path}: not a readable Parquet file ({e})") from None
-    recipe = _parquet_recipe(pf.schema_arrow, path)
 
     def fill(builder):
         for batch in pf.iter_batches(batch_size=batch_rows, columns=["path", "embedding"]):
             builder.add(*_arrow_rows(batch, path))
 
-    return _convert(path, tmp_dir, fill, recipe)
+    vectors = _convert(path, tmp_dir, fill, None)
+    vectors.recipe = _recorded(path, vectors.rows)
+    return vectors
 
 
 def _open_ray(folder: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
@@ -298,7 +292,8 @@ def _open_ray(folder: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
                                                            columns=["path", "status", "embedding"]):
                 builder.add(*_arrow_rows(batch, part))
 
-    return _convert(folder, tmp_dir, fill, manifest.get("recipe"))
+    recipe = manifest.get("recipe")
+    return _convert(folder, tmp_dir, fill, Recipe.from_dict(recipe) if recipe else None)
 
 
 def _open_csv(path: Path, tmp_dir, batch_rows: int = 1024) -> Vectors:
@@ -325,5 +320,5 @@ def _open_csv(path: Path, tmp_dir, batch_rows: int = 1024) -> Vectors:
                 builder.add(paths, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
 
     vectors = _convert(path, tmp_dir, fill, None)
-    vectors.recipe = _meta_json(path, vectors.rows)
+    vectors.recipe = _recorded(path, vectors.rows)
     return vectors

@@ -11,8 +11,8 @@ summary go to stderr. Exit codes:
   130 interrupted (Ctrl-C); `embed --resume` continues
 
 Commands live in one module per group (`run`: embed, merge, classify;
-`pictures`: maps, plot; `weights`: info, weights list/fetch); option groups
-shared between them are in `common`.
+`search`: search, dedup, cluster; `pictures`: maps, plot; `weights`: info,
+weights list/fetch); option groups shared between them are in `common`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 import click
 
 from .. import __version__
-from . import pictures, run, weights
+from . import pictures, run, search, weights
 from .common import CONTEXT
 
 
@@ -40,6 +40,7 @@ def main(ctx, verbose):
       vggembed embed images/ -o feats.npy
       find photos -name '*.jpg' | vggembed embed - -o feats.parquet --layer fc2
       vggembed classify laska.png
+      vggembed search feats.npy cat.jpg -k 5
       vggembed info weights/vgg16_weights.npz
     """
     ctx.ensure_object(dict)
@@ -48,5 +49,6 @@ def main(ctx, verbose):
         os.environ["VGGEMBED_VERBOSE"] = "1"
 
 
-for command in (run.embed, run.merge, run.classify, weights.info, weights.weights, pictures.maps, pictures.plot):
+for command in (run.embed, run.merge, run.classify, search.search, search.dedup, search.cluster, weights.info,
+                weights.weights, pictures.maps, pictures.plot):
     main.add_command(command)

@@ -1,0 +1,230 @@
+"""`vggembed search`, `dedup` and `cluster`: answers from any embedding output (INDEX)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import VGGEmbedError
+from ..explore import DEFAULT_THRESHOLD
+from .common import CONTEXT, EXIT_INTERRUPTED, EXIT_SOME_FAILED, fail
+
+def _show(path: str) -> str:
+    """A path as messages show it: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _write_csv(output, header: list[str], rows) -> None:
+    """CSV to stdout (data only) or to OUTPUT; names keep their exact bytes."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    _write(output, buf.getvalue())
+
+
+def _write(output, text: str) -> None:
+    """Text to stdout, or to OUTPUT, which appears under its name only when complete."""
+    data = text.encode("utf-8", "surrogateescape")
+    if output is None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    out = Path(output)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+
+
+def _sheet(rows, sheet, tile, what: str) -> None:
+    from ..sheets import MAX_ROWS, save
+
+    out = Path(sheet)
+    tmp = out.with_name(out.name + ".partial" + out.suffix)
+    drawn = save(rows, tmp, tile=tile)
+    os.replace(tmp, out)
+    more = f" (the first {MAX_ROWS} of {len(rows)} {what})" if len(rows) > drawn else ""
+    click.echo(f"vggembed: drew {out}: {drawn} {what}{more}", err=True)
+
+
+def _note_recipe(vectors, needs_weights: bool) -> None:
+    if vectors.recipe is None:
+        note = "; query images need --weights (the file it was made with)" if needs_weights else ""
+        click.echo(f"vggembed: note: {_show(str(vectors.source))} records no recipe (written before vggembed "
+                   f"recorded one){note}", err=True)
+
+
+def _parse_rows(value: str | None) -> list[int]:
+    if not value:
+        return []
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected row numbers like 0,12,40; received {value!r}", param_hint="--rows") \
+            from None
+
+
+sheet_option = click.option("--sheet", type=click.Path(dir_okay=False),
+                            help="Also draw a contact sheet (PNG) of the results.")
+tile_option = click.option("--tile", type=click.IntRange(32, 512), default=128, show_default=True,
+                           help="Thumbnail size on the sheet, pixels.")
+output_option = click.option("-o", "--output", type=click.Path(dir_okay=False),
+                             help="Write the CSV here instead of stdout.")
+
+
+# ------------------------------------------------------------------ search
+@click.command(context_settings=CONTEXT)
+@click.argument("index", type=click.Path(exists=True))
+@click.argument("queries", nargs=-1)
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Hits per query.")
+@click.option("--min-score", type=click.FloatRange(-1, 1), help="Leave out hits with a lower cosine.")
+@click.option("--rows", "rows", help="Rows of INDEX as queries, e.g. 0,12 (their own row is left out).")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="Weights for query images (default: the file whose MD5 INDEX records, in $VGGEMBED_WEIGHTS, "
+                   "./weights/ or the cache). Other weights are refused.")
+@click.option("--approximate", is_flag=True,
+              help='Approximate search with a faiss PCA + IVF index, saved as INDEX.faiss (pip install "vggembed[ann]").')
+@click.option("--nprobe", type=click.IntRange(1), default=32, show_default=True,
+              help="With --approximate: lists visited per query (more: slower, better recall).")
+@output_option
+@sheet_option
+@tile_option
+@click.pass_context
+def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe, output, sheet, tile):
+    """The indexed images most similar to each query, by cosine.
+
+    QUERY is an image file or folder, embedded on the fly exactly as INDEX was
+    made. Output (CSV): query, rank, path, score; best first, ties by row.
+    A query image that cannot be decoded is reported and skipped (exit 3).
+
+    \b
+    Examples:
+      vggembed search feats.npy cat.jpg -k 5
+      vggembed search feats.parquet queries/ -o hits.csv --sheet hits.png
+      vggembed search feats.npy --rows 0,12 --min-score 0.9
+    """
+    from ..explore import search as run_search
+    from ..vectors import open_vectors
+
+    row_list = _parse_rows(rows)
+    if not queries and not row_list:
+        raise click.UsageError("no query: give query images or folders, or --rows N,M")
+    try:
+        with open_vectors(index) as vectors:
+            _note_recipe(vectors, bool(queries) and weights is None)
+            result = run_search(vectors, list(queries), rows=row_list, k=k, min_score=min_score, weights=weights,
+                                approximate=approximate, nprobe=nprobe)
+            _write_csv(output, ["query", "rank", "path", "score"],
+                       ([h.query, h.rank, h.path, f"{h.score:.6f}"] for h in result.hits))
+            if sheet:
+                from ..sheets import search_rows
+
+                names = list(dict.fromkeys([vectors.paths[r] for r in row_list] + [h.query for h in result.hits]))
+                _sheet(search_rows(result.hits, {n: n for n in names}), sheet, tile, "queries")
+    except KeyboardInterrupt:
+        click.echo("vggembed: interrupted", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        fail(str(e))
+    queried = len({h.query for h in result.hits})
+    click.echo(f"vggembed: {len(result.hits)} hits for {queried} queries"
+               + (f"; {len(result.failed)} query images failed" if result.failed else ""), err=True)
+    ctx.exit(EXIT_SOME_FAILED if result.failed else 0)
+
+
+# ------------------------------------------------------------------- dedup
+@click.command(context_settings=CONTEXT)
+@click.argument("index", type=click.Path(exists=True))
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=DEFAULT_THRESHOLD, show_default=True,
+              help="Cosine at or above which two images are near-duplicates.")
+@click.option("--list-redundant", is_flag=True,
+              help="Print only every member but the first of each group, one path a line (for xargs).")
+@click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32", show_default=True,
+              help="bf16: find candidates in bfloat16 (TensorFlow; CPUs with native bf16), re-checked in float32: "
+                   "the same groups, faster.")
+@output_option
+@sheet_option
+@tile_option
+@click.pass_context
+def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile):
+    """Groups of near-duplicate images: every pair with cosine >= threshold, joined.
+
+    Output (CSV): group, path, score (cosine to the group's first member,
+    in input order). --list-redundant prints the paths a clean-up would
+    remove instead: every member but the first.
+
+    \b
+    Examples:
+      vggembed dedup feats.npy -o groups.csv --sheet groups.png
+      vggembed dedup feats.npy --list-redundant | xargs -d '\\n' rm --
+    """
+    from ..explore import dedup as run_dedup
+    from ..vectors import open_vectors
+
+    try:
+        with open_vectors(index) as vectors:
+            _note_recipe(vectors, False)
+            groups = run_dedup(vectors, threshold, precision=precision)
+    except KeyboardInterrupt:
+        click.echo("vggembed: interrupted", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        fail(str(e))
+    if list_redundant:
+        _write(output, "".join(m.path + "\n" for g in groups for m in g[1:]))
+    else:
+        _write_csv(output, ["group", "path", "score"], ([m.group, m.path, f"{m.score:.6f}"] for g in groups for m in g))
+    if sheet:
+        from ..sheets import dedup_rows
+
+        _sheet(dedup_rows(groups), sheet, tile, "groups")
+    redundant = sum(len(g) - 1 for g in groups)
+    click.echo(f"vggembed: {len(groups)} groups of near-duplicates (cosine >= {threshold:g}) among "
+               f"{vectors.rows} images; {redundant} redundant", err=True)
+
+
+# ----------------------------------------------------------------- cluster
+@click.command(context_settings=CONTEXT)
+@click.argument("index", type=click.Path(exists=True))
+@click.option("-k", "k", type=click.IntRange(1), required=True, help="Number of clusters.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same clusters.")
+@output_option
+@sheet_option
+@tile_option
+@click.pass_context
+def cluster(ctx, index, k, seed, output, sheet, tile):
+    """k-means clusters of the (unit-length) vectors.
+
+    Output (CSV), one line per image in input order: path, cluster,
+    distance to the cluster's centre. Needs scikit-learn
+    (pip install "vggembed[cluster]").
+
+    \b
+    Example:
+      vggembed cluster feats.npy -k 20 -o clusters.csv --sheet clusters.png
+    """
+    from ..explore import cluster as run_cluster
+    from ..vectors import open_vectors
+
+    try:
+        with open_vectors(index) as vectors:
+            _note_recipe(vectors, False)
+            found = run_cluster(vectors, k, seed=seed)
+    except KeyboardInterrupt:
+        click.echo("vggembed: interrupted", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        fail(str(e))
+    _write_csv(output, ["path", "cluster", "distance"], ([a.path, a.cluster, f"{a.distance:.6f}"] for a in found))
+    if sheet:
+        from ..sheets import cluster_rows
+
+        _sheet(cluster_rows(found), sheet, tile, "clusters")
+    sizes = sorted((sum(1 for a in found if a.cluster == c) for c in range(k)), reverse=True)
+    click.echo(f"vggembed: {len(found)} images in {k} clusters (largest {sizes[0]}, smallest {sizes[-1]})", err=True)
