@@ -21,3 +21,19 @@ def test_throughput_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--batch-sizes" in out and "Keras" in out
+
+
+def test_similarity_benchmark_prints_memory_speed_and_recall():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "similarity.py"), "--sizes", "2000,5000",
+                          "--pairs-size", "2000", "--dim", "64", "--skip", "matmul,bf16", "--sklearn-sizes", "2000"],
+                         capture_output=True, text=True, check=True).stdout
+    table = out.split("peak RSS\n")[1].splitlines()
+    assert [line.split()[0] for line in table[:2]] == ["2000", "5000"]
+    assert "(1st of 2 blocks)" in table[1], "the largest size runs its first outer block only"
+    assert "float32:" in out and "scikit-learn" in out and "recall@10" in out
+
+
+def test_dedup_threshold_benchmark_has_help():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dedup_threshold.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--weights" in out

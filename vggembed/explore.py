@@ -112,7 +112,7 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
                 exclude += [None] * len(ok)
         if not matrix:
             raise VGGEmbedError("no query: give query images or rows of the index")
-        q = np.concatenate(matrix) if matrix else np.zeros((0, vectors.dim), np.float32)
+        q = np.concatenate(matrix)
         if approximate:
             from . import ann
 

@@ -162,9 +162,13 @@ class _Bf16Product:
     """A left block held in bf16 by TensorFlow; candidate pairs against right blocks."""
 
     def __init__(self, left: np.ndarray):
+        from .model import cpu_has_native_bf16
         from .tfimport import tensorflow
 
         self.tf = tensorflow()
+        if not cpu_has_native_bf16() and not self.tf.config.list_physical_devices("GPU"):
+            raise VGGEmbedError("bf16 products need a CPU with AVX512_BF16 or AMX, or a GPU (elsewhere they are "
+                                "emulated, slower than float32); use precision float32")
         self.left = self.tf.cast(self.tf.constant(left), self.tf.bfloat16)
 
     def candidates(self, right: np.ndarray, at_least: float, upper: bool) -> tuple[np.ndarray, np.ndarray]:
