@@ -168,7 +168,11 @@ def test_other_weights_are_refused_and_old_indexes_need_weights(index, collectio
     refused = run("search", old, query)
     assert refused.exit_code == 1 and "records no recipe" in refused.stderr and "--weights" in refused.stderr
     by_rows = run("search", old, "--rows", "0", "-k", 1)
-    assert by_rows.exit_code == 0 and "records no recipe" in by_rows.stderr
+    assert by_rows.exit_code == 0 and "note" not in by_rows.stderr, "rows need no recipe"
+    # without a recipe the embed defaults are assumed: fc2, which is not what this index holds
+    given = run("search", old, query, "-k", 1, "--weights", tiny["vgg16", "frossard"])
+    assert "records no recipe" in given.stderr and "embed defaults" in given.stderr
+    assert given.exit_code == 1 and "holds 3136-d vectors but" in given.stderr
 
 
 def test_cluster_is_deterministic_and_finds_the_photos(index, collection, photos, tmp_path):

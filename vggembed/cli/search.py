@@ -53,11 +53,11 @@ def _sheet(rows, sheet, tile, what: str) -> None:
     click.echo(f"vggembed: drew {out}: {drawn} {what}{more}", err=True)
 
 
-def _note_recipe(vectors, needs_weights: bool) -> None:
+def _note_recipe(vectors) -> None:
     if vectors.recipe is None:
-        note = "; query images need --weights (the file it was made with)" if needs_weights else ""
         click.echo(f"vggembed: note: {_show(str(vectors.source))} records no recipe (written before vggembed "
-                   f"recorded one){note}", err=True)
+                   "recorded one): query images are embedded with --weights and the embed defaults (fc2, squash, "
+                   "float32)", err=True)
 
 
 def _parse_rows(value: str | None) -> list[int]:
@@ -117,7 +117,8 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
         raise click.UsageError("no query: give query images or folders, or --rows N,M")
     try:
         with open_vectors(index) as vectors:
-            _note_recipe(vectors, bool(queries) and weights is None)
+            if queries and weights is not None:
+                _note_recipe(vectors)
             result = run_search(vectors, list(queries), rows=row_list, k=k, min_score=min_score, weights=weights,
                                 approximate=approximate, nprobe=nprobe)
             _write_csv(output, ["query", "rank", "path", "score"],
@@ -169,7 +170,6 @@ def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile)
 
     try:
         with open_vectors(index) as vectors:
-            _note_recipe(vectors, False)
             groups = run_dedup(vectors, threshold, precision=precision)
     except KeyboardInterrupt:
         click.echo("vggembed: interrupted", err=True)
@@ -214,7 +214,6 @@ def cluster(ctx, index, k, seed, output, sheet, tile):
 
     try:
         with open_vectors(index) as vectors:
-            _note_recipe(vectors, False)
             found = run_cluster(vectors, k, seed=seed)
     except KeyboardInterrupt:
         click.echo("vggembed: interrupted", err=True)
