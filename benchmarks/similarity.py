@@ -34,6 +34,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -173,12 +174,14 @@ def run_child(kind: str, args: dict, *, address_space: int | None = None, env=No
     out = proc.stdout.read()
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
-    result = {"peak_rss_mib": usage.ru_maxrss / 1024, "ok": os.waitstatus_to_exitcode(status) == 0}
+    code = os.waitstatus_to_exitcode(status)
+    result = {"peak_rss_mib": usage.ru_maxrss / 1024, "ok": code == 0}
     if result["ok"]:
         result.update(json.loads(out.decode().strip().splitlines()[-1]))
     else:
         lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
-        result["error"] = lines[-1] if lines else f"exit {status}"
+        result["error"] = lines[-1] if lines else (f"killed by {signal.Signals(-code).name}" if code < 0
+                                                   else f"exit {code}")
     return result
 
 
@@ -207,10 +210,10 @@ def main() -> None:
             print(f"wrote {n} x {args.dim} float32 ({files[n].stat().st_size / GIB:.2f} GiB) in "
                   f"{time.perf_counter() - t:.0f}s", flush=True)
 
-        rate = None
+        rates = {}
         if "matmul" not in skip:
             m = run_child("matmul", {})
-            rate = m["numpy"]
+            rates = {"float32": (m["numpy"], "numpy float32"), "bf16": (m["tf_bf16"], "TensorFlow bf16")}
             print(f"\nmatmul 8192x4096x8192 (best of 3): numpy float32 {m['numpy']:.0f} GFLOP/s ({m['blas']}), "
                   f"TensorFlow float32 {m['tf_float32']:.0f}, TensorFlow bf16 {m['tf_bf16']:.0f}", flush=True)
             if os.environ.get("OPENBLAS_CORETYPE"):
@@ -221,12 +224,14 @@ def main() -> None:
             else:
                 print("  (OPENBLAS_CORETYPE is not set in this environment)", flush=True)
 
+        whole = {}  # the float32 all-pairs runs of the table, reused below
         print(f"\n{'vectors':>8} {'GiB':>5} | {'search 100q top-10':>19} {'peak RSS':>9} | "
               f"{'all pairs >= 0.95':>22} {'peak RSS':>9}", flush=True)
         for n in sizes:
             s = run_child("search", {"index": str(files[n])})
             first = n > args.pairs_size
             p = run_child("pairs", {"index": str(files[n]), "precision": "float32", "first_block": first})
+            whole[n] = p
             what = (f"{p['seconds']:7.1f}s (1st of {p['blocks']} blocks)" if first
                     else f"{p['seconds']:7.1f}s {p['pairs']:>8} pairs") if p["ok"] else p["error"][:22]
             print(f"{n:>8} {files[n].stat().st_size / GIB:5.2f} | {s.get('seconds', 0):18.1f}s "
@@ -237,11 +242,13 @@ def main() -> None:
         for precision in ("float32", "bf16"):
             if precision == "bf16" and "bf16" in skip:
                 continue
-            p = run_child("pairs", {"index": str(files[n]), "precision": precision})
+            p = whole.get(n) if precision == "float32" else None
+            p = p or run_child("pairs", {"index": str(files[n]), "precision": precision})
             if not p["ok"]:
                 print(f"  {precision}: failed: {p['error']}")
                 continue
-            frac = f", {p['gflops'] / rate:.0%} of numpy's matmul rate" if rate else ""
+            rate, what = rates.get(precision, (None, ""))
+            frac = f", {p['gflops'] / rate:.0%} of the {what} matmul rate" if rate else ""
             print(f"  {precision:7s}: {p['seconds']:.1f}s ({p['seconds'] / 60:.1f} min), {p['gflops']:.0f} GFLOP/s"
                   f"{frac}, {p['pairs']} pairs, peak RSS {p['peak_rss_mib']:.0f} MiB", flush=True)
 
