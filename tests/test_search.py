@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 
 import numpy as np
@@ -188,3 +189,14 @@ def test_cluster_is_deterministic_and_finds_the_photos(index, collection, photos
         clusters.setdefault(c, set()).add(path.split("/")[-2])
     assert sorted(len(v) for v in clusters.values()) == [1, 1, 1, 1], "each cluster is one photo's copies"
     assert Image.open(sheet).size == sheet_geometry(4, 6, 128)
+
+
+def test_names_that_are_not_utf8_keep_their_bytes(tmp_path):
+    odd = os.fsencode(tmp_path) + b"/caf\xe9.jpg"  # Latin-1 bytes: not UTF-8
+    np.save(tmp_path / "f.npy", np.array([[1, 0], [1, 0.01]], np.float32))
+    (tmp_path / "f.npy.index.csv").write_bytes(b"path,row,error\n" + odd + b",0,\nplain.jpg,1,\n")
+    result = run("dedup", tmp_path / "f.npy", "--list-redundant")
+    assert result.exit_code == 0 and result.stdout_bytes == b"plain.jpg\n"
+    hits = run("search", tmp_path / "f.npy", "--rows", "1", "-k", 1)
+    assert hits.exit_code == 0
+    assert hits.stdout_bytes.splitlines()[1] == b"plain.jpg,1," + odd + b",0.999950"

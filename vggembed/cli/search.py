@@ -14,6 +14,7 @@ from ..errors import VGGEmbedError
 from ..explore import DEFAULT_THRESHOLD
 from .common import CONTEXT, EXIT_INTERRUPTED, EXIT_SOME_FAILED, fail
 
+
 def _show(path: str) -> str:
     """A path as messages show it: bytes that are not UTF-8 as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
