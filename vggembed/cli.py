@@ -68,8 +68,12 @@ def weight_options(f):
                      help="Transpose .mat conv kernels (1,0,2,3) as the VGG19 seed did (wrong for the "
                           "published files; only to reproduce its feature maps).")(f)
     f = click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)(f)
-    f = click.option("--precision", type=click.Choice(["float32", "bf16", "fp16"]), default="float32",
-                     show_default=True, help="bf16 only where the CPU has AVX512_BF16/AMX, or on GPUs.")(f)
+    f = click.option("--precision", type=click.Choice(["float32", "bf16", "fp16", "int8"]), default="float32",
+                     show_default=True, help="bf16 only where the CPU has AVX512_BF16/AMX, or on GPUs; int8 on "
+                                             'CPUs with VNNI/AMX (pip install "vggembed[int8]").')(f)
+    f = click.option("--calibration", type=click.Path(exists=True, file_okay=False), expose_value=False,
+                     callback=lambda ctx, _, value: ctx.ensure_object(dict).update(calibration=value),
+                     help="With --precision int8: calibrate on these images instead of the built-in set.")(f)
     return f
 
 
@@ -97,7 +101,7 @@ def _load(ctx, weights, model, labels, legacy_transpose, device, precision):
 
     t = {}
     vgg = load(weights, model=model, labels=labels, legacy_transpose=legacy_transpose, precision=precision,
-               device=device, timings=t)
+               device=device, calibration=ctx.obj.get("calibration"), timings=t)
     if ctx.obj["verbose"]:
         spec = vgg.spec
         click.echo(f"vggembed: {spec.path} ({spec.arch}, {spec.layout}) on {vgg.device}, {precision}; start-up: "
@@ -214,6 +218,7 @@ def _embed_ray(ctx, inputs, output, files_from, quiet, *, weights, model, **kw):
     try:
         paths = list(_sources(inputs, files_from)[0])  # the driver needs the whole sorted list for its ids
         counts = distributed.embed(paths, output, weights=str(weights or find_weights(model)),
+                                   calibration=ctx.obj.get("calibration"),
                                    log=lambda line: click.echo(line, err=True), **kw)
     except KeyboardInterrupt:
         click.echo("vggembed: interrupted; finished parts are kept: run the same command with --resume", err=True)

@@ -71,10 +71,11 @@ class Embedder:
     """Ray Data actor: one loaded model per actor, reused for every batch."""
 
     def __init__(self, weights: str, layer: str, pool, l2_normalize: bool, batch_size: int, device: str,
-                 precision: str, legacy_transpose: bool):
+                 precision: str, legacy_transpose: bool, calibration: str | None = None):
         from .model import load
 
-        self.model = load(weights, device=device, precision=precision, legacy_transpose=legacy_transpose)
+        self.model = load(weights, device=device, precision=precision, legacy_transpose=legacy_transpose,
+                          calibration=calibration)
         self.name = self.model.embedding_layer(layer, pool)
         self.pool, self.l2, self.batch_size = pool, l2_normalize, batch_size
 
@@ -150,7 +151,7 @@ class RunDir:
 def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=None, l2_normalize=False,
           dtype="float32", resize="squash", batch_size=16, workers=1, gpus_per_worker=0.0, address=None,
           part_size=1000, resume=False, overwrite=False, max_pixels=None, fast_decode=False, device="auto",
-          precision="float32", legacy_transpose=False, log=print) -> dict:
+          precision="float32", legacy_transpose=False, calibration=None, log=print) -> dict:
     """Embed `paths` on Ray into OUT_DIR part files. Returns counts for the summary line."""
     try:
         import ray
@@ -162,6 +163,10 @@ def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=N
     if resize == "none":
         raise VGGEmbedError("--engine ray needs a fixed input size: use --resize squash or center-crop")
     _, spec = load_weights(weights)  # fail fast on the driver, with the file's own message
+    if precision == "int8":
+        from .int8 import check_available
+
+        check_available()  # LiteRT and a VNNI/AMX CPU: say so here rather than in every actor's traceback
     options = {"weights": str(Path(weights).resolve()), "layer": layer, "pool": pool, "l2_normalize": l2_normalize,
                "dtype": dtype, "resize": resize, "batch_size": batch_size, "fast_decode": fast_decode,
                "legacy_transpose": legacy_transpose}
@@ -199,7 +204,8 @@ def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=N
             fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "layer": layer, "pool": pool,
                                    "l2_normalize": l2_normalize, "batch_size": batch_size,
                                    "device": "gpu" if gpus_per_worker else "cpu", "precision": precision,
-                                   "legacy_transpose": legacy_transpose})
+                                   "legacy_transpose": legacy_transpose,
+                                   "calibration": calibration and str(Path(calibration).resolve())})
         pending: dict[int, dict] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k in np.unique(np.asarray(batch["id"]) // part_size):
