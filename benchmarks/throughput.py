@@ -171,6 +171,7 @@ def bench_int8(params, m32, args, gflop, photos, tmp: Path):
     kffn = tf.function(lambda x: kf(x, training=False))
     fns = {"int8": lambda b: m8.run(b, ["relu7"]), "vggembed float32": lambda b: m32.run(b, ["relu7"]),
            "keras float32": lambda b: kffn(tf.constant(b - mean)).numpy()}
+    m16 = kb = kbfn = None
     if cpu_has_native_bf16():
         m16 = vggembed.VGG(params, m32.spec, precision="bf16")
         kb = keras_vgg(params, policy="mixed_bfloat16")
@@ -185,7 +186,7 @@ def bench_int8(params, m32, args, gflop, photos, tmp: Path):
         cells = [f"{r:>6.2f} ({r * gflop:>4.0f} GFLOP/s)" for r in rates.values()]
         ratios = ", ".join(f"{rates['int8'] / r:.2f}x {name}" for name, r in rates.items() if name != "int8")
         print(f"{bs:>6} " + " ".join(f"{c:>22}" for c in cells) + f"   {ratios}")
-    del kf, kffn, fns
+    del kf, kffn, fns, m16, kb, kbfn  # only the two networks compared below stay in memory
     batch = photo_views(photos, per_photo=30)
     bs = args.int8_batch_sizes[-1]
     e32, e8 = run_all(m32, batch, bs), run_all(m8, batch, bs)

@@ -182,20 +182,43 @@ class Int8VGG(VGG):
             fcntl.flock(lock, fcntl.LOCK_EX)
             content = _read_entry(path, key, self.log)
             if content is None:
-                content = self._convert(body, pool)
+                content = self._convert_in_child(body, pool, path.with_name(f"{path.name}.{os.getpid()}.out"))
                 _write_entry(path, key, content)
                 self.log(f"vggembed: int8 model cached as {path}")
         return content
 
-    def _convert(self, body: tuple, pool) -> bytes:
+    def _convert_in_child(self, body: tuple, pool, out: Path) -> bytes:
+        """Convert in a child process: the converter needs about 14x the weights' size at its peak (7.7 GB
+        for VGG16) and keeps most of it after it returns; a child gives it all back when it exits."""
+        import subprocess
+
+        source = self.calibration or "the built-in set"
+        self.log(f"vggembed: converting {self.spec.path} to int8 for {', '.join(body)}"
+                 f"{f' (pool {pool})' if pool else ''}, calibrating on {len(self.calibration_images())} images "
+                 f"from {source}; VGG16 takes about 2 minutes on 2 cores and 8 GB of memory, once")
+        start = time.perf_counter()
+        job = {"weights": self.spec.path, "legacy_transpose": self.spec.legacy_transpose, "layers": list(body),
+               "pool": pool, "calibration": None if self.calibration is None else str(self.calibration),
+               "out": str(out)}
+        try:
+            child = subprocess.run([sys.executable, "-m", "vggembed.int8", json.dumps(job)], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   errors="backslashreplace")
+            if child.returncode != 0:
+                lines = child.stderr.strip().splitlines()
+                raise VGGEmbedError(lines[-1] if lines else f"{self.spec.path}: int8 conversion failed "
+                                                             f"(exit status {child.returncode})")
+            content = out.read_bytes()
+        finally:
+            out.unlink(missing_ok=True)
+        self.log(f"vggembed: converted to int8 in {time.perf_counter() - start:.0f}s")
+        return content
+
+    def convert(self, body: tuple, pool) -> bytes:
+        """The int8 TFLite model of the layers `body` (canonical names, in output order), in this process."""
         tf = tensorflow()
         images = self.calibration_images()
         h, w = self.spec.input_size[1], self.spec.input_size[0]
-        source = self.calibration or "the built-in set"
-        self.log(f"vggembed: converting {self.spec.path} to int8 for {', '.join(body)}"
-                 f"{f' (pool {pool})' if pool else ''}, calibrating on {len(images)} images from {source}; "
-                 "VGG16 takes about 2 minutes on 2 cores, once")
-        start = time.perf_counter()
         forward = self._function(body, pool)
         # Input and output stay float32: the quantize of the 0..255 input (exact: the calibrated scale is
         # 1 when the set spans 0..255) and the dequantize of the outputs are two cheap ops inside the graph,
@@ -215,7 +238,6 @@ class Int8VGG(VGG):
         except Exception as e:  # the converter raises its own kinds with multi-line messages
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise VGGEmbedError(f"{self.spec.path}: int8 conversion failed: {first}") from None
-        self.log(f"vggembed: converted to int8 in {time.perf_counter() - start:.0f}s")
         return content
 
     # --------------------------------------------------------- calibration
@@ -303,3 +325,23 @@ def _write_entry(path: Path, key: dict, content: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, target)
 
+
+def _convert_main(job: str) -> int:
+    """`python -m vggembed.int8 JOB`: the child `Int8VGG._convert_in_child` starts; JOB is a JSON object."""
+    from .weights import load_weights
+
+    job = json.loads(job)
+    try:
+        params, spec = load_weights(job["weights"], legacy_transpose=job["legacy_transpose"])
+        model = Int8VGG(params, spec, calibration=job["calibration"], log=lambda line: None)
+        content = model.convert(tuple(job["layers"]), job["pool"])
+    except VGGEmbedError as e:
+        print(e, file=sys.stderr)
+        return 1
+    with open(job["out"], "wb") as f:
+        f.write(content)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_convert_main(sys.argv[1]))
