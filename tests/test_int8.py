@@ -242,7 +242,7 @@ def test_ray_engine_int8_equals_local_int8(tmp_path, tiny16, photos, int8_cache,
     local = tmp_path / "local.npy"
     assert run("embed", folder, "-o", local, "--weights", tiny16, "--precision", "int8",
                "--batch-size", 4).exit_code == 3
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,  # ours, not another's
              runtime_env={"env_vars": {"VGGEMBED_HOME": str(int8_cache)}})
     try:
         parts = tmp_path / "parts"
