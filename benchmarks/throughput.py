@@ -1,4 +1,4 @@
-"""vggembed beside Keras, in one run: model-only throughput, bf16, end to end, start-up and memory.
+"""vggembed beside Keras, in one run: model-only throughput, bf16, int8, end to end, start-up and memory.
 
 Machines are noisy, so every comparison is a ratio taken in the same run,
 alternating the two sides. Without --weights, full-size random VGG16 weights
@@ -9,6 +9,11 @@ keras.applications.VGG16(weights=None).
     python benchmarks/throughput.py --only model --batch-sizes 1,8,32
     python benchmarks/throughput.py --only e2e --images 64
     python benchmarks/throughput.py --only threads    # TF thread / oneDNN settings
+    python benchmarks/throughput.py --only int8 --weights weights/vgg16_weights.npz   # int8 fidelity, real weights
+
+The random weights are kept in the cache ($VGGEMBED_HOME/benchmark/) so
+their MD5, and so the cached int8 model, stay the same from run to run:
+the int8 conversion (about 100 s) is paid by the first run only.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vggembed  # noqa: E402
 from vggembed import arch, synthetic  # noqa: E402
+from vggembed.int8 import cpu_has_int8_dot  # noqa: E402
 from vggembed.model import cpu_has_native_bf16  # noqa: E402
 
 
@@ -85,11 +91,17 @@ def timed(fn, batch, seconds) -> float:
 
 def alternate(a, b, batch, seconds, rounds):
     """Median images/s of a and b, measured alternately."""
-    ra, rb = [], []
+    rates = alternate_all({"a": a, "b": b}, batch, seconds, rounds)
+    return rates["a"], rates["b"]
+
+
+def alternate_all(fns: dict, batch, seconds, rounds) -> dict:
+    """Median images/s of each of `fns`, measured in turn, `rounds` times."""
+    rates = {name: [] for name in fns}
     for _ in range(rounds):
-        ra.append(timed(a, batch, seconds))
-        rb.append(timed(b, batch, seconds))
-    return float(np.median(ra)), float(np.median(rb))
+        for name, fn in fns.items():
+            rates[name].append(timed(fn, batch, seconds))
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 def bench_model(params, m, args, gflop):
@@ -137,6 +149,55 @@ def bench_bf16(params, m32, args, gflop, photos):
     if not args.weights:
         print("(random weights: their class margins are not a trained network's, so top-1 agreement is only "
               "indicative; pass --weights with the real file for the figure that counts)")
+
+
+def bench_int8(params, m32, args, gflop, photos, tmp: Path):
+    """int8 (LiteRT + XNNPACK) beside vggembed float32/bf16 and Keras float32/mixed_bfloat16, in turn."""
+    import tensorflow as tf
+
+    from vggembed.int8 import Int8VGG
+
+    print("\n## int8 (LiteRT, XNNPACK) against vggembed float32/bf16 and Keras float32/mixed_bfloat16, "
+          f"median of {args.rounds} rounds in turn; GFLOP/s counts VGG16's {gflop:.1f} float32 GFLOP/image")
+    if not cpu_has_int8_dot():
+        print("skipped: this CPU lacks AVX512_VNNI/AVX_VNNI/AMX_INT8, where vggembed refuses int8")
+        return
+    m8 = Int8VGG(params, m32.spec)
+    start = time.perf_counter()
+    m8.run(np.zeros((1, 224, 224, 3), np.float32), ["relu7", "prob"])  # converts, or reads the cache
+    print(f"int8 model ready in {time.perf_counter() - start:.1f}s (conversion, or the cached model: see above)")
+    mean = np.float32(m32.spec.mean_pixel)
+    kf = keras_vgg(params)
+    kffn = tf.function(lambda x: kf(x, training=False))
+    fns = {"int8": lambda b: m8.run(b, ["relu7"]), "vggembed float32": lambda b: m32.run(b, ["relu7"]),
+           "keras float32": lambda b: kffn(tf.constant(b - mean)).numpy()}
+    m16 = kb = kbfn = None
+    if cpu_has_native_bf16():
+        m16 = vggembed.VGG(params, m32.spec, precision="bf16")
+        kb = keras_vgg(params, policy="mixed_bfloat16")
+        kbfn = tf.function(lambda x: kb(x, training=False))
+        fns["vggembed bf16"] = lambda b: m16.run(b, ["relu7"])
+        fns["keras mixed_bfloat16"] = lambda b: kbfn(tf.constant(b - mean)).numpy()
+    print(f"{'batch':>6} " + " ".join(f"{name:>22}" for name in fns) + "   int8 / each other")
+    rng = np.random.default_rng(7)
+    for bs in args.int8_batch_sizes:
+        x = rng.uniform(0, 255, (bs, 224, 224, 3)).astype(np.float32)
+        rates = alternate_all(fns, x, args.seconds, args.rounds)
+        cells = [f"{r:>6.2f} ({r * gflop:>4.0f} GFLOP/s)" for r in rates.values()]
+        ratios = ", ".join(f"{rates['int8'] / r:.2f}x {name}" for name, r in rates.items() if name != "int8")
+        print(f"{bs:>6} " + " ".join(f"{c:>22}" for c in cells) + f"   {ratios}")
+    del kf, kffn, fns, m16, kb, kbfn  # only the two networks compared below stay in memory
+    batch = photo_views(photos, per_photo=30)
+    bs = args.int8_batch_sizes[-1]
+    e32, e8 = run_all(m32, batch, bs), run_all(m8, batch, bs)
+    cos = cosines(e32["relu7"], e8["relu7"])
+    agree = int(np.sum(e32["prob"].argmax(1) == e8["prob"].argmax(1)))
+    print(f"on {len(batch)} views of {len(photos)} real photos: mean cosine of fc2 int8 vs float32 {np.mean(cos):.5f} "
+          f"(min {np.min(cos):.5f}), top-1 agreement {agree}/{len(batch)} = {agree / len(batch):.1%}")
+    if not args.weights:
+        print("(random weights: top-1 agreement is only indicative; for the figure that counts run "
+              "python benchmarks/throughput.py --only int8 --weights weights/vgg16_weights.npz)")
+    bench_e2e(m8, args, tmp, sizes=(("500x375", (500, 375)),), images=args.int8_images, title="int8")
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -273,7 +334,10 @@ def decode_ms(paths, fast: bool) -> float:
     return (time.process_time() - start) / len(paths) * 1000
 
 
-def bench_e2e(m, args, tmp: Path):
+E2E_SIZES = (("500x375", (500, 375)), ("4000x3000", (4000, 3000)))
+
+
+def bench_e2e(m, args, tmp: Path, sizes=E2E_SIZES, images=None, title="float32"):
     from vggembed import runner
     from vggembed.output import EmbeddingWriter
     from vggembed.recipe import Recipe
@@ -281,22 +345,23 @@ def bench_e2e(m, args, tmp: Path):
     bs = args.batch_sizes[-1]
     cpus = os.cpu_count() or 1
     x = np.random.default_rng(2).uniform(0, 255, (bs, 224, 224, 3)).astype(np.float32)
-    print(f"\n## End to end: vggembed embed over JPEG folders, batch {bs}, {args.workers} decode threads, {cpus} CPUs")
+    print(f"\n## End to end, {title}: vggembed embed over JPEG folders, batch {bs}, {args.workers} decode threads, "
+          f"{cpus} CPUs")
     print("bound: the ratio reachable when decoding and the model share the CPUs and the model keeps all of them "
           "busy, model CPU-s/image / (that + decode CPU-s/image)")
     print(f"{'photos':>10} {'MB/file':>7} {'fast-decode':>11} {'decode ms':>9} {'img/s':>7} {'model-only':>10} "
           f"{'ratio':>6} {'bound':>6} {'cos to exact':>12}")
-    for label, size in (("500x375", (500, 375)), ("4000x3000", (4000, 3000))):
-        paths = make_jpegs(tmp / label, args.images, size)
+    for label, size in sizes:
+        paths = make_jpegs(tmp / label, images or args.images, size)
         mb = np.mean([p.stat().st_size for p in paths]) / 1e6
         exact = None
         for fast in (False, True):
             cost = decode_ms(paths[:8], fast)
-            out = tmp / f"{label}-{fast}.npy"
+            out = tmp / f"{title}-{label}-{fast}.npy"
             opts = runner.Options(batch_size=bs, workers=args.workers)
             start = time.perf_counter()
             runner.embed(m, iter(map(str, paths)), EmbeddingWriter(out, overwrite=True),
-                         Recipe(weights=m.spec.path, fast_decode=fast), opts)
+                         Recipe(weights=m.spec.path, precision=m.precision, fast_decode=fast), opts)
             rate = len(paths) / (time.perf_counter() - start)
             model_only = timed(lambda b: m.run(b, ["relu7"]), x, args.seconds)
             model_cpu_s = cpus / model_only
@@ -354,7 +419,19 @@ def startup(weights):
     return params, spec, m
 
 
-SECTIONS = ["model", "bf16", "e2e", "xla", "threads"]
+SECTIONS = ["model", "bf16", "int8", "e2e", "xla", "threads"]
+
+
+def random_weights() -> Path:
+    """Full-size random VGG16 weights, written once into the cache and reused (a stable MD5)."""
+    from vggembed.download import cache_dir
+
+    path = cache_dir() / "benchmark" / "vgg16-random-seed0.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = synthetic.write_npz(synthetic.make_params("vgg16", seed=0), path.with_name("partial.npz"))
+        os.replace(tmp, path)
+    return path
 
 
 def main() -> None:
@@ -364,6 +441,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="timing window per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison")
     parser.add_argument("--images", type=int, default=64, help="photos per end-to-end folder")
+    parser.add_argument("--int8-batch-sizes", default="8,16,32", type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--int8-images", type=int, default=320, help="photos in the int8 end-to-end folder")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--only", choices=SECTIONS, action="append")
     parser.add_argument("--thread-worker", help=argparse.SUPPRESS)
@@ -378,14 +457,16 @@ def main() -> None:
         import platform
 
         print(f"# vggembed {vggembed.__version__} benchmarks on {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs, native bf16: {cpu_has_native_bf16()}")
-        weights = args.weights or synthetic.write_npz(synthetic.make_params("vgg16", seed=0), tmp / "vgg16.npz")
+              f"{os.cpu_count()} CPUs, native bf16: {cpu_has_native_bf16()}, int8 dot products: {cpu_has_int8_dot()}")
+        weights = args.weights or random_weights()
         params, spec, m = startup(weights)
         gflop = gflop_per_image(spec)
         if "model" in sections:
             bench_model(params, m, args, gflop)
         if "bf16" in sections:
             bench_bf16(params, m, args, gflop, list(sample_photos()))
+        if "int8" in sections:
+            bench_int8(params, m, args, gflop, list(sample_photos()), tmp)
         if "e2e" in sections:
             bench_e2e(m, args, tmp)
         if "xla" in sections:

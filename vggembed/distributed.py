@@ -166,6 +166,10 @@ def embed(paths: list[str], out_dir, recipe: Recipe, opts, *, gpus_per_worker=0.
         raise VGGEmbedError("--engine ray needs a fixed input size: use --resize squash or center-crop")
     recipe = recipe.locate()
     _, spec = load_weights(recipe.weights)  # fail fast on the driver, with the file's own message
+    if recipe.precision == "int8":
+        from .int8 import check_available
+
+        check_available()  # LiteRT and a VNNI/AMX CPU: say so here rather than in every actor's traceback
     from . import arch as arch_mod
 
     recipe = recipe.bind(spec, arch_mod.resolve(spec.arch, recipe.layer, embedding=True))

@@ -19,7 +19,8 @@ from .tfimport import tensorflow
 from .weights import WeightSpec, load_weights
 
 POOLS = ("avg", "max", "flatten")
-PRECISIONS = ("float32", "bf16", "fp16")
+TF_PRECISIONS = ("float32", "bf16", "fp16")  # what `VGG` itself runs
+PRECISIONS = TF_PRECISIONS + ("int8",)  # int8: `int8.Int8VGG`, through `load()`
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,9 @@ class VGG:
                  jit_compile: bool = False):
         tf = tensorflow()
 
-        if precision not in PRECISIONS:
-            raise VGGEmbedError(f"precision must be one of {PRECISIONS}; received {precision!r}")
+        if precision not in TF_PRECISIONS:
+            hint = "; int8 networks come from vggembed.load(..., precision='int8')" if precision == "int8" else ""
+            raise VGGEmbedError(f"precision must be one of {TF_PRECISIONS}; received {precision!r}{hint}")
         self.spec = spec
         self.precision = precision
         self.device = _pick_device(device)
@@ -124,8 +126,6 @@ class VGG:
         n = len(batch)
         if pad_to is not None and n < pad_to:
             batch = np.concatenate([batch, np.zeros((pad_to - n,) + batch.shape[1:], batch.dtype)])
-        tf = tensorflow()
-
         wanted = tuple(dict.fromkeys(layers))
         if batch.ndim != 4 or batch.shape[-1] != 3:
             raise VGGEmbedError(f"batch has shape {batch.shape}; expected (N, H, W, 3)")
@@ -137,10 +137,15 @@ class VGG:
                              "or a conv/pool layer")
         if pool is not None and pool not in POOLS:
             raise VGGEmbedError(f"pool must be one of {POOLS}; received {pool!r}")
-        fn = self._function(wanted, pool)
+        out = self._compute(batch, wanted, pool)
+        return {name: out[name][:n] for name in wanted}
+
+    def _compute(self, batch: np.ndarray, wanted: tuple, pool) -> dict[str, np.ndarray]:
+        """Every layer in `wanted` for the whole (padded) batch, as numpy arrays."""
+        tf = tensorflow()
         with tf.device(self.device):
-            out = fn(tf.constant(batch, tf.float32))
-        return {name: out[name].numpy()[:n] for name in wanted}
+            out = self._function(wanted, pool)(tf.constant(batch, tf.float32))
+        return {name: out[name].numpy() for name in wanted}
 
     def _function(self, wanted: tuple, pool):
         key = (wanted, pool)
@@ -278,7 +283,7 @@ def _pooled(y, pool):
 
 
 def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool = False,
-         precision: str = "float32", device: str = "auto", timings: dict | None = None) -> VGG:
+         precision: str = "float32", device: str = "auto", calibration=None, timings: dict | None = None) -> VGG:
     """Load a weight file into a ready-to-run network.
 
     Args:
@@ -287,7 +292,9 @@ def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool
         model: which published file to look for when `path` is None.
         labels: class-name file for weights that carry none.
         legacy_transpose: the VGG19 seed's (1, 0, 2, 3) kernel transpose.
-        precision: float32 (default), bf16 (CPUs with native bf16, GPUs) or fp16 (GPUs).
+        precision: float32 (default), bf16 (CPUs with native bf16, GPUs), fp16 (GPUs) or int8
+            (CPUs with VNNI/AMX, `pip install "vggembed[int8]"`; returns an `int8.Int8VGG`).
+        calibration: int8 only: a folder of images to calibrate on instead of the built-in set.
         device: cpu, gpu or auto (the GPU when TensorFlow sees one).
         timings: if given, filled with seconds per start-up phase
             (`tensorflow`, `weights`, `model`).
@@ -298,12 +305,23 @@ def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool
         from .download import find_weights
 
         path = find_weights(model)
+    if precision not in PRECISIONS:
+        raise VGGEmbedError(f"precision must be one of {PRECISIONS}; received {precision!r}")
+    if calibration is not None and precision != "int8":
+        raise VGGEmbedError("calibration images are for --precision int8 only")
+    if precision == "int8":
+        from . import int8
+
+        int8.check_available(device)  # before the weights: LiteRT, the device and the CPU decide
     t0 = time.perf_counter()
     tensorflow()
     t1 = time.perf_counter()
     params, spec = load_weights(path, labels=labels, legacy_transpose=legacy_transpose)
     t2 = time.perf_counter()
-    vgg = VGG(params, spec, precision=precision, device=device)
+    if precision == "int8":
+        vgg = int8.Int8VGG(params, spec, calibration=calibration)
+    else:
+        vgg = VGG(params, spec, precision=precision, device=device)
     if timings is not None:
         timings.update(tensorflow=t1 - t0, weights=t2 - t1, model=time.perf_counter() - t2)
     return vgg
@@ -312,7 +330,7 @@ def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool
 def load_recipe(recipe, *, labels=None, device: str = "auto", timings: dict | None = None) -> VGG:
     """The network a `Recipe` names (its weights, precision and kernel layout)."""
     return load(recipe.weights, model=recipe.model, labels=labels, legacy_transpose=recipe.legacy_transpose,
-                precision=recipe.precision, device=device, timings=timings)
+                precision=recipe.precision, device=device, calibration=recipe.calibration, timings=timings)
 
 
 def _pick_device(device: str) -> str:

@@ -23,7 +23,7 @@ from .errors import VGGEmbedError
 
 # The fields two vector files must share for their rows to be comparable.
 COMPARED = ("weights_md5", "arch", "layer", "pool", "resize", "precision", "dtype", "l2_normalize", "fast_decode",
-            "legacy_transpose")
+            "legacy_transpose", "calibration")
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,12 @@ class Recipe:
         layer: the embedding layer; canonical once bound (`fc2` becomes `relu7`).
         pool: avg, max or flatten for conv/pool layers.
         resize: squash, center-crop or none.
-        precision: float32, bf16, fp16 (and int8 where supported).
+        precision: float32, bf16, fp16 or int8.
         dtype: float32 or float16 in the output.
         l2_normalize: unit-length rows.
         fast_decode: JPEG reduced-size decoding.
         legacy_transpose: the VGG19 seed's (1, 0, 2, 3) kernel transpose.
+        calibration: int8 only: the folder of calibration images (None: the built-in set).
         arch, weights_md5: known once the weight file is read (`bind`).
         vggembed_version: the version that made the vectors.
     """
@@ -55,6 +56,7 @@ class Recipe:
     l2_normalize: bool = False
     fast_decode: bool = False
     legacy_transpose: bool = False
+    calibration: str | None = None
     arch: str | None = None
     weights_md5: str | None = None
     vggembed_version: str = __version__
@@ -90,6 +92,7 @@ class Recipe:
             "l2_normalize": self.l2_normalize,
             "fast_decode": self.fast_decode,
             "legacy_transpose": self.legacy_transpose,
+            "calibration": self.calibration,
         }
 
     @classmethod

@@ -61,8 +61,11 @@ def recipe_options(*, vector: bool = False, inputs: bool = False):
         click.option("--legacy-transpose", is_flag=True,
                      help="Transpose .mat conv kernels (1,0,2,3) as the VGG19 seed did (wrong for the "
                           "published files; only to reproduce its feature maps)."),
-        click.option("--precision", type=click.Choice(["float32", "bf16", "fp16"]), default="float32",
-                     show_default=True, help="bf16 only where the CPU has AVX512_BF16/AMX, or on GPUs."),
+        click.option("--precision", type=click.Choice(["float32", "bf16", "fp16", "int8"]), default="float32",
+                     show_default=True, help="bf16 only where the CPU has AVX512_BF16/AMX, or on GPUs; int8 on "
+                                             'CPUs with VNNI/AMX (pip install "vggembed[int8]").'),
+        click.option("--calibration", type=click.Path(exists=True, file_okay=False),
+                     help="With --precision int8: calibrate on these images instead of the built-in set."),
     ]
     if vector:
         decorators += [
@@ -82,8 +85,9 @@ def recipe_options(*, vector: bool = False, inputs: bool = False):
                          help="Decode JPEGs at reduced scale (much faster on large photos; values change slightly)."),
         ]
 
-    def build(ctx, weights, model, **fields):
-        return Recipe(weights=weights, model=model, **fields)
+    def build(ctx, weights, model, calibration, **fields):
+        calibration = calibration and os.path.abspath(calibration)  # the same folder for Ray actors
+        return Recipe(weights=weights, model=model, calibration=calibration, **fields)
 
     return gathered("recipe", build, decorators)
 

@@ -1,0 +1,257 @@
+"""--precision int8 on tiny weights: LiteRT + XNNPACK, all-int8 conv/fc, cache, CLI, API and Ray."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import vggembed
+from vggembed import int8, synthetic
+from vggembed.cli import main
+from vggembed.errors import VGGEmbedError
+from vggembed.inputs import expand
+
+from .conftest import cosine
+
+try:
+    import ai_edge_litert  # noqa: F401
+
+    HAVE_LITERT = True
+except ImportError:
+    HAVE_LITERT = False
+
+needs_int8 = pytest.mark.skipif(not (HAVE_LITERT and int8.cpu_has_int8_dot()),
+                                reason="needs ai-edge-litert and a CPU with VNNI/AMX")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def int8_cache(tmp_path_factory):
+    """One weights cache for the module, so each tiny model converts once."""
+    home = tmp_path_factory.mktemp("int8home")
+    saved = os.environ.get("VGGEMBED_HOME")
+    os.environ["VGGEMBED_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("VGGEMBED_HOME")
+    else:
+        os.environ["VGGEMBED_HOME"] = saved
+
+
+@pytest.fixture(scope="module")
+def m8(tiny16):
+    return vggembed.load(tiny16, precision="int8")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def read_index(path):
+    with open(f"{path}.index.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ model
+@needs_int8
+def test_every_conv_and_fc_runs_int8_on_xnnpack(m8, photos):
+    m8.embed(photos[:1], batch_size=1)
+    interpreter = m8._interpreters[("relu7",), None]
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    names = [op["op_name"] for op in ops]
+    assert names.count("CONV_2D") == 13 and names.count("FULLY_CONNECTED") == 2  # fc8 runs in float outside
+    for op in ops:
+        if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED"):
+            x, w, b = (tensors[i] for i in op["inputs"])
+            assert x["dtype"] == np.int8 and w["dtype"] == np.int8 and b["dtype"] == np.int32, op
+            out_channels = w["shape"][0]
+            assert len(w["quantization_parameters"]["scales"]) == out_channels, "weights not per channel"
+    # XNNPACK took every conv and fc layer: their weights are inputs of its (delegate) nodes.
+    delegated = {i for op in ops if op["op_name"] == "DELEGATE" for i in op["inputs"]}
+    assert delegated, "XNNPACK not applied"
+    for op in ops:
+        if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED"):
+            assert op["inputs"][1] in delegated, f"{op['op_name']} {op['index']} left on the builtin kernels"
+
+
+@needs_int8
+def test_vectors_close_to_float32_and_reproducible(m8, tiny_model, photos):
+    ours = m8.embed(photos, layer="fc2", batch_size=4)
+    exact = tiny_model.embed(photos, layer="fc2", batch_size=4)
+    assert ours.shape == exact.shape and ours.dtype == np.float32
+    assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
+    np.testing.assert_array_equal(m8.embed(photos, layer="fc2", batch_size=4), ours)  # bit for bit
+    # several layers (fc and pooled conv maps) in one converted model come back under their own names
+    batch = np.stack([vggembed.images.prepare(p) for p in photos]).astype(np.float32)
+    layers = ["relu6", "relu7", "pool5", "conv5_3"]
+    several, ref = m8.run(batch, layers, pool="avg"), tiny_model.run(batch, layers, pool="avg")
+    for name in layers:
+        assert several[name].shape == ref[name].shape
+        assert min(cosine(a, b) for a, b in zip(several[name], ref[name])) > 0.98, name
+    top = m8.classify(photos[0], top=3)[0]
+    assert [p.rank for p in top] == [1, 2, 3] and top[0].index == tiny_model.classify(photos[0])[0][0].index
+
+
+@needs_int8
+def test_int8_refuses_what_it_cannot_do(m8, tiny16, photos):
+    with pytest.raises(VGGEmbedError, match="runs at the 224x224 input"):
+        m8.embed(photos[:1], layer="pool5", pool="avg", resize="none")
+    with pytest.raises(VGGEmbedError, match="fixed input"):
+        next(m8.walk(np.zeros((1, 64, 64, 3), np.float32), "relu1_1"))
+    with pytest.raises(VGGEmbedError, match="runs on the CPU"):
+        vggembed.load(tiny16, precision="int8", device="gpu")
+    with pytest.raises(VGGEmbedError, match="for --precision int8 only"):
+        vggembed.load(tiny16, calibration=".")
+
+
+# ------------------------------------------------------------------ cache
+@needs_int8
+def test_cache_is_reused_and_a_corrupt_or_stale_entry_rebuilt(tmp_path, monkeypatch, tiny_params, photos):
+    monkeypatch.setenv("VGGEMBED_HOME", str(tmp_path / "home"))
+    weights = synthetic.write_npz(tiny_params["vgg16"], tmp_path / "w.npz")
+    params, spec = vggembed.load_weights(weights)
+
+    def vectors():
+        lines = []
+        m = int8.Int8VGG(params, spec, log=lines.append)
+        return m.embed(photos[:2], batch_size=2), lines
+
+    first, log = vectors()
+    assert any("converting" in line for line in log)
+    cached = list((tmp_path / "home" / "int8").glob("*.tflite"))
+    assert len(cached) == 1 and cached[0].with_name(cached[0].name + ".json").exists()
+    assert not list((tmp_path / "home" / "int8").glob("*.tmp"))
+
+    again, log = vectors()
+    assert log == [] and (again == first).all()  # no conversion, same model
+
+    data = bytearray(cached[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    cached[0].write_bytes(bytes(data))
+    rebuilt, log = vectors()
+    assert "corrupt" in log[0] and any("converting" in line for line in log)
+    np.testing.assert_array_equal(rebuilt, first)
+
+    meta = cached[0].with_name(cached[0].name + ".json")
+    info = json.loads(meta.read_text())
+    info["key"]["tensorflow"] = "0.0"  # made by another version
+    meta.write_text(json.dumps(info))
+    assert any("stale" in line for line in vectors()[1])
+
+
+@needs_int8
+def test_calibration_folder_makes_its_own_model(tmp_path, tiny16, image_dir):
+    out = tmp_path / "f.npy"
+    result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--precision", "int8",
+                 "--calibration", image_dir)
+    assert result.exit_code == 0, result.output
+    assert f"calibrating on 4 images from {image_dir}" in result.stderr
+    builtin = tmp_path / "b.npy"
+    assert run("embed", image_dir, "-o", builtin, "--weights", tiny16, "--precision", "int8").exit_code == 0
+    assert not np.array_equal(np.load(out), np.load(builtin))
+    (image_dir / "bad.jpg").write_bytes(b"not a jpeg")
+    refused = run("embed", image_dir, "-o", tmp_path / "x.npy", "--weights", tiny16, "--precision", "int8",
+                  "--calibration", image_dir)
+    assert refused.exit_code == 1 and "bad.jpg" in refused.stderr and "--calibration" in refused.stderr
+
+
+# -------------------------------------------------------------------- CLI
+@needs_int8
+def test_cli_embed_and_classify_int8(tmp_path, tiny16, image_dir, m8):
+    (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "feats.npy"
+    result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--precision", "int8", "--batch-size", 3)
+    assert result.exit_code == 3, result.output  # one bad image, the rest embedded
+    index = read_index(out)
+    assert [r["path"] for r in index] == list(expand([str(image_dir)], None))  # input order
+    bad = [r for r in index if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("broken.png")
+    good = [r["path"] for r in index if not r["error"]]
+    np.testing.assert_array_equal(np.load(out), m8.embed(good, batch_size=3))  # row i is image i, padding or not
+
+    again = tmp_path / "again.npy"
+    run("embed", image_dir, "-o", again, "--weights", tiny16, "--precision", "int8", "--batch-size", 3)
+    assert again.read_bytes() == out.read_bytes()  # one int8 run reproduces another bit for bit
+
+    result = run("classify", image_dir / "chelsea.png", "--weights", tiny16, "--precision", "int8")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5 and lines[0].startswith("1. ")
+    assert lines[0].split(". ", 1)[1].rsplit(" (", 1)[0] == m8.classify(image_dir / "chelsea.png")[0][0].label
+
+
+@needs_int8
+def test_interrupted_int8_run_resumes_to_the_same_result(tmp_path, monkeypatch, tiny16, image_dir):
+    full = tmp_path / "full.npy"
+    args = ["embed", image_dir, "--weights", tiny16, "--precision", "int8", "--batch-size", 1]
+    assert run(*args, "-o", full).exit_code == 0
+    calls = []
+    compute = int8.Int8VGG._compute
+
+    def interrupted(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the middle of a batch
+        return compute(self, *a)
+
+    out = tmp_path / "cut.npy"
+    monkeypatch.setattr(int8.Int8VGG, "_compute", interrupted)
+    assert run(*args, "-o", out).exit_code == 130
+    monkeypatch.setattr(int8.Int8VGG, "_compute", compute)
+    result = run(*args, "-o", out, "--resume")
+    assert result.exit_code == 0 and "2 already done" in result.stderr, result.output
+    assert out.read_bytes() == full.read_bytes()
+    assert read_index(out) == read_index(full)
+
+
+def test_missing_extra_names_it(tmp_path, monkeypatch, tiny16, image_dir):
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    result = run("embed", image_dir, "-o", tmp_path / "f.npy", "--weights", tiny16, "--precision", "int8")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == ['Error: --precision int8 needs LiteRT: pip install "vggembed[int8]"']
+    assert not (tmp_path / "f.npy").exists()
+
+
+@pytest.mark.skipif(not HAVE_LITERT, reason="needs ai-edge-litert (the missing-extra message comes first)")
+def test_cpu_without_vnni_is_refused(tmp_path, monkeypatch, tiny16, image_dir):
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16\n")
+    monkeypatch.setattr(int8, "CPUINFO", str(fake))
+    result = run("classify", image_dir, "--weights", tiny16, "--precision", "int8")
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "lacks int8 dot-product instructions (AVX512_VNNI, AVX_VNNI or AMX_INT8)" in line
+    fake.write_text("flags\t\t: fpu avx2 avx_vnni\n")  # Alder Lake and later: AVX-VNNI without AVX-512
+    assert int8.cpu_has_int8_dot()
+
+
+# -------------------------------------------------------------------- Ray
+@needs_int8
+def test_ray_engine_int8_equals_local_int8(tmp_path, tiny16, photos, int8_cache, m8):
+    ray = pytest.importorskip("ray")
+    folder = tmp_path / "imgs"
+    synthetic.photo_crops(photos[0], folder, 12, size=(40, 30), suffix=".jpg")
+    (folder / "img000005.jpg").write_bytes(b"")
+    local = tmp_path / "local.npy"
+    assert run("embed", folder, "-o", local, "--weights", tiny16, "--precision", "int8",
+               "--batch-size", 4).exit_code == 3
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,  # ours, not another's
+             runtime_env={"env_vars": {"VGGEMBED_HOME": str(int8_cache)}})
+    try:
+        parts = tmp_path / "parts"
+        result = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--precision", "int8",
+                     "--batch-size", 4, "--part-size", 5)
+        assert result.exit_code == 3, result.output
+    finally:
+        ray.shutdown()
+    merged = tmp_path / "merged.npy"
+    assert run("merge", parts, "-o", merged).exit_code == 0
+    np.testing.assert_array_equal(np.load(merged), np.load(local))
+    assert read_index(merged) == read_index(local)
