@@ -1,5 +1,5 @@
 """One reader per weight-file format. Each is plain numpy/scipy (no TensorFlow)
-and returns canonical (params, WeightSpec); see `vggembed.weights`."""
+and returns canonical (params, WeightSpec); see `vggembed.weights` and `vggembed.spec`."""
 
 import numpy as np
 

@@ -21,7 +21,7 @@ import scipy.io
 
 from .. import arch as arch_mod
 from ..errors import WeightFileError
-from ..weights import WeightSpec
+from ..spec import WeightSpec
 from . import aligned_float32
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import arch as arch_mod
 from ..errors import WeightFileError
-from ..weights import IMAGENET_MEAN_RGB, WeightSpec
+from ..spec import IMAGENET_MEAN_RGB, WeightSpec
 from . import aligned_empty, aligned_float32
 
 _CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
