@@ -15,7 +15,8 @@ import numpy as np
 from . import arch as arch_mod
 from .errors import WeightFileError
 from .labels import find_labels, read_labels
-from .readers import mat, npz
+from .readers import check_params, mat, npz
+from .safeio import NotAFileError, open_regular
 from .spec import IMAGENET_MEAN_RGB, WeightSpec  # noqa: F401 (IMAGENET_MEAN_RGB re-exported)
 
 
@@ -43,12 +44,11 @@ def load_weights(
         WeightFileError: naming the file and what is wrong with it.
     """
     path = Path(path)
-    if not path.exists():
-        raise WeightFileError(path, "no such file")
-    if path.is_dir():
-        raise WeightFileError(path, "is a folder, not a weight file")
-    with open(path, "rb") as f:
-        head = f.read(128)
+    try:
+        with open_regular(path, "weight file") as f:
+            head = f.read(128)
+    except NotAFileError as e:
+        raise WeightFileError(path, e.problem) from None
     if head.startswith(b"PK"):
         params, spec = npz.read(path)
     elif head.startswith(b"MATLAB"):
@@ -78,28 +78,3 @@ def load_weights(
             f"number {len(spec.labels)}",
         )
     return params, spec
-
-
-def check_params(path, arch: str, params: dict) -> None:
-    """Check that every kernel fits the one before it; raise naming the key."""
-    prev = 3
-    for name in arch_mod.conv_names(arch):
-        w, b = params[name]
-        _expect(path, name, w, (3, 3, prev, None))
-        _expect(path, name + " bias", b, (w.shape[-1],))
-        prev = w.shape[-1]
-    if "fc6" not in params:
-        return
-    prev = 7 * 7 * prev  # pool5 is 7x7 at the 224x224 training size
-    for name in arch_mod.FC_NAMES:
-        w, b = params[name]
-        _expect(path, name, w, (prev, None))
-        _expect(path, name + " bias", b, (w.shape[-1],))
-        prev = w.shape[-1]
-
-
-def _expect(path, key, arr, shape) -> None:
-    ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape))
-    if not ok:
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        raise WeightFileError(path, f"{key} has shape {tuple(arr.shape)}; expected {want}")
