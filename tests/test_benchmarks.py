@@ -21,3 +21,9 @@ def test_throughput_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--batch-sizes" in out and "Keras" in out
+
+
+def test_hostile_benchmark_has_help():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hostile.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--side" in out and "peak RSS" in out

@@ -69,7 +69,12 @@ def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
         with open_regular(source, "image file") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ImageError(name, "empty file (0 bytes)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError:  # a file system without mmap (some FUSE mounts)
+                data = f.read()
+                return _decode(io.BytesIO(data), data, name, max_pixels, draft)
+            with data:
                 return _decode(f, data, name, max_pixels, draft)
     except ImageError:
         raise
@@ -103,7 +108,7 @@ def _decode(fp, data, name, max_pixels: int, draft) -> Image.Image:
             again.draft("RGB", draft)
         again.load()
         if again.tobytes() != img.tobytes():
-            raise ImageError(name, "JPEG image data stops early, so its last rows are missing (a cut file)")
+            raise ImageError(name, "JPEG image data stops early, so part of the picture is missing (a cut file)")
     return _to_rgb(ImageOps.exif_transpose(img), name)
 
 
