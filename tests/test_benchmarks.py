@@ -37,3 +37,9 @@ def test_dedup_threshold_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dedup_threshold.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--weights" in out
+
+
+def test_hostile_benchmark_has_help():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hostile.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--side" in out and "peak RSS" in out

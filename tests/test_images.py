@@ -91,7 +91,7 @@ def test_truncated_jpeg(tmp_path, photos):
     Image.open(photos[3]).save(buf, "JPEG")
     path = tmp_path / "cut.jpg"
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with pytest.raises(ImageError, match=r"cut\.jpg: cannot decode: .*truncated"):
+    with pytest.raises(ImageError, match=r"cut\.jpg: ends inside its image data with no end-of-image marker"):
         load_rgb(path)
 
 

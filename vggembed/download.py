@@ -1,7 +1,8 @@
 """Find weight files on disk, and fetch the published ones into a cache.
 
 Lookup order when no path is given: $VGGEMBED_WEIGHTS, then ./weights/,
-then the cache ($VGGEMBED_HOME, default ~/.cache/vggembed).
+then the cache ($VGGEMBED_HOME, else $XDG_CACHE_HOME/vggembed, else
+~/.cache/vggembed).
 
 Downloads go to `NAME.download` beside the final file, resume from where a
 cut transfer stopped (HTTP Range), are checked against the known size and
@@ -22,7 +23,14 @@ from .registry import DEFAULT_FOR_ARCH, PUBLISHED, Published, file_md5
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("VGGEMBED_HOME") or Path.home() / ".cache" / "vggembed")
+    """$VGGEMBED_HOME, else $XDG_CACHE_HOME/vggembed, else ~/.cache/vggembed.
+
+    As the XDG spec says, a relative $XDG_CACHE_HOME is ignored.
+    """
+    if os.environ.get("VGGEMBED_HOME"):
+        return Path(os.environ["VGGEMBED_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "vggembed"
 
 
 def cached_md5(path) -> str:

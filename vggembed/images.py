@@ -15,26 +15,36 @@ Then one of three resize policies:
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import imagecheck
 from .errors import ImageError
+from .safeio import NotAFileError, open_regular
 
 RESIZE_MODES = ("squash", "center-crop", "none")
+# Float images whose values lie in 0..1 give or take this much (rounding in the
+# program that wrote them) are taken as 0..1.
+FLOAT_SLACK = 1e-3
 # Refuse images above this many pixels (Pillow's own bomb limit); a 4000x3000
 # phone photo is 12 million. Raised with --max-pixels.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Open a path, bytes or PIL image as an 8-bit RGB PIL image.
+    """Open a path, bytes, binary file object or PIL image as an 8-bit RGB PIL image.
+
+    A path is opened only if it is a regular file (never a FIFO, socket or
+    device, which could block forever). Before any pixel memory is
+    allocated, the file's structure is checked against its declared size
+    (`vggembed.imagecheck`), so a cut or forged file fails cheaply.
 
     Args:
-        source: a file path, raw encoded bytes, or a PIL image.
+        source: a file path, raw encoded bytes, a binary file object, or a PIL image.
         max_pixels: images with more pixels are refused (decompression bombs).
         draft: let JPEG decode at a reduced scale whose size stays at least
             this (w, h). Faster on large photos; values change slightly.
@@ -45,35 +55,68 @@ def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
     name = source if isinstance(source, (str, os.PathLike)) else "<image>"
     try:
         if isinstance(source, Image.Image):
-            img = source
-        else:
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(fp)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageError(name, f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
-                                   "(a decompression bomb?); raise it with --max-pixels")
-        if draft is not None and img.format == "JPEG":
-            img.draft("RGB", draft)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img, name)
+            _check_size(source, name, max_pixels)
+            if draft is not None and source.format == "JPEG":
+                source.draft("RGB", draft)
+            source.load()
+            return _to_rgb(ImageOps.exif_transpose(source), name)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+            return _decode(io.BytesIO(data), data, name, max_pixels, draft)
+        if not isinstance(source, (str, os.PathLike)):
+            data = source.read()
+            return _decode(io.BytesIO(data), data, name, max_pixels, draft)
+        with open_regular(source, "image file") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageError(name, "empty file (0 bytes)")
+            try:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError:  # a file system without mmap (some FUSE mounts)
+                data = f.read()
+                return _decode(io.BytesIO(data), data, name, max_pixels, draft)
+            with data:
+                return _decode(f, data, name, max_pixels, draft)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(name, "no such file") from None
-    except IsADirectoryError:
-        raise ImageError(name, "is a folder") from None
+    except NotAFileError as e:
+        raise ImageError(name, e.problem) from None
     except UnidentifiedImageError:
-        size = Path(name).stat().st_size if isinstance(name, (str, os.PathLike)) and Path(name).is_file() else None
-        what = "empty file (0 bytes)" if size == 0 else "not an image Pillow can identify"
-        raise ImageError(name, what) from None
+        raise ImageError(name, "not an image Pillow can identify") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(name, f"decompression bomb refused: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(name, f"cannot decode: {e}") from None
+
+
+def _decode(fp, data, name, max_pixels: int, draft) -> Image.Image:
+    """Decode the encoded image `data`, read from `fp`, checking its structure first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(fp)
+    _check_size(img, name, max_pixels)
+    try:
+        jpeg = imagecheck.check(img.format, data)
+    except imagecheck.BadStructure as e:
+        raise ImageError(name, str(e)) from None
+    if draft is not None and img.format == "JPEG":
+        img.draft("RGB", draft)
+    img.load()
+    if jpeg is not None and imagecheck.cut_scan_suspected(img, jpeg):
+        # Decode again with junk before the end marker, which only a cut scan reads.
+        again = Image.open(io.BytesIO(imagecheck.with_garbage_tail(data, jpeg)))
+        if draft is not None and again.format == "JPEG":
+            again.draft("RGB", draft)
+        again.load()
+        if again.tobytes() != img.tobytes():
+            raise ImageError(name, "JPEG image data stops early, so part of the picture is missing (a cut file)")
+    return _to_rgb(ImageOps.exif_transpose(img), name)
+
+
+def _check_size(img: Image.Image, name, max_pixels: int) -> None:
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(name, f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
+                               "(a decompression bomb?); raise it with --max-pixels")
 
 
 def _to_rgb(img: Image.Image, name) -> Image.Image:
@@ -88,12 +131,13 @@ def _to_rgb(img: Image.Image, name) -> Image.Image:
             return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
         except (ImageCms.PyCMSError, OSError):
             pass  # a broken profile: fall back to Pillow's naive conversion
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # 16-bit (and 32-bit) grey: scale the 0..65535 range to 0..255.
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit (and 32-bit integer) grey: 0..65535 scaled to 0..255, above clipped.
         arr = np.asarray(img, dtype=np.float64)
-        scale = 255.0 / 65535.0 if mode != "F" else 1.0
-        grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        grey = np.clip(np.rint(arr * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(_float_levels(np.asarray(img, dtype=np.float64), name), "L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA") if mode in ("P", "PA") else img
         return img.convert("RGB")  # alpha dropped, as the seeds' imread(mode='RGB')
@@ -101,6 +145,21 @@ def _to_rgb(img: Image.Image, name) -> Image.Image:
         return img.convert("RGB")
     except (ValueError, OSError) as e:
         raise ImageError(name, f"unsupported image mode {mode}: {e}") from None
+
+
+def _float_levels(arr: np.ndarray, name) -> np.ndarray:
+    """Float grey levels as uint8: 0..1 (the usual convention) scaled to 0..255,
+    0..255 taken as they are; NaN, infinities or any other range are refused
+    rather than guessed (a picture of them would be made up)."""
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ImageError(name, f"float image contains {arr.size - int(finite.sum())} NaN or infinite values")
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if lo >= -FLOAT_SLACK and hi <= 1 + FLOAT_SLACK:
+        arr = arr * 255.0
+    elif not (lo >= -0.5 and hi <= 255.5):
+        raise ImageError(name, f"float image has values from {lo:g} to {hi:g}; expected 0..1 or 0..255")
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
 
 def resize(img: Image.Image, mode: str, size: tuple[int, int] = (224, 224)) -> np.ndarray:
@@ -156,6 +215,8 @@ def _prepare_array(arr: np.ndarray, mode: str, size) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ImageError("<array>", f"has shape {arr.shape}; expected HxW, HxWx3 or HxWx4")
     arr = arr[..., :3]
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ImageError("<array>", "contains NaN or infinite values")
     if arr.dtype == np.uint8:
         return resize(Image.fromarray(np.ascontiguousarray(arr), "RGB"), mode, size)
     # float input: resize each channel as a float image so nothing is rounded

@@ -15,8 +15,9 @@ from . import arch as arch_mod
 from .errors import LayerError, VGGEmbedError
 from .images import DEFAULT_MAX_PIXELS, prepare
 from .readers import aligned_float32
+from .spec import WeightSpec
 from .tfimport import tensorflow
-from .weights import WeightSpec, load_weights
+from .weights import load_weights
 
 POOLS = ("avg", "max", "flatten")
 TF_PRECISIONS = ("float32", "bf16", "fp16")  # what `VGG` itself runs

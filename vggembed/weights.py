@@ -8,8 +8,6 @@ biases as vectors. The readers in `vggembed.readers` are plain numpy/scipy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -17,64 +15,9 @@ import numpy as np
 from . import arch as arch_mod
 from .errors import WeightFileError
 from .labels import find_labels, read_labels
-from .registry import known_by_md5
-
-# Frossard's mean pixel (R, G, B); MatConvNet files carry their own.
-IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
-
-
-@dataclass
-class WeightSpec:
-    """Everything a caller needs to use one loaded weight file correctly."""
-
-    path: str
-    arch: str  # vgg16 | vgg19
-    format: str  # npz | mat
-    layout: str  # frossard | matconvnet-beta16 | matconvnet
-    mean_pixel: tuple[float, float, float]
-    channel_order: str = "RGB"
-    input_size: tuple[int, int] = (224, 224)
-    labels: list[str] | None = None
-    labels_source: str | None = None
-    has_fc: bool = True
-    conv_widths: tuple[int, ...] = ()
-    fc_sizes: tuple[int, ...] = ()
-    legacy_transpose: bool = False
-
-    @cached_property
-    def md5(self) -> str:
-        from .download import cached_md5
-
-        return cached_md5(self.path)
-
-    @property
-    def known(self) -> str | None:
-        """Name of the published file this is (by MD5), or None."""
-        p = known_by_md5(self.md5)
-        return p.name if p else None
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.fc_sizes[-1] if self.has_fc else None
-
-    def output_shape(self, name: str, height: int, width: int) -> tuple:
-        """Shape of one image's output at canonical layer `name` for a height x width input."""
-        shape, convs = (height, width, 3), iter(self.conv_widths)
-        for layer in arch_mod.layers(self.arch):
-            if layer.kind == "conv":
-                shape = shape[:2] + (next(convs),)
-            elif layer.kind == "pool":
-                shape = (-(-shape[0] // 2), -(-shape[1] // 2), shape[2])
-            elif layer.kind == "fc":
-                shape = (self.fc_sizes[arch_mod.FC_NAMES.index(layer.name)],)
-            if layer.name == name:
-                return shape
-        raise KeyError(name)
-
-    def label(self, index: int) -> str:
-        if self.labels is not None and 0 <= index < len(self.labels):
-            return self.labels[index]
-        return f"class {index}"
+from .readers import check_params, mat, npz
+from .safeio import NotAFileError, open_regular
+from .spec import IMAGENET_MEAN_RGB, WeightSpec  # noqa: F401 (IMAGENET_MEAN_RGB re-exported)
 
 
 def load_weights(
@@ -100,15 +43,12 @@ def load_weights(
     Raises:
         WeightFileError: naming the file and what is wrong with it.
     """
-    from .readers import mat, npz
-
     path = Path(path)
-    if not path.exists():
-        raise WeightFileError(path, "no such file")
-    if path.is_dir():
-        raise WeightFileError(path, "is a folder, not a weight file")
-    with open(path, "rb") as f:
-        head = f.read(128)
+    try:
+        with open_regular(path, "weight file") as f:
+            head = f.read(128)
+    except NotAFileError as e:
+        raise WeightFileError(path, e.problem) from None
     if head.startswith(b"PK"):
         params, spec = npz.read(path)
     elif head.startswith(b"MATLAB"):
@@ -138,28 +78,3 @@ def load_weights(
             f"number {len(spec.labels)}",
         )
     return params, spec
-
-
-def check_params(path, arch: str, params: dict) -> None:
-    """Check that every kernel fits the one before it; raise naming the key."""
-    prev = 3
-    for name in arch_mod.conv_names(arch):
-        w, b = params[name]
-        _expect(path, name, w, (3, 3, prev, None))
-        _expect(path, name + " bias", b, (w.shape[-1],))
-        prev = w.shape[-1]
-    if "fc6" not in params:
-        return
-    prev = 7 * 7 * prev  # pool5 is 7x7 at the 224x224 training size
-    for name in arch_mod.FC_NAMES:
-        w, b = params[name]
-        _expect(path, name, w, (prev, None))
-        _expect(path, name + " bias", b, (w.shape[-1],))
-        prev = w.shape[-1]
-
-
-def _expect(path, key, arr, shape) -> None:
-    ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape))
-    if not ok:
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        raise WeightFileError(path, f"{key} has shape {tuple(arr.shape)}; expected {want}")

@@ -1,7 +1,10 @@
 """One reader per weight-file format. Each is plain numpy/scipy (no TensorFlow)
-and returns canonical (params, WeightSpec); see `vggembed.weights`."""
+and returns canonical (params, WeightSpec); see `vggembed.weights` and `vggembed.spec`."""
 
 import numpy as np
+
+from .. import arch as arch_mod
+from ..errors import WeightFileError
 
 # TensorFlow adopts a CPU buffer without copying (DLPack) only when it is
 # 64-byte aligned (Eigen's widest vectors); numpy aligns to 16. Readers
@@ -26,3 +29,46 @@ def aligned_float32(arr) -> np.ndarray:
     out = aligned_empty(arr.shape, np.float32)
     out[...] = arr
     return out
+
+
+# Far above any VGG (conv layers have at most 512 channels, fc layers 4096,
+# ImageNet-21k 21841 classes): wider layers are a forged header, refused
+# before memory is allocated for them.
+MAX_CONV_WIDTH = 4096
+MAX_FC_WIDTH = 65536
+
+
+def check_params(path, arch: str, params: dict) -> None:
+    """Check that every kernel fits the one before it; raise naming the key.
+
+    Only shapes are read, so `params` may hold shape-only stand-ins
+    (`np.broadcast_to`) for arrays not read yet.
+    """
+    prev = 3
+    for name in arch_mod.conv_names(arch):
+        w, b = params[name]
+        _expect(path, name, w, (3, 3, prev, None))
+        _at_most(path, name, w, MAX_CONV_WIDTH)
+        _expect(path, name + " bias", b, (w.shape[-1],))
+        prev = w.shape[-1]
+    if "fc6" not in params:
+        return
+    prev = 7 * 7 * prev  # pool5 is 7x7 at the 224x224 training size
+    for name in arch_mod.FC_NAMES:
+        w, b = params[name]
+        _expect(path, name, w, (prev, None))
+        _at_most(path, name, w, MAX_FC_WIDTH)
+        _expect(path, name + " bias", b, (w.shape[-1],))
+        prev = w.shape[-1]
+
+
+def _expect(path, key, arr, shape) -> None:
+    ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise WeightFileError(path, f"{key} has shape {tuple(arr.shape)}; expected {want}")
+
+
+def _at_most(path, key, arr, width) -> None:
+    if arr.shape[-1] > width:
+        raise WeightFileError(path, f"{key} has {arr.shape[-1]} outputs; a VGG-shaped layer has at most {width}")

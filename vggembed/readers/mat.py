@@ -13,6 +13,8 @@ as stored; fc6..fc8 are stored as convolutions and become matrices here.
 
 from __future__ import annotations
 
+import math
+import os
 import zlib
 from pathlib import Path
 
@@ -21,30 +23,54 @@ import scipy.io
 
 from .. import arch as arch_mod
 from ..errors import WeightFileError
-from ..weights import WeightSpec
+from ..safeio import open_regular
+from ..spec import WeightSpec
 from . import aligned_float32
+
+
+# The top-level variables each layout needs; anything else in the file
+# (however large) is never read.
+LAYOUTS = {
+    "matconvnet": ("layers", "meta"),
+    "matconvnet-beta16": ("layers", "normalization", "classes"),
+}
+# VGG19 has 43 MatConvNet layers (conv, relu, pool, softmax, dropout).
+MAX_LAYERS = 1000
 
 
 def read(path: Path, *, legacy_transpose: bool = False):
     try:
-        data = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=False)
+        with open_regular(path, "weight file") as f:
+            listed = {name: shape for name, shape, _ in scipy.io.whosmat(f)}
+            # whosmat seeks past each variable, so it stops past the end of
+            # a file whose last variable was cut (and on the last byte of a whole one).
+            if f.tell() >= os.fstat(f.fileno()).st_size:
+                raise WeightFileError(path, "not a readable MATLAB .mat file (truncated or corrupt?): "
+                                            "its last variable runs past the end of the file")
+            layout = next((k for k, need in LAYOUTS.items() if set(need[:2]) <= set(listed)), None)
+            if layout is None:
+                raise WeightFileError(
+                    path,
+                    f"unknown .mat layout: top-level variables are {sorted(listed)}; expected layers+meta "
+                    "(MatConvNet) or layers+classes+normalization (MatConvNet beta16)",
+                )
+            if math.prod(listed["layers"]) > MAX_LAYERS:
+                raise WeightFileError(path, f"layers has shape {listed['layers']}; a VGG has under {MAX_LAYERS} layers")
+            f.seek(0)
+            data = scipy.io.loadmat(f, struct_as_record=False, squeeze_me=False,
+                                    variable_names=[n for n in LAYOUTS[layout] if n in listed])
     except NotImplementedError:
         raise WeightFileError(path, "is a MATLAB v7.3 (HDF5) file; save it as -v7 to read it") from None
+    except MemoryError:
+        raise WeightFileError(path, "holds arrays too large for memory (a forged or corrupt file?)") from None
     except (ValueError, TypeError, OSError, EOFError, zlib.error, IndexError) as e:
         raise WeightFileError(path, f"not a readable MATLAB .mat file (truncated or corrupt?): {e}") from None
-    top = sorted(k for k in data if not k.startswith("__"))
-    if "layers" in data and "meta" in data:
-        layout, meta = "matconvnet", _unwrap(data["meta"])
+    if layout == "matconvnet":
+        meta = _unwrap(data["meta"])
         norm = _field(path, meta, "normalization", "meta")
         classes = _field(path, meta, "classes", "meta", required=False)
-    elif "layers" in data and "normalization" in data:
-        layout, norm, classes = "matconvnet-beta16", data["normalization"], data.get("classes")
     else:
-        raise WeightFileError(
-            path,
-            f"unknown .mat layout: top-level variables are {top}; expected layers+meta "
-            "(MatConvNet) or layers+classes+normalization (MatConvNet beta16)",
-        )
+        norm, classes = data["normalization"], data.get("classes")
 
     mean = np.asarray(_field(path, norm, "averageImage", "normalization"), dtype=np.float64)
     if mean.size % 3:
