@@ -236,7 +236,7 @@ from vggembed.errors import WeightFileError  # noqa: E402
 from vggembed.labels import LabelFileError, read_labels  # noqa: E402
 from vggembed.weights import load_weights  # noqa: E402
 
-from .conftest import TINY_CLASSES, TINY_FC, TINY_WIDTHS  # noqa: E402
+from .conftest import TINY_FC, TINY_WIDTHS  # noqa: E402
 
 
 def _members(tiny_params) -> dict[str, np.ndarray]:
