@@ -24,18 +24,32 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from .errors import VGGEmbedError
 
 # Full disk, quota or file size limit: the run can go on once there is room.
-NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NO_ROOM = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+           errno.EFBIG: "raise the file size limit (ulimit -f)"}
 
 
 def display(text) -> str:
     """Text that must be valid UTF-8 (Parquet strings, JSON): bytes of a name that are not UTF-8 as \\xNN,
     the form the CLI's messages on stderr show them in."""
     return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def is_stream(path) -> bool:
+    """An existing path that is neither a regular file nor a folder (`/dev/stdout`, a FIFO, a device).
+
+    Such an output is written in place, unlocked: staging it beside and renaming
+    over it would replace the device or pipe with a plain file (as root, in /dev)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 class OutputError(VGGEmbedError):
@@ -60,13 +74,12 @@ def cause(e: OSError, out: Path) -> str:
     if e.errno == errno.ENOSPC:
         return "no space left on the device"
     if e.errno == errno.EFBIG:
-        return "file too large for this file system or process limit"
+        return "file too large for this file system or the process's file size limit"
     if e.errno == errno.EDQUOT:
         return "disk quota exceeded"
     text = (e.strerror or str(e)).lower()
-    where = e.filename if e.filename is not None else None
-    if where is not None and Path(os.fsdecode(where)).parent != out.parent:
-        text += f" ({os.fsdecode(where)})"  # a parent folder, not the output's own files
+    if e.filename is not None and Path(os.fsdecode(e.filename)).parent != out.parent:
+        text += f" ({os.fsdecode(e.filename)})"  # a parent folder, not the output's own files
     return f"cannot write here: {text}"
 
 
@@ -94,12 +107,14 @@ class Destination:
                 raise  # the reader of a pipe went away: not a problem of the place (see cli.process)
             problem = cause(e, self.out)
             if e.errno in NO_ROOM and self.resumable:
-                problem += ("; the finished batches are kept: free some space and run the same command "
+                problem += (f"; the finished batches are kept: {NO_ROOM[e.errno]} and run the same command "
                             "with --resume")
             raise OutputError(self.out, problem) from None
 
     def claim(self) -> "Destination":
         """Create the output's folder and take its lock, or fail at once if another process has it."""
+        if is_stream(self.out):
+            return self
         with self.writing():
             self.out.parent.mkdir(parents=True, exist_ok=True)
             while True:
@@ -151,7 +166,11 @@ class Destination:
 
 @contextlib.contextmanager
 def replacing(path: Path, suffix: str = ".tmp"):
-    """Yield a temporary name beside `path`; rename it onto `path` if the block succeeds, else remove it."""
+    """Yield a temporary name beside `path`; rename it onto `path` if the block succeeds, else remove it.
+    A stream (`is_stream`) is yielded as it is, to be written in place."""
+    if is_stream(path):
+        yield path
+        return
     tmp = path.with_name(path.name + suffix)
     try:
         yield tmp

@@ -218,7 +218,7 @@ class VGG:
         """
         name = self.embedding_layer(layer, pool)
         images = _as_list(images)
-        pad_to = None if resize == "none" else min(batch_size, max(1, len(images)))  # as runner.pad_to
+        pad_to = None if resize == "none" else batch_size
         rows = [self.embed_batch(self._stack(images[i: i + batch_size], resize), name, pool, l2_normalize, pad_to)
                 for i in range(0, len(images), batch_size)]
         return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
@@ -247,7 +247,7 @@ class VGG:
         out = []
         for i in range(0, len(images), batch_size):
             batch = self._stack(images[i: i + batch_size], resize)
-            probs = self.run(batch, ["prob"], pad_to=min(batch_size, len(images)))["prob"]
+            probs = self.run(batch, ["prob"], pad_to=batch_size)["prob"]
             out += [self.top_k(p, top) for p in probs]
         return out
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ..destination import Destination, display
+from ..destination import Destination, display, is_stream
 from ..errors import VGGEmbedError
 from .common import (
     CONTEXT,
@@ -176,8 +176,8 @@ def classify(ctx, inputs, top, fmt, output, recipe, files_from, quiet, opts, set
 
 
 class _Sink:
-    """stdout, or a file held by this run (`Destination`) that appears under its name only when complete;
-    either way, a failed write is one line naming where."""
+    """stdout, or a file held by this run (`Destination`) that appears under its name only when complete
+    (a stream such as /dev/stdout or a FIFO is written in place); a failed write is one line naming where."""
 
     def __init__(self, path):
         self.dest = Destination(path if path else "standard output")
@@ -186,7 +186,7 @@ class _Sink:
     def __enter__(self):
         if self.path is None:
             return _Guarded(data_stdout(), self.dest)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.tmp = self.path if is_stream(self.path) else self.path.with_name(self.path.name + ".partial")
         self.dest.claim()
         try:
             with self.dest.writing():
@@ -207,10 +207,11 @@ class _Sink:
             with self.dest.writing(), contextlib.suppress(*(OSError,) if exc_type else ()):
                 try:
                     self.f.close()
-                    if exc_type is None:
+                    if exc_type is None and self.tmp != self.path:
                         os.replace(self.tmp, self.path)
                 finally:
-                    self.tmp.unlink(missing_ok=True)
+                    if self.tmp != self.path:
+                        self.tmp.unlink(missing_ok=True)
         finally:
             self.dest.release()
 
