@@ -451,3 +451,23 @@ def test_names_that_are_not_utf8_in_classify_outputs_and_messages(tmp_path, odd_
     lines = table.stdout_bytes.decode("utf-8").splitlines()
     assert len(lines) == 1 + 3 * 5  # one line per row: the newline in the name is shown as \n
     assert any("caf\\xe9 \\n, x.png\t1\t" in line for line in lines)
+
+
+def test_an_output_that_is_a_pipe_is_written_in_place(tmp_path, photos, tiny16):
+    """`-o /dev/stdout` or a FIFO: staging beside it and renaming over it would replace the pipe."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "preds.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = run("classify", photos[0], photos[1], "--format", "csv", "-o", fifo, "--weights", tiny16)
+    reader.join(timeout=60)
+    if reader.is_alive():  # never opened for writing: let the reader go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert got and got[0].decode().splitlines()[0] == "path,rank,index,label,probability"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.fifo"]
