@@ -135,15 +135,16 @@ HOLD = ("import sys; from vggembed.destination import Destination; d = Destinati
         "print('held', flush=True); sys.stdin.read()")
 
 
-@pytest.mark.parametrize("command", ["classify", "maps", "merge"])
+@pytest.mark.parametrize("command", ["classify", "maps", "merge", "ray"])
 def test_every_writer_takes_the_same_lock(tmp_path, image_dir, tiny16, photos, command):
-    out = tmp_path / ("out.png" if command == "maps" else "out.csv")
+    out = tmp_path / {"maps": "out.png", "ray": "parts"}.get(command, "out.csv")
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline() == b"held\n"
         args = {"classify": ["classify", image_dir, "-o", out, "--format", "csv", "--weights", tiny16],
                 "maps": ["maps", photos[0], "-o", out, "--weights", tiny16, "--layers", "relu1_1"],
-                "merge": ["merge", tmp_path, "-o", out]}[command]
+                "merge": ["merge", tmp_path, "-o", out],
+                "ray": ["embed", image_dir, "-o", out, "--engine", "ray", "--weights", tiny16]}[command]
         if command == "merge":  # a finished Ray folder is not needed to reach the lock: it comes first
             (tmp_path / "manifest.json").write_text(json.dumps({"parts": 0, "inputs": 0, "recipe": {}}))
         busy = cli(*args)
