@@ -36,7 +36,7 @@ class Main(click.Group):
 
     def main(self, *args, **kwargs):
         process.prepare_streams()
-        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        saved = {sig: signal.getsignal(sig) for sig in process.STOP_SIGNALS}
         process.handle_signals()
         try:
             return super().main(*args, **kwargs)

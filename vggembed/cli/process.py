@@ -32,6 +32,7 @@ import click
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 ERRORS = "vggembed-escape"  # the stderr error handler: undecodable name bytes as \xNN
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Terminated(KeyboardInterrupt):
@@ -104,7 +105,7 @@ def _raise_terminated(signum, _frame):
 
 
 def handle_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
             signal.signal(sig, _raise_terminated)
 
