@@ -81,10 +81,9 @@ def prepare_streams() -> None:
                 os.dup2(null, fd)
                 os.close(null)
     if sys.stdin is None:
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8", errors="surrogateescape")
+        sys.stdin = open(0, encoding="utf-8", errors="surrogateescape", closefd=False)  # noqa: SIM115
     if sys.stderr is None:
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors=ERRORS,
-                                      line_buffering=True)
+        sys.stderr = open(2, "w", encoding="utf-8", errors=ERRORS, buffering=1, closefd=False)  # noqa: SIM115
     elif isinstance(sys.stderr, io.TextIOWrapper):
         sys.stderr.reconfigure(errors=ERRORS)
     if isinstance(sys.stdout, io.TextIOWrapper):
