@@ -74,7 +74,7 @@ def test_csv_and_parquet_hold_the_same_vectors(tmp_path, image_dir, tiny16):
     np.testing.assert_array_equal(np.array([r[1:] for r in rows[1:]], dtype=np.float32), ref)
     assert run("embed", image_dir, "-o", tmp_path / "a.parquet", "--weights", tiny16).exit_code == 0
     table = pq.read_table(tmp_path / "a.parquet")
-    assert table.column_names == ["path", "embedding"]
+    assert table.column_names == ["path", "path_bytes", "embedding"]  # path_bytes: see output.path_columns
     np.testing.assert_array_equal(np.array(table["embedding"].to_pylist(), dtype=np.float32), ref)
     assert table["path"].to_pylist() == [r[0] for r in rows[1:]]
 

@@ -51,5 +51,5 @@ def expand(inputs: Iterable[str], files_from: str | None = None, stdin=None) -> 
         else:
             yield item
     if files_from is not None:
-        with open(files_from, encoding="utf-8") as f:
+        with open(files_from, encoding="utf-8", errors="surrogateescape") as f:  # names' exact bytes
             yield from _lines(f)

@@ -14,12 +14,22 @@ At the end the final files are made from those two and renamed into place,
   and `.csv`, the Parquet file's schema metadata (key `vggembed`) for `.parquet`.
 
 An interrupted run leaves only `.partial` files; `--resume` truncates them to
-the last complete batch and carries on from there.
+the last complete batch and carries on from there (and does nothing, without
+error, when `OUT` is already complete).
+
+While it writes, the writer holds the output's `destination.Destination`: one
+run at a time per output (`OUT.lock`), and every OSError met on disk (full,
+read-only, not a folder, no permission) raised as one `OutputError` line.
+
+Names are written exactly: the CSV files as UTF-8 with surrogateescape (a
+name's own bytes, as `find` prints them); Parquet, whose strings must be
+valid UTF-8, as `path_columns` describes.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import io
 import json
@@ -29,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .destination import Destination, display, replacing
 from .errors import VGGEmbedError
 from .recipe import Recipe, meta_json, read_meta
 
@@ -36,6 +47,7 @@ FORMATS = {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}
 PARQUET_META_KEY = b"vggembed"  # schema metadata: the same JSON as OUT.meta.json
 HEADER_BYTES = 128  # a fixed-size .npy header, so the row count can be rewritten in place
 INDEX_FIELDS = ["path", "row", "error"]
+TEXT = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}  # how CSV files hold names
 
 
 def output_format(path: Path) -> str:
@@ -66,6 +78,46 @@ def npy_header(rows: int, dim: int, dtype) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d.encode("latin1")
 
 
+def path_columns(paths) -> dict:
+    """The Parquet columns that hold `paths` losslessly: `path` (string) and `path_bytes` (binary).
+
+    `path` is the name for display, exact when it is valid UTF-8, else with its
+    other bytes as \\xNN (as our messages show names); `path_bytes` is null then,
+    and holds the name's exact bytes otherwise. `table_paths` reads them back.
+    """
+    import pyarrow as pa
+
+    shown, raw = [], []
+    for p in paths:
+        shown.append(display(p))
+        b = os.fsencode(p)
+        try:
+            b.decode("utf-8")
+            raw.append(None)
+        except UnicodeDecodeError:
+            raw.append(b)
+    return {"path": pa.array(shown, pa.string()), "path_bytes": pa.array(raw, pa.binary())}
+
+
+def table_paths(table) -> list[str]:
+    """The paths of a Parquet table written with `path_columns` (or with only `path`), as os.fsdecode gives them."""
+    shown = table["path"].to_pylist()
+    if "path_bytes" not in table.column_names:
+        return shown
+    return [s if b is None else os.fsdecode(b) for s, b in zip(shown, table["path_bytes"].to_pylist())]
+
+
+def _guarded(method):
+    """Run a writer method with OS errors said as one OutputError naming the output."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.dest.writing():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class EmbeddingWriter:
     """Stage vectors and the row index; finish into the requested format.
 
@@ -74,15 +126,18 @@ class EmbeddingWriter:
         resume: continue the `.partial` files of an interrupted run.
         overwrite: replace an existing output (and discard partial files).
 
-    The output's state is checked at once (before a model is loaded); the
-    staged files are opened by `begin(recipe)`, which refuses to resume a run
-    made with another recipe.
+    The output is claimed (locked against other runs) and its state checked
+    at once, before a model is loaded; `complete` is then True when `resume`
+    finds a finished output, with nothing left to do. The staged files are
+    opened by `begin(recipe)`, which refuses to resume a run made with another
+    recipe. `close()` (or leaving a `with` block) releases the output.
     """
 
     def __init__(self, out, *, resume=False, overwrite=False):
         self.out = Path(out)
         self.format = output_format(self.out)
         self.paths = sidecars(self.out)
+        self.dest = Destination(self.out, resumable=True)
         self.recipe: Recipe | None = None
         self.dtype = np.dtype("float32")
         self.dim: int | None = None
@@ -91,24 +146,38 @@ class EmbeddingWriter:
         self.failed = 0
         self.resumed_sources: list[str] = []  # inputs an interrupted run finished, in order
         self._data = self._index = None
+        self._resuming = self.complete = False
+        self.dest.claim()
+        try:
+            self._check(resume, overwrite)
+        except BaseException:
+            self.dest.release()
+            raise
+
+    @_guarded
+    def _check(self, resume, overwrite) -> None:
         staged = ("data_partial", "index_partial", "meta_partial")
         partial = any(self.paths[key].exists() for key in staged)
-        self._resuming = False
         if overwrite:
             for key in staged:
                 self.paths[key].unlink(missing_ok=True)
         elif resume and partial:
             self._resuming = True
         elif resume:
-            if self.out.exists():
-                raise VGGEmbedError(f"{self.out}: already complete, nothing to resume")
+            self.complete = self.out.exists()
         elif partial:
-            raise VGGEmbedError(f"{self.paths['index_partial']}: an interrupted run left this; pass --resume to "
-                                "continue it or --overwrite to start over")
+            raise VGGEmbedError(f"{self.paths['index_partial']}: an interrupted run left this; pass "
+                                "--resume to continue it or --overwrite to start over")
         elif self.out.exists():
             raise VGGEmbedError(f"{self.out}: exists; pass --overwrite to replace it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
 
+    def __enter__(self) -> "EmbeddingWriter":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    @_guarded
     def begin(self, recipe: Recipe) -> None:
         """Open the staged files for vectors made by `recipe` (continuing them with --resume)."""
         self.recipe = recipe
@@ -128,7 +197,7 @@ class EmbeddingWriter:
         data = self.paths["data_partial"]
         raw = index.read_bytes() if index.exists() else b""
         keep = raw[: raw.rfind(b"\n") + 1]  # a line cut by the kill is dropped
-        lines = list(csv.reader(io.StringIO(keep.decode("utf-8"))))
+        lines = list(csv.reader(io.StringIO(keep.decode("utf-8", "surrogateescape"), newline="")))
         if lines and lines[0] == INDEX_FIELDS:
             lines = lines[1:]
         header_ok = data.exists() and data.stat().st_size >= HEADER_BYTES
@@ -152,7 +221,7 @@ class EmbeddingWriter:
         self.rows = sum(1 for line in lines if line[1])
         self.failed = self.done - self.rows
         self.resumed_sources = [line[0] for line in lines]
-        with open(index, "w", newline="", encoding="utf-8") as f:
+        with open(index, "w", **TEXT) as f:
             w = csv.writer(f)
             w.writerow(INDEX_FIELDS)
             w.writerows(lines)
@@ -161,9 +230,10 @@ class EmbeddingWriter:
                 f.truncate(HEADER_BYTES + self.rows * self.dim * self.dtype.itemsize)
             self._data = open(data, "r+b")
             self._data.seek(0, os.SEEK_END)
-        self._index = open(index, "a", newline="", encoding="utf-8")
+        self._index = open(index, "a", **TEXT)
 
     # --------------------------------------------------------------- write
+    @_guarded
     def write(self, chunk, vectors: np.ndarray | None) -> None:
         """Append one chunk: `vectors` holds a row per item of `chunk` without an error."""
         if vectors is not None and len(vectors):
@@ -178,7 +248,7 @@ class EmbeddingWriter:
             self._data.write(vectors.tobytes())
             self._data.flush()
         if self._index is None:
-            self._index = open(self.paths["index_partial"], "w", newline="", encoding="utf-8")
+            self._index = open(self.paths["index_partial"], "w", **TEXT)
             csv.writer(self._index).writerow(INDEX_FIELDS)
         w = csv.writer(self._index)
         for item in chunk:
@@ -192,15 +262,20 @@ class EmbeddingWriter:
         self.done += len(chunk)
 
     def close(self) -> None:
-        """Flush and close the partial files, leaving them resumable."""
+        """Flush and close the partial files, leaving them resumable, and release the output."""
         for f in (self._data, self._index):
             if f is not None and not f.closed:
-                f.close()
+                try:
+                    f.close()
+                except OSError:
+                    pass  # after a failed write (disk full): --resume keeps only whole rows anyway
+        self.dest.release()
 
+    @_guarded
     def finish(self) -> None:
         """Turn the partial files into the final outputs, `OUT` renamed last."""
         if self._index is None:  # no input at all
-            self._index = open(self.paths["index_partial"], "w", newline="", encoding="utf-8")
+            self._index = open(self.paths["index_partial"], "w", **TEXT)
             csv.writer(self._index).writerow(INDEX_FIELDS)
         if self._data is None:
             self.dim = self.dim or 0
@@ -210,7 +285,8 @@ class EmbeddingWriter:
         self._data.write(npy_header(self.rows, self.dim, self.dtype))
         self._data.flush()
         os.fsync(self._data.fileno())
-        self.close()
+        for f in (self._data, self._index):
+            f.close()
 
         self._write_errors()
         _copy_into_place(self.paths["index_partial"], self.paths["index"])
@@ -221,21 +297,20 @@ class EmbeddingWriter:
         if self.format == "npy":
             os.replace(data, self.out)
         else:
-            tmp = self.out.with_name(self.out.name + ".tmp")
-            vectors = np.load(data, mmap_mode="r")
-            sources = self._row_sources()
-            if self.format == "csv":
-                _write_csv(tmp, sources, vectors)
-            else:
-                _write_parquet(tmp, sources, vectors, meta)
-            del vectors
-            os.replace(tmp, self.out)
+            with replacing(self.out) as tmp:
+                vectors = np.load(data, mmap_mode="r")
+                sources = self._row_sources()
+                if self.format == "csv":
+                    _write_csv(tmp, sources, vectors)
+                else:
+                    _write_parquet(tmp, sources, vectors, meta)
+                del vectors
             data.unlink()
         self.paths["index_partial"].unlink()
         self.paths["meta_partial"].unlink(missing_ok=True)
 
     def _rows(self):
-        with open(self.paths["index_partial"], newline="", encoding="utf-8") as f:
+        with open(self.paths["index_partial"], **TEXT) as f:
             reader = csv.reader(f)
             next(reader)
             yield from reader
@@ -244,25 +319,21 @@ class EmbeddingWriter:
         return [path for path, row, _ in self._rows() if row]
 
     def _write_errors(self) -> None:
-        tmp = self.paths["errors"].with_name(self.paths["errors"].name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with replacing(self.paths["errors"]) as tmp, open(tmp, "w", **TEXT) as f:
             w = csv.writer(f)
             w.writerow(["path", "error"])
             w.writerows([path, error] for path, row, error in self._rows() if not row)
-        os.replace(tmp, self.paths["errors"])
 
 
 def _copy_into_place(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    with open(src, "rb") as a, open(tmp, "wb") as b:
+    with replacing(dst) as tmp, open(src, "rb") as a, open(tmp, "wb") as b:
         while chunk := a.read(1 << 20):
             b.write(chunk)
-    os.replace(tmp, dst)
 
 
 def _write_csv(path: Path, sources, vectors, chunk=4096) -> None:
     fmt = "%.9g" if vectors.dtype == np.float32 else "%.5g"  # enough digits to round-trip
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with open(path, "w", **TEXT) as f:
         w = csv.writer(f)
         w.writerow(["path"] + [f"d{i}" for i in range(vectors.shape[1])])
         for start in range(0, len(sources), chunk):
@@ -277,21 +348,20 @@ def _write_parquet(path: Path, sources, vectors, meta: bytes, chunk=8192) -> Non
 
     dim = vectors.shape[1]
     value_type = pa.float32() if vectors.dtype == np.float32 else pa.float16()
-    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(value_type, dim))],
-                       metadata={PARQUET_META_KEY: meta})
+    schema = pa.schema([("path", pa.string()), ("path_bytes", pa.binary()),
+                        ("embedding", pa.list_(value_type, dim))], metadata={PARQUET_META_KEY: meta})
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, max(len(sources), 1), chunk):
             block = np.ascontiguousarray(vectors[start: start + chunk])
             flat = pa.array(block.reshape(-1), type=value_type)
             column = pa.FixedSizeListArray.from_arrays(flat, dim)
-            writer.write_table(pa.table({"path": sources[start: start + chunk], "embedding": column}, schema=schema))
+            writer.write_table(pa.table({**path_columns(sources[start: start + chunk]), "embedding": column},
+                                        schema=schema))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def recorded_meta(out) -> dict | None:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import arch as arch_mod
+from .destination import Destination
 from .errors import VGGEmbedError
 
 CHANNEL_MODES = ("mean", "strongest")  # or a channel number
@@ -127,7 +128,9 @@ def layer_grid(model, image: np.ndarray, layers: list[str], *, channel="0", pane
     h, w = image.shape[:2]
     size = panel_size(h, w, panel_width)
     if save_npy is not None:
-        save_npy.mkdir(parents=True, exist_ok=True)
+        folder = Destination(save_npy)
+        with folder.writing():
+            save_npy.mkdir(parents=True, exist_ok=True)
     last = max(wanted, key=lambda n: model.layer_names.index(n))
     panels = {}
     for name, tensor in model.walk(image[None].astype(np.float32), last):
@@ -135,7 +138,8 @@ def layer_grid(model, image: np.ndarray, layers: list[str], *, channel="0", pane
             continue
         t = tensor.numpy()
         if save_npy is not None:
-            np.save(save_npy / f"{name}.npy", t)
+            with folder.writing():
+                np.save(save_npy / f"{name}.npy", t)
         panels[name] = (f"{name} {t.shape[1]}x{t.shape[2]}x{t.shape[3]}", _panel(_reduce(t[0], channel), size))
         del t
     return _grid([panels[n] for n in wanted], min(cols, len(wanted)))

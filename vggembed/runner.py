@@ -33,9 +33,16 @@ class Options:
     progress: bool = False
 
 
-def pad_to(recipe: Recipe, opts: Options) -> int | None:
-    """Every batch padded to one shape, except native-size images (one per batch)."""
-    return None if recipe.resize == "none" else opts.batch_size
+def pad_to(recipe: Recipe, opts: Options, inputs: int | None = None) -> int | None:
+    """The one shape every batch of a run is padded to: the batch size, or the number of `inputs` when
+    a run has fewer (so one image costs one image, not a batch); None for native-size images (one per batch).
+
+    Each row then comes from the same kernels whatever batch it falls in, so a
+    command gives the same rows every time (oneDNN picks kernels per shape).
+    """
+    if recipe.resize == "none":
+        return None
+    return opts.batch_size if inputs is None else max(1, min(opts.batch_size, inputs))
 
 
 @dataclass
@@ -61,9 +68,29 @@ class StrictStop(VGGEmbedError):
     """--strict: the first bad image ends the run."""
 
 
+class _Counted:
+    """Iterate `items`, counting them and noting when they end."""
+
+    def __init__(self, items: Iterable, before: int = 0):
+        self.items, self.count, self.ended = items, before, False
+
+    def __iter__(self):
+        for item in self.items:
+            self.count += 1
+            yield item
+        self.ended = True
+
+
 def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, summary: Summary,
-            total: int | None = None) -> Iterator[tuple[list[Item], np.ndarray | None]]:
-    """Decoded chunks of `sources` with their stacked batch, in input order."""
+            total: int | None = None, before: int = 0
+            ) -> Iterator[tuple[list[Item], np.ndarray | None, int | None]]:
+    """Decoded chunks of `sources` with their stacked batch and the size to pad it to, in input order.
+
+    The pad size follows `pad_to` from the number of inputs of the whole run
+    (`before` were done by an interrupted run): known at once from `total`,
+    or, when the inputs are streamed, as soon as they end within the first
+    batch; either way the same inputs give the same size.
+    """
     from tqdm import tqdm
 
     fn = functools.partial(prepare, resize_mode=recipe.resize, size=model.spec.input_size,
@@ -71,7 +98,8 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
     # Native-size images differ in shape, so each is its own batch.
     batch_size = pad_to(recipe, opts) or 1
     window = max(2 * batch_size, 4 * opts.workers)
-    stream = decode_stream(sources, fn, workers=opts.workers, window=window)
+    counted = _Counted(sources, before)
+    stream = decode_stream(counted, fn, workers=opts.workers, window=window)
     start = time.perf_counter()
     with tqdm(total=total, unit="img", file=sys.stderr, disable=not opts.progress, dynamic_ncols=True) as bar:
         waited = time.perf_counter()
@@ -83,9 +111,10 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
                         raise StrictStop(f"{item.source}: {item.error} (--strict)")
                     if opts.progress:
                         bar.write(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
-                    else:
+                    elif sys.stderr is not None:  # None: started with stderr closed
                         print(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
-            yield chunk, stack(chunk)
+            inputs = before + total if total is not None else counted.count if counted.ended else None
+            yield chunk, stack(chunk), pad_to(recipe, opts, inputs)
             if summary.first_batch_seconds is None:
                 summary.first_batch_seconds = time.perf_counter() - start
             summary.images += len(chunk)
@@ -122,9 +151,8 @@ def embed(model: VGG, sources: Iterable[str], writer, recipe: Recipe, opts: Opti
         if done:
             sources = skip_done(sources, done)
             total = None if total is None else total - len(done)
-        for chunk, batch in batches(model, sources, recipe, opts, summary, total):
-            vectors = None if batch is None else model.embed_batch(batch, name, recipe.pool, recipe.l2_normalize,
-                                                                   pad_to(recipe, opts))
+        for chunk, batch, pad in batches(model, sources, recipe, opts, summary, total, before=len(done)):
+            vectors = None if batch is None else model.embed_batch(batch, name, recipe.pool, recipe.l2_normalize, pad)
             writer.write(chunk, vectors)
         writer.finish()
     finally:
@@ -137,10 +165,10 @@ def classify(model: VGG, sources: Iterable[str], emit: Callable[[str, list], Non
     """Call `emit(source, predictions)` for every image that decodes, in input order."""
     model.resolve("prob")
     summary = Summary()
-    for chunk, batch in batches(model, sources, recipe, opts, summary, total):
+    for chunk, batch, pad in batches(model, sources, recipe, opts, summary, total):
         if batch is None:
             continue
-        probs = model.run(batch, ["prob"], pad_to=pad_to(recipe, opts))["prob"]
+        probs = model.run(batch, ["prob"], pad_to=pad)["prob"]
         ok = [item for item in chunk if item.error is None]
         for item, p in zip(ok, probs):
             emit(item.source, model.top_k(p, top))

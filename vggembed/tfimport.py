@@ -33,8 +33,13 @@ def tensorflow():
 
 @contextlib.contextmanager
 def _silenced_stderr():
-    sys.stderr.flush()
-    saved = os.dup(2)
+    if sys.stderr is not None:  # None: a program started with stderr closed
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # fd 2 closed: nothing to silence (the vggembed command fills it with /dev/null first)
+        yield
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)

@@ -9,25 +9,58 @@ summary go to stderr. Exit codes:
   2  wrong usage (unknown option, missing argument)
   3  the run completed, but some images failed (see OUT.errors.csv / stderr)
   130 interrupted (Ctrl-C); `embed --resume` continues
+  141 the reader of stdout went away (`... | head -1`)
+  143 stopped by SIGTERM (129: SIGHUP); `embed --resume` continues
 
 Commands live in one module per group (`run`: embed, merge, classify;
 `search`: search, dedup, cluster; `pictures`: maps, plot; `weights`: info,
-weights list/fetch); option groups shared between them are in `common`.
+weights list/fetch); option groups shared between them are in `common`; the
+process around them (streams, signals, exit codes) in `process`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 
 import click
 
 from .. import __version__
-from . import pictures, run, search, weights
-from .common import CONTEXT
+from . import pictures, process, run, search, weights
+from .common import CONTEXT, ON_INTERRUPT
 
 
-@click.group(context_settings=CONTEXT, epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 some images failed, "
-                                              "130 interrupted.")
+class Main(click.Group):
+    """The command group, with the process set up once around every command (see `process`)."""
+
+    def main(self, *args, **kwargs):
+        process.prepare_streams()
+        saved = {sig: signal.getsignal(sig) for sig in process.STOP_SIGNALS}
+        process.handle_signals()
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            hint = ctx.meta.get(ON_INTERRUPT)
+            click.echo(process.interrupted_line(e) + (f"; {hint}" if hint else ""), err=True)
+            ctx.exit(process.exit_code(e))
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            process.quiet_broken_pipe()
+            ctx.exit(process.EXIT_BROKEN_PIPE)
+
+
+@click.group(cls=Main, context_settings=CONTEXT,
+             epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 some images failed, 130 interrupted, 141 stdout "
+                    "closed by its reader, 143 terminated (SIGTERM).")
 @click.version_option(__version__, "--version", prog_name="vggembed")
 @click.option("-v", "--verbose", is_flag=True, help="Show TensorFlow's start-up log and timings by phase.")
 @click.pass_context

@@ -10,6 +10,7 @@ then hands those values on, instead of long lists of parameters.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import click
 from ..recipe import Recipe
 
 EXIT_SOME_FAILED = 3
-EXIT_INTERRUPTED = 130
+ON_INTERRUPT = "vggembed.on_interrupt"  # ctx.meta key: what the interrupted line adds (how to resume)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 POOLS = ["avg", "max", "flatten"]
 RESIZES = ["squash", "center-crop", "none"]
@@ -153,15 +154,29 @@ def run_options(f):
 
 
 def sources(inputs, files_from):
-    """(paths iterator, total or None). Lists are materialised only when no stdin is involved."""
+    """(paths iterator, total or None). Lists are materialised only when no stdin is involved.
+
+    Inputs that name no image at all (an empty folder, an empty list or stdin)
+    are an error, before any output is made."""
     from ..inputs import expand
 
     if not inputs and not files_from:
         fail("no input: give image files, folders, '-' for paths on stdin, or --files-from LIST")
     if "-" in inputs:
-        return expand(inputs, files_from), None
+        paths = expand(inputs, files_from)
+        first = next(paths, None)
+        if first is None:
+            _no_images(inputs, files_from)
+        return itertools.chain([first], paths), None
     paths = list(expand(inputs, files_from))
+    if not paths:
+        _no_images(inputs, files_from)
     return iter(paths), len(paths)
+
+
+def _no_images(inputs, files_from):
+    given = ["stdin" if i == "-" else i for i in inputs] + ([files_from] if files_from else [])
+    fail(f"no images to process: {', '.join(given)} named no image files; nothing was written")
 
 
 def finish(ctx, summary, verb, quiet, tail=""):

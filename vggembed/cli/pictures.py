@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
+from ..destination import Destination, replacing
 from ..errors import VGGEmbedError
-from .common import CONTEXT, fail, load_options, recipe_options, RESIZES, POOLS
+from .common import CONTEXT, POOLS, RESIZES, fail, load_options, recipe_options
 
 
 # ----------------------------------------------------------------- pictures
 def _save_png(img, output):
-    """Write a PNG under its name only once complete."""
+    """Write a PNG under its name only once complete, holding the output against other runs meanwhile."""
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with Destination(out) as dest, dest.writing(), replacing(out, ".partial") as tmp:
+        img.save(tmp, format="PNG")
 
 
 def _native_image(path, max_side, max_pixels):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import csv
 import dataclasses
 import json
@@ -11,9 +13,22 @@ from pathlib import Path
 
 import click
 
+from ..destination import Destination, display, is_stream
 from ..errors import VGGEmbedError
-from .common import (CONTEXT, EXIT_INTERRUPTED, EXIT_SOME_FAILED, fail, finish, load_options, recipe_options,
-                     run_options, sources)
+from .common import (
+    CONTEXT,
+    EXIT_SOME_FAILED,
+    ON_INTERRUPT,
+    fail,
+    finish,
+    load_options,
+    recipe_options,
+    run_options,
+    sources,
+)
+from .process import data_stdout
+
+RESUME_HINT = "the finished batches are kept: run the same command with --resume"
 
 
 # -------------------------------------------------------------------- embed
@@ -60,16 +75,17 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
         _embed_ray(ctx, inputs, output, files_from, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
                    address=address, part_size=part_size, resume=resume, overwrite=overwrite)
         return
+    ctx.meta[ON_INTERRUPT] = RESUME_HINT
     try:
-        writer = EmbeddingWriter(output, resume=resume, overwrite=overwrite)
-        vgg = setup.load(recipe)
-        vgg.embedding_layer(recipe.layer, recipe.pool)
         paths, total = sources(inputs, files_from)
-        summary = runner.embed(vgg, paths, writer, recipe, opts, total=total)
-    except KeyboardInterrupt:
-        click.echo("vggembed: interrupted; the finished batches are kept: run the same command with --resume",
-                   err=True)
-        ctx.exit(EXIT_INTERRUPTED)
+        with EmbeddingWriter(output, resume=resume, overwrite=overwrite) as writer:
+            if writer.complete:
+                if not quiet:
+                    click.echo(f"vggembed: {output} is already complete; nothing left to do", err=True)
+                ctx.exit(0)
+            vgg = setup.load(recipe)
+            vgg.embedding_layer(recipe.layer, recipe.pool)
+            summary = runner.embed(vgg, paths, writer, recipe, opts, total=total)
     except VGGEmbedError as e:
         fail(str(e))
     finish(ctx, summary, "embedded", quiet, f"; wrote {output} ({writer.rows} x {writer.dim} {recipe.dtype})")
@@ -78,12 +94,12 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
 def _embed_ray(ctx, inputs, output, files_from, quiet, recipe, opts, **kw):
     from .. import distributed
 
+    ctx.meta[ON_INTERRUPT] = "finished parts are kept: run the same command with --resume"
     try:
         paths = list(sources(inputs, files_from)[0])  # the driver needs the whole sorted list for its ids
-        counts = distributed.embed(paths, output, recipe, opts, log=lambda line: click.echo(line, err=True), **kw)
-    except KeyboardInterrupt:
-        click.echo("vggembed: interrupted; finished parts are kept: run the same command with --resume", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
+        with Destination(output):
+            counts = distributed.embed(paths, output, recipe, opts, log=lambda line: click.echo(line, err=True),
+                                       **kw)
     except VGGEmbedError as e:
         fail(str(e))
     if not quiet:
@@ -144,50 +160,93 @@ def classify(ctx, inputs, top, fmt, output, recipe, files_from, quiet, opts, set
     from .. import runner
 
     try:
-        vgg = setup.load(recipe)
-        if vgg.spec.labels is None and vgg.spec.has_fc:
-            click.echo(f"vggembed: note: no labels for {vgg.spec.path}; showing class indices "
-                       "(pass --labels FILE)", err=True)
         paths, total = sources(inputs, files_from)
         with _Sink(output) as out:
+            vgg = setup.load(recipe)
+            if vgg.spec.labels is None and vgg.spec.has_fc:
+                click.echo(f"vggembed: note: no labels for {vgg.spec.path}; showing class indices "
+                           "(pass --labels FILE)", err=True)
             emit = _emitter(out, fmt, single=total == 1)
             summary = runner.classify(vgg, paths, emit, top=top, recipe=recipe.replace(layer="prob"), opts=opts,
                                       total=total)
             emit.close()
-    except KeyboardInterrupt:
-        click.echo("vggembed: interrupted", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
     except VGGEmbedError as e:
         fail(str(e))
     finish(ctx, summary, "classified", quiet)
 
 
 class _Sink:
-    """stdout, or a file that appears under its name only when complete."""
+    """stdout, or a file held by this run (`Destination`) that appears under its name only when complete
+    (a stream such as /dev/stdout or a FIFO is written in place); a failed write is one line naming where."""
 
     def __init__(self, path):
+        self.dest = Destination(path if path else "standard output")
         self.path = Path(path) if path else None
 
     def __enter__(self):
         if self.path is None:
-            return sys.stdout
-        self.tmp = self.path.with_name(self.path.name + ".partial")
-        self.f = open(self.tmp, "w", newline="", encoding="utf-8")
-        return self.f
+            return _Guarded(data_stdout(), self.dest)
+        self.tmp = self.path if is_stream(self.path) else self.path.with_name(self.path.name + ".partial")
+        self.dest.claim()
+        try:
+            with self.dest.writing():
+                self.f = open(self.tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
+        except BaseException:
+            self.dest.release()
+            raise
+        return _Guarded(self.f, self.dest)
 
     def __exit__(self, exc_type, *_):
         if self.path is None:
-            sys.stdout.flush()
+            if exc_type is None:
+                with self.dest.writing():
+                    sys.stdout.flush()
             return
-        self.f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        try:
+            # After another error, a failing close (the same full disk) must not hide it.
+            with self.dest.writing(), contextlib.suppress(*(OSError,) if exc_type else ()):
+                try:
+                    self.f.close()
+                    if exc_type is None and self.tmp != self.path:
+                        os.replace(self.tmp, self.path)
+                finally:
+                    if self.tmp != self.path:
+                        self.tmp.unlink(missing_ok=True)
+        finally:
+            self.dest.release()
+
+
+class _Guarded:
+    """A text file whose failed writes raise `OutputError` naming the destination."""
+
+    def __init__(self, f, dest: Destination):
+        self.f, self.dest = f, dest
+
+    def write(self, text: str) -> int:
+        with self.dest.writing():
+            return self.f.write(text)
+
+    def flush(self) -> None:
+        with self.dest.writing():
+            self.f.flush()
+
+
+def _json_path(source: str) -> dict:
+    """A name in JSON, which holds only Unicode: `path`, and where the name is not UTF-8 its exact bytes
+    as base64 in `path_bytes` (`path` then shows those bytes as \\xNN), as Parquet's path columns."""
+    raw = os.fsencode(source)
+    try:
+        return {"path": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"path": display(source), "path_bytes": base64.b64encode(raw).decode("ascii")}
 
 
 def _emitter(out, fmt, single):
-    """A callable(source, predictions) that writes one format, streaming, plus close()."""
+    """A callable(source, predictions) that writes one format, streaming, plus close().
+
+    csv keeps names exactly (the bytes, quoted where needed); json and jsonl as
+    `_json_path`; the table, which is for reading, shows undecodable bytes as
+    \\xNN and tabs and line breaks as \\t, \\n, \\r, so each row stays one line."""
     fields = ["path", "rank", "index", "label", "probability"]
 
     class Emit:
@@ -202,18 +261,19 @@ def _emitter(out, fmt, single):
             elif fmt == "table":
                 if self.first:
                     out.write("\t".join(fields) + "\n")
+                shown = display(source).translate(_TABLE_ESCAPES)
                 for r in rows:
-                    out.write(f"{r['path']}\t{r['rank']}\t{r['index']}\t{r['label']}\t{r['probability']:.4f}\n")
+                    out.write(f"{shown}\t{r['rank']}\t{r['index']}\t{r['label']}\t{r['probability']:.4f}\n")
             elif fmt == "csv":
                 w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
                 if self.first:
                     w.writeheader()
                 w.writerows(rows)
             elif fmt == "jsonl":
-                out.write(json.dumps({"path": source, "predictions": [_pred(p) for p in preds]}) + "\n")
+                out.write(json.dumps({**_json_path(source), "predictions": [_pred(p) for p in preds]}) + "\n")
             else:
                 out.write(("[\n" if self.first else ",\n") +
-                          json.dumps({"path": source, "predictions": [_pred(p) for p in preds]}))
+                          json.dumps({**_json_path(source), "predictions": [_pred(p) for p in preds]}))
             self.first = False
             out.flush()
 
@@ -222,6 +282,9 @@ def _emitter(out, fmt, single):
                 out.write("[]\n" if self.first else "\n]\n")
 
     return Emit()
+
+
+_TABLE_ESCAPES = {9: "\\t", 10: "\\n", 13: "\\r"}
 
 
 def _pred(p):

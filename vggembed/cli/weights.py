@@ -9,6 +9,7 @@ import click
 
 from ..errors import VGGEmbedError
 from .common import CONTEXT, fail
+from .process import data_stdout
 
 
 # --------------------------------------------------------------------- info
@@ -23,6 +24,7 @@ def info(weights, labels):
     from .. import arch
     from ..weights import load_weights
 
+    data_stdout()
     try:
         params, spec = load_weights(weights, labels=labels)
     except VGGEmbedError as e:
@@ -61,6 +63,8 @@ def weights_list():
     """The published files `fetch` knows, and whether each is on this machine."""
     from ..download import search_folders
     from ..registry import PUBLISHED
+
+    data_stdout()
 
     for p in PUBLISHED.values():
         here = any((folder / p.filename).exists() for folder in search_folders())
