@@ -76,6 +76,8 @@ def weight_options(f):
 def run_options(f):
     f = click.option("--files-from", type=click.Path(exists=True, dir_okay=False),
                      help="A file with one image path per line (after the INPUTs).")(f)
+    f = click.option("-0", "--null", is_flag=True,
+                     help="Lists ('-' and --files-from) are NUL-separated, as `find -print0` writes them.")(f)
     f = click.option("--resize", type=click.Choice(["squash", "center-crop", "none"]), default="squash",
                      show_default=True, help="squash to 224x224 (the seeds), center-crop (short side 256, "
                                              "centre 224), or none (native size; conv/pool layers only).")(f)
@@ -115,16 +117,13 @@ def _options(resize, batch_size, workers, fast_decode, max_pixels, strict, quiet
                    progress=not quiet and sys.stderr.isatty())
 
 
-def _sources(inputs, files_from):
-    """(paths iterator, total or None). Lists are materialised only when no stdin is involved."""
-    from .inputs import expand
+def _sources(inputs, files_from, null):
+    """(sources iterator, total or None)."""
+    from .inputs import for_run
 
     if not inputs and not files_from:
         _fail("no input: give image files, folders, '-' for paths on stdin, or --files-from LIST")
-    if "-" in inputs:
-        return expand(inputs, files_from), None
-    paths = list(expand(inputs, files_from))
-    return iter(paths), len(paths)
+    return for_run(list(inputs), files_from, null=null)
 
 
 def _finish(ctx, summary, verb, quiet, tail=""):
@@ -161,7 +160,7 @@ def _finish(ctx, summary, verb, quiet, tail=""):
 @weight_options
 @click.pass_context
 def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwrite, engine, address,
-          gpus_per_worker, part_size, files_from, resize, batch_size, workers, fast_decode, max_pixels, strict,
+          gpus_per_worker, part_size, files_from, null, resize, batch_size, workers, fast_decode, max_pixels, strict,
           quiet, weights, model, labels, legacy_transpose, device, precision):
     """Embed images into vectors, one row per image, in input order.
 
@@ -183,7 +182,7 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
             workers = 1  # model actors, not decoding threads, on Ray
         if strict:
             raise click.UsageError("--strict stops at the first bad image; --engine ray records them as rows")
-        _embed_ray(ctx, inputs, output, files_from, quiet, weights=weights, model=model, layer=layer, pool=pool,
+        _embed_ray(ctx, inputs, output, files_from, null, quiet, weights=weights, model=model, layer=layer, pool=pool,
                    legacy_transpose=legacy_transpose,
                    l2_normalize=l2_normalize, dtype=dtype, resize=resize, batch_size=batch_size, workers=workers,
                    gpus_per_worker=gpus_per_worker, address=address, part_size=part_size, resume=resume,
@@ -194,7 +193,7 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
         writer = EmbeddingWriter(output, dtype=dtype, resume=resume, overwrite=overwrite)
         vgg = _load(ctx, weights, model, labels, legacy_transpose, device, precision)
         vgg.embedding_layer(layer, pool)
-        sources, total = _sources(inputs, files_from)
+        sources, total = _sources(inputs, files_from, null)
         opts = _options(resize, batch_size, workers, fast_decode, max_pixels, strict, quiet)
         summary = runner.embed(vgg, sources, writer, layer=layer, pool=pool, l2_normalize=l2_normalize,
                                opts=opts, total=total)
@@ -207,12 +206,13 @@ def embed(ctx, inputs, output, layer, pool, dtype, l2_normalize, resume, overwri
     _finish(ctx, summary, "embedded", quiet, f"; wrote {output} ({writer.rows} x {writer.dim} {dtype})")
 
 
-def _embed_ray(ctx, inputs, output, files_from, quiet, *, weights, model, **kw):
+def _embed_ray(ctx, inputs, output, files_from, null, quiet, *, weights, model, **kw):
     from . import distributed
     from .download import find_weights
 
     try:
-        paths = list(_sources(inputs, files_from)[0])  # the driver needs the whole sorted list for its ids
+        # the driver needs the whole sorted list for its ids
+        paths = [source.name for source in _sources(inputs, files_from, null)[0]]
         counts = distributed.embed(paths, output, weights=str(weights or find_weights(model)),
                                    log=lambda line: click.echo(line, err=True), **kw)
     except KeyboardInterrupt:
@@ -262,7 +262,7 @@ def merge(run_dir, output, overwrite):
 @run_options
 @weight_options
 @click.pass_context
-def classify(ctx, inputs, top, fmt, output, files_from, resize, batch_size, workers, fast_decode, max_pixels,
+def classify(ctx, inputs, top, fmt, output, files_from, null, resize, batch_size, workers, fast_decode, max_pixels,
              strict, quiet, weights, model, labels, legacy_transpose, device, precision):
     """Top ImageNet predictions with their labels.
 
@@ -282,7 +282,7 @@ def classify(ctx, inputs, top, fmt, output, files_from, resize, batch_size, work
         if vgg.spec.labels is None and vgg.spec.has_fc:
             click.echo(f"vggembed: note: no labels for {vgg.spec.path}; showing class indices "
                        "(pass --labels FILE)", err=True)
-        sources, total = _sources(inputs, files_from)
+        sources, total = _sources(inputs, files_from, null)
         opts = _options(resize, batch_size, workers, fast_decode, max_pixels, strict, quiet)
         with _Sink(output) as out:
             emit = _emitter(out, fmt, single=total == 1)
