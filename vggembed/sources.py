@@ -236,6 +236,9 @@ def iter_shard(name: str) -> Iterator[Source]:
         current = None
         try:
             tar = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_TarInfo)
+        except ImageError as e:  # a remote read that failed for good
+            yield Source(name, error=e.problem)
+            return
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             yield Source(name, error=f"not a readable tar shard: {_reason(e)}")
             return
@@ -249,7 +252,7 @@ def iter_shard(name: str) -> Iterator[Source]:
                 current = None
                 members += 1
                 yield Source(f"{name}/{member.name}", data=data)
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error, ImageError) as e:
             if current is not None:
                 yield Source(f"{name}/{current}", error=f"the shard's data ends inside this member: {_reason(e)}")
             else:
@@ -326,7 +329,7 @@ class _RemoteReader(io.RawIOBase):
 
 
 def _reason(e: BaseException) -> str:
-    return str(e) or type(e).__name__
+    return getattr(e, "problem", None) or str(e) or type(e).__name__
 
 
 # ------------------------------------------------------------------- remote
