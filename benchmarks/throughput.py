@@ -276,6 +276,7 @@ def decode_ms(paths, fast: bool) -> float:
 def bench_e2e(m, args, tmp: Path):
     from vggembed import runner
     from vggembed.output import EmbeddingWriter
+    from vggembed.recipe import Recipe
 
     bs = args.batch_sizes[-1]
     cpus = os.cpu_count() or 1
@@ -292,10 +293,10 @@ def bench_e2e(m, args, tmp: Path):
         for fast in (False, True):
             cost = decode_ms(paths[:8], fast)
             out = tmp / f"{label}-{fast}.npy"
-            opts = runner.Options(batch_size=bs, workers=args.workers, fast_decode=fast)
+            opts = runner.Options(batch_size=bs, workers=args.workers)
             start = time.perf_counter()
-            runner.embed(m, iter(map(str, paths)), EmbeddingWriter(out, overwrite=True), layer="fc2", pool=None,
-                         l2_normalize=False, opts=opts)
+            runner.embed(m, iter(map(str, paths)), EmbeddingWriter(out, overwrite=True),
+                         Recipe(weights=m.spec.path, fast_decode=fast), opts)
             rate = len(paths) / (time.perf_counter() - start)
             model_only = timed(lambda b: m.run(b, ["relu7"]), x, args.seconds)
             model_cpu_s = cpus / model_only

@@ -125,7 +125,8 @@ def test_resume_with_other_options_is_refused(tmp_path, ray_runtime, folder, tin
                ).exit_code == 3
     other = run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
                 "--layer", "fc1", "--resume")
-    assert other.exit_code == 1 and "--resume with other options" in other.stderr
+    assert other.exit_code == 1
+    assert f"{parts}: the earlier run was made with another recipe (layer: 'relu6' vs 'relu7')" in other.stderr
 
 
 def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, ray_runtime, folder, tiny16):
@@ -134,14 +135,16 @@ def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path,
 
     from vggembed import distributed
     from vggembed.inputs import expand
+    from vggembed.recipe import Recipe
+    from vggembed.runner import Options
 
     parts = tmp_path / "parts"
     paths = [source.name for source in expand([str(folder)])]
     result = {}
 
     def job():
-        result["counts"] = distributed.embed(paths, parts, weights=str(tiny16), batch_size=8, part_size=20,
-                                             log=lambda line: None)
+        result["counts"] = distributed.embed(paths, parts, Recipe(weights=str(tiny16)), Options(batch_size=8, workers=1),
+                                             part_size=20, log=lambda line: None)
 
     thread = threading.Thread(target=job)
     thread.start()

@@ -14,7 +14,7 @@ Flow (driver -> cluster -> driver):
    so every row is computed as the local engine computes it.
 4. The driver receives rows in order and writes each finished part as
    `OUT_DIR/part-NNNNN.parquet` (id, path, status, error, embedding),
-   atomically; `manifest.json` records the inputs and options, so a re-run
+   atomically; `manifest.json` records the inputs and the recipe, so a re-run
    with `--resume` skips finished parts. `vggembed merge` gathers the parts
    into the local engine's outputs.
 
@@ -24,6 +24,7 @@ the weight file's path must be readable on every node.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -37,6 +38,7 @@ import numpy as np
 from .errors import VGGEmbedError
 from .images import prepare
 from .pipeline import decode_one
+from .recipe import Recipe
 
 MANIFEST = "manifest.json"
 DECODE_CPUS = 0.5  # per decoding task: Pillow work is light beside the model's
@@ -70,20 +72,21 @@ def decode_batch(batch: dict, resize: str, size, max_pixels: int, fast_decode: b
 class Embedder:
     """Ray Data actor: one loaded model per actor, reused for every batch."""
 
-    def __init__(self, weights: str, layer: str, pool, l2_normalize: bool, batch_size: int, device: str,
-                 precision: str, legacy_transpose: bool):
-        from .model import load
+    def __init__(self, recipe: dict, batch_size: int, device: str):
+        from .model import load_recipe
 
-        self.model = load(weights, device=device, precision=precision, legacy_transpose=legacy_transpose)
-        self.name = self.model.embedding_layer(layer, pool)
-        self.pool, self.l2, self.batch_size = pool, l2_normalize, batch_size
+        self.recipe = Recipe(**recipe)
+        self.model = load_recipe(self.recipe, device=device)
+        self.name = self.model.embedding_layer(self.recipe.layer, self.recipe.pool)
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
         ok = np.array([e == "" for e in batch["error"]], dtype=bool)
         vectors = None
         if ok.any():
             images = batch["image"][ok].astype(np.float32)
-            vectors = self.model.embed_batch(images, self.name, self.pool, self.l2, pad_to=self.batch_size)
+            vectors = self.model.embed_batch(images, self.name, self.recipe.pool, self.recipe.l2_normalize,
+                                             pad_to=self.batch_size)
         dim = vectors.shape[1] if vectors is not None else 0
         out = np.zeros((len(ok), dim), np.float32)
         if vectors is not None:
@@ -95,13 +98,13 @@ class Embedder:
 class RunDir:
     """OUT_DIR: the manifest and the finished part files."""
 
-    def __init__(self, out_dir, paths: list[str], options: dict, part_size: int, *, resume: bool,
+    def __init__(self, out_dir, paths: list[str], recipe: Recipe, part_size: int, *, resume: bool,
                  overwrite: bool):
         self.dir = Path(out_dir)
         self.paths, self.part_size = paths, part_size
         self.parts = -(-len(paths) // part_size)
-        manifest = {"version": 1, "inputs": len(paths), "inputs_sha256": _digest(paths), "part_size": part_size,
-                    "parts": self.parts, "options": options}
+        manifest = {"version": 2, "inputs": len(paths), "inputs_sha256": _digest(paths), "part_size": part_size,
+                    "parts": self.parts, "recipe": recipe.to_dict()}
         existing = self.dir / MANIFEST
         if existing.exists() and overwrite:
             for f in self.dir.glob("part-*.parquet"):
@@ -112,10 +115,12 @@ class RunDir:
             if not resume:
                 raise VGGEmbedError(f"{self.dir}: holds an earlier run; pass --resume to continue it or "
                                     "--overwrite to start over")
-            for key in ("inputs_sha256", "part_size", "options"):
+            for key in ("inputs_sha256", "part_size"):
                 if old.get(key) != manifest[key]:
                     raise VGGEmbedError(f"{self.dir}: --resume with other {key.replace('_sha256', '')} than the "
                                         "earlier run; use the same command, or --overwrite")
+            recipe.check_same(Recipe.from_dict(old.get("recipe") or {}), f"{self.dir}: the earlier run",
+                              "resume with the same options, or pass --overwrite")
         elif self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
             raise VGGEmbedError(f"{self.dir}: not empty and not a vggembed run folder")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -147,25 +152,26 @@ class RunDir:
         os.replace(tmp, self.dir / part_name(k))
 
 
-def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=None, l2_normalize=False,
-          dtype="float32", resize="squash", batch_size=16, workers=1, gpus_per_worker=0.0, address=None,
-          part_size=1000, resume=False, overwrite=False, max_pixels=None, fast_decode=False, device="auto",
-          precision="float32", legacy_transpose=False, log=print) -> dict:
-    """Embed `paths` on Ray into OUT_DIR part files. Returns counts for the summary line."""
+def embed(paths: list[str], out_dir, recipe: Recipe, opts, *, gpus_per_worker=0.0, address=None, part_size=1000,
+          resume=False, overwrite=False, log=print) -> dict:
+    """Embed `paths` on Ray into OUT_DIR part files, as `recipe` says (`opts`: a `runner.Options`;
+    `opts.workers` is the number of model actors). Returns counts for the summary line."""
     try:
         import ray
     except ImportError:
         raise VGGEmbedError('--engine ray needs Ray: pip install "vggembed[ray]"') from None
-    from .images import DEFAULT_MAX_PIXELS
     from .weights import load_weights
 
-    if resize == "none":
+    if recipe.resize == "none":
         raise VGGEmbedError("--engine ray needs a fixed input size: use --resize squash or center-crop")
-    _, spec = load_weights(weights)  # fail fast on the driver, with the file's own message
-    options = {"weights": str(Path(weights).resolve()), "layer": layer, "pool": pool, "l2_normalize": l2_normalize,
-               "dtype": dtype, "resize": resize, "batch_size": batch_size, "fast_decode": fast_decode,
-               "legacy_transpose": legacy_transpose}
-    run = RunDir(out_dir, paths, options, part_size, resume=resume, overwrite=overwrite)
+    recipe = recipe.locate()
+    _, spec = load_weights(recipe.weights)  # fail fast on the driver, with the file's own message
+    from . import arch as arch_mod
+
+    recipe = recipe.bind(spec, arch_mod.resolve(spec.arch, recipe.layer, embedding=True))
+    recipe = recipe.replace(weights=str(Path(recipe.weights).resolve()))
+    batch_size, workers = opts.batch_size, opts.workers
+    run = RunDir(out_dir, paths, recipe, part_size, resume=resume, overwrite=overwrite)
     done = run.done()
     todo = [{"id": i, "path": p} for i, p in enumerate(paths) if i // part_size not in done]
     counts = {"images": len(todo), "skipped": len(paths) - len(todo), "failed": 0, "seconds": 0.0}
@@ -191,15 +197,13 @@ def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=N
         ctx.enable_progress_bars = False
         ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // batch_size // 4 or 1))
         ds = ds.map_batches(decode_batch, batch_size=batch_size, fn_kwargs={
-            "resize": resize, "size": list(spec.input_size), "max_pixels": max_pixels or DEFAULT_MAX_PIXELS,
-            "fast_decode": fast_decode}, num_cpus=DECODE_CPUS)
+            "resize": recipe.resize, "size": list(spec.input_size), "max_pixels": opts.max_pixels,
+            "fast_decode": recipe.fast_decode}, num_cpus=DECODE_CPUS)
         ds = ds.map_batches(
             Embedder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
             num_gpus=gpus_per_worker or None, num_cpus=1 if not gpus_per_worker else None,
-            fn_constructor_kwargs={"weights": str(Path(weights).resolve()), "layer": layer, "pool": pool,
-                                   "l2_normalize": l2_normalize, "batch_size": batch_size,
-                                   "device": "gpu" if gpus_per_worker else "cpu", "precision": precision,
-                                   "legacy_transpose": legacy_transpose})
+            fn_constructor_kwargs={"recipe": dataclasses.asdict(recipe), "batch_size": batch_size,
+                                   "device": "gpu" if gpus_per_worker else "cpu"})
         pending: dict[int, dict] = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k in np.unique(np.asarray(batch["id"]) // part_size):
@@ -212,7 +216,7 @@ def embed(paths: list[str], out_dir, *, weights: str, layer: str = "fc2", pool=N
                 if len(part["id"]) == expected:
                     rows = pending.pop(int(k))
                     rows["embedding"] = np.stack(rows["embedding"])
-                    run.write_part(int(k), rows, dtype)
+                    run.write_part(int(k), rows, recipe.dtype)
                     failed = sum(1 for e in rows["error"] if e)
                     counts["failed"] += failed
                     for p, e in zip(rows["path"], rows["error"]):
@@ -242,10 +246,13 @@ def merge(out_dir, output, *, overwrite=False) -> tuple[int, int]:
     if missing:
         raise VGGEmbedError(f"{out_dir}: {len(missing)} of {manifest['parts']} parts missing (first: {missing[0]}); "
                             "finish the run with --resume first")
-    dtype = manifest["options"]["dtype"]
-    writer = EmbeddingWriter(output, dtype=dtype, overwrite=overwrite)
+    if "recipe" not in manifest:
+        raise VGGEmbedError(f"{out_dir / MANIFEST}: written by an older vggembed without a recipe; "
+                            "run the embedding again")
+    writer = EmbeddingWriter(output, overwrite=overwrite)
     next_id = 0
     try:
+        writer.begin(Recipe.from_dict(manifest["recipe"]))
         for k in range(manifest["parts"]):
             table = pq.read_table(out_dir / part_name(k))
             ids = table["id"].to_numpy()

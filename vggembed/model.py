@@ -309,6 +309,12 @@ def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool
     return vgg
 
 
+def load_recipe(recipe, *, labels=None, device: str = "auto", timings: dict | None = None) -> VGG:
+    """The network a `Recipe` names (its weights, precision and kernel layout)."""
+    return load(recipe.weights, model=recipe.model, labels=labels, legacy_transpose=recipe.legacy_transpose,
+                precision=recipe.precision, device=device, timings=timings)
+
+
 def _pick_device(device: str) -> str:
     tf = tensorflow()
 

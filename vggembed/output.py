@@ -9,7 +9,9 @@ At the end the final files are made from those two and renamed into place,
 
 - `OUT` (.npy, .csv or .parquet): the vectors, one row per image that worked;
 - `OUT.index.csv`: every input in order with its row, or its error;
-- `OUT.errors.csv`: path and error of each image that failed.
+- `OUT.errors.csv`: path and error of each image that failed;
+- the recipe (`recipe.Recipe`) and row counts: `OUT.meta.json` beside `.npy`
+  and `.csv`, the Parquet file's schema metadata (key `vggembed`) for `.parquet`.
 
 An interrupted run leaves only `.partial` files; `--resume` truncates them to
 the last complete batch and carries on from there.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
 import os
 import struct
 from pathlib import Path
@@ -27,8 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VGGEmbedError
+from .recipe import Recipe, meta_json, read_meta
 
 FORMATS = {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}
+PARQUET_META_KEY = b"vggembed"  # schema metadata: the same JSON as OUT.meta.json
 HEADER_BYTES = 128  # a fixed-size .npy header, so the row count can be rewritten in place
 INDEX_FIELDS = ["path", "row", "error"]
 
@@ -50,6 +55,8 @@ def sidecars(out: Path) -> dict[str, Path]:
         "errors": out.with_name(out.name + ".errors.csv"),
         "data_partial": out.with_name(out.name + ".partial"),
         "index_partial": out.with_name(out.name + ".index.csv.partial"),
+        "meta": out.with_name(out.name + ".meta.json"),
+        "meta_partial": out.with_name(out.name + ".meta.json.partial"),
     }
 
 
@@ -64,28 +71,34 @@ class EmbeddingWriter:
 
     Args:
         out: the final output path; its extension picks the format.
-        dtype: float32 or float16.
         resume: continue the `.partial` files of an interrupted run.
         overwrite: replace an existing output (and discard partial files).
+
+    The output's state is checked at once (before a model is loaded); the
+    staged files are opened by `begin(recipe)`, which refuses to resume a run
+    made with another recipe.
     """
 
-    def __init__(self, out, *, dtype="float32", resume=False, overwrite=False):
+    def __init__(self, out, *, resume=False, overwrite=False):
         self.out = Path(out)
         self.format = output_format(self.out)
-        self.dtype = np.dtype(dtype)
         self.paths = sidecars(self.out)
+        self.recipe: Recipe | None = None
+        self.dtype = np.dtype("float32")
         self.dim: int | None = None
         self.rows = 0  # vectors on disk
         self.done = 0  # inputs accounted for (rows + failures)
         self.failed = 0
         self.resumed_sources: list[str] = []  # inputs an interrupted run finished, in order
         self._data = self._index = None
-        partial = self.paths["data_partial"].exists() or self.paths["index_partial"].exists()
+        staged = ("data_partial", "index_partial", "meta_partial")
+        partial = any(self.paths[key].exists() for key in staged)
+        self._resuming = False
         if overwrite:
-            for key in ("data_partial", "index_partial"):
+            for key in staged:
                 self.paths[key].unlink(missing_ok=True)
         elif resume and partial:
-            self._reopen()
+            self._resuming = True
         elif resume:
             if self.out.exists():
                 raise VGGEmbedError(f"{self.out}: already complete, nothing to resume")
@@ -95,6 +108,18 @@ class EmbeddingWriter:
         elif self.out.exists():
             raise VGGEmbedError(f"{self.out}: exists; pass --overwrite to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def begin(self, recipe: Recipe) -> None:
+        """Open the staged files for vectors made by `recipe` (continuing them with --resume)."""
+        self.recipe = recipe
+        self.dtype = np.dtype(recipe.dtype)
+        meta = self.paths["meta_partial"]
+        if self._resuming:
+            if meta.exists():
+                recipe.check_same(Recipe.from_dict(read_meta(meta)["recipe"]), f"{self.out}: the interrupted run",
+                                  "resume with the same options, or pass --overwrite")
+            self._reopen()
+        _atomic_write(meta, meta_json(recipe))
 
     # -------------------------------------------------------------- resume
     def _reopen(self) -> None:
@@ -189,6 +214,9 @@ class EmbeddingWriter:
 
         self._write_errors()
         _copy_into_place(self.paths["index_partial"], self.paths["index"])
+        meta = meta_json(self.recipe, rows=self.rows, inputs=self.done, failed=self.failed)
+        if self.format != "parquet":
+            _atomic_write(self.paths["meta"], meta)
         data = self.paths["data_partial"]
         if self.format == "npy":
             os.replace(data, self.out)
@@ -196,11 +224,15 @@ class EmbeddingWriter:
             tmp = self.out.with_name(self.out.name + ".tmp")
             vectors = np.load(data, mmap_mode="r")
             sources = self._row_sources()
-            (_write_csv if self.format == "csv" else _write_parquet)(tmp, sources, vectors)
+            if self.format == "csv":
+                _write_csv(tmp, sources, vectors)
+            else:
+                _write_parquet(tmp, sources, vectors, meta)
             del vectors
             os.replace(tmp, self.out)
             data.unlink()
         self.paths["index_partial"].unlink()
+        self.paths["meta_partial"].unlink(missing_ok=True)
 
     def _rows(self):
         with open(self.paths["index_partial"], newline="", encoding="utf-8") as f:
@@ -239,16 +271,36 @@ def _write_csv(path: Path, sources, vectors, chunk=4096) -> None:
                 w.writerow([src] + [fmt % v for v in vec])
 
 
-def _write_parquet(path: Path, sources, vectors, chunk=8192) -> None:
+def _write_parquet(path: Path, sources, vectors, meta: bytes, chunk=8192) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     dim = vectors.shape[1]
     value_type = pa.float32() if vectors.dtype == np.float32 else pa.float16()
-    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(value_type, dim))])
+    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(value_type, dim))],
+                       metadata={PARQUET_META_KEY: meta})
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, max(len(sources), 1), chunk):
             block = np.ascontiguousarray(vectors[start: start + chunk])
             flat = pa.array(block.reshape(-1), type=value_type)
             column = pa.FixedSizeListArray.from_arrays(flat, dim)
             writer.write_table(pa.table({"path": sources[start: start + chunk], "embedding": column}, schema=schema))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def recorded_meta(out) -> dict | None:
+    """The recipe and counts recorded with a finished output, or None for outputs made before they were."""
+    out = Path(out)
+    if out.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        raw = (pq.read_schema(out).metadata or {}).get(PARQUET_META_KEY)
+        return None if raw is None else json.loads(raw)
+    meta = sidecars(out)["meta"]
+    return read_meta(meta) if meta.exists() else None

@@ -19,24 +19,25 @@ from .errors import LayerError, VGGEmbedError
 from .images import DEFAULT_MAX_PIXELS, prepare
 from .model import VGG
 from .pipeline import Item, chunks, decode_stream, stack
+from .recipe import Recipe
 from .sources import display, fetch_ahead, name_of
 
 
 @dataclass
 class Options:
-    resize: str = "squash"
+    """How a run goes; what its vectors mean is the `Recipe`."""
+
     batch_size: int = 16
     workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
-    fast_decode: bool = False
     strict: bool = False
     progress: bool = False
     fetch_ahead: int = 16  # remote reads in flight, beside the decoding threads
 
-    @property
-    def pad_to(self) -> int | None:
-        """Every batch padded to one shape, except native-size images (one per batch)."""
-        return None if self.resize == "none" else self.batch_size
+
+def pad_to(recipe: Recipe, opts: Options) -> int | None:
+    """Every batch padded to one shape, except native-size images (one per batch)."""
+    return None if recipe.resize == "none" else opts.batch_size
 
 
 @dataclass
@@ -62,15 +63,15 @@ class StrictStop(VGGEmbedError):
     """--strict: the first bad image ends the run."""
 
 
-def batches(model: VGG, sources: Iterable[str], opts: Options, summary: Summary, total: int | None = None
-            ) -> Iterator[tuple[list[Item], np.ndarray | None]]:
+def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, summary: Summary,
+            total: int | None = None) -> Iterator[tuple[list[Item], np.ndarray | None]]:
     """Decoded chunks of `sources` with their stacked batch, in input order."""
     from tqdm import tqdm
 
-    fn = functools.partial(prepare, resize_mode=opts.resize, size=model.spec.input_size,
-                           max_pixels=opts.max_pixels, fast_decode=opts.fast_decode)
+    fn = functools.partial(prepare, resize_mode=recipe.resize, size=model.spec.input_size,
+                           max_pixels=opts.max_pixels, fast_decode=recipe.fast_decode)
     # Native-size images differ in shape, so each is its own batch.
-    batch_size = opts.pad_to or 1
+    batch_size = pad_to(recipe, opts) or 1
     window = max(2 * batch_size, 4 * opts.workers)
     stream = decode_stream(fetch_ahead(sources, opts.fetch_ahead), fn, workers=opts.workers, window=window)
     start = time.perf_counter()
@@ -110,21 +111,24 @@ def skip_done(sources: Iterable, done: list[str]) -> Iterator:
     yield from it
 
 
-def embed(model: VGG, sources: Iterable[str], writer, *, layer: str, pool: str | None, l2_normalize: bool,
-          opts: Options, total: int | None = None) -> Summary:
-    """Embed every source into `writer` (an `output.EmbeddingWriter`)."""
-    name = model.embedding_layer(layer, pool)
-    if opts.resize == "none" and arch_mod.is_head(name):
-        raise LayerError(f"layer {layer} needs the {model.spec.input_size[0]}x{model.spec.input_size[1]} input the fc "
-                         "layers were trained at: use --resize squash or center-crop, or a conv/pool layer")
-    summary = Summary(skipped=writer.done)
-    done = writer.resumed_sources
-    if done:
-        sources = skip_done(sources, done)
-        total = None if total is None else total - len(done)
+def embed(model: VGG, sources: Iterable[str], writer, recipe: Recipe, opts: Options,
+          total: int | None = None) -> Summary:
+    """Embed every source into `writer` (an `output.EmbeddingWriter`) as `recipe` says."""
+    name = model.embedding_layer(recipe.layer, recipe.pool)
+    if recipe.resize == "none" and arch_mod.is_head(name):
+        raise LayerError(f"layer {recipe.layer} needs the {model.spec.input_size[0]}x{model.spec.input_size[1]} "
+                         "input the fc layers were trained at: use --resize squash or center-crop, or a conv/pool layer")
+    recipe = recipe.bind(model.spec, name)
     try:
-        for chunk, batch in batches(model, sources, opts, summary, total):
-            vectors = None if batch is None else model.embed_batch(batch, name, pool, l2_normalize, opts.pad_to)
+        writer.begin(recipe)
+        summary = Summary(skipped=writer.done)
+        done = writer.resumed_sources
+        if done:
+            sources = skip_done(sources, done)
+            total = None if total is None else total - len(done)
+        for chunk, batch in batches(model, sources, recipe, opts, summary, total):
+            vectors = None if batch is None else model.embed_batch(batch, name, recipe.pool, recipe.l2_normalize,
+                                                                   pad_to(recipe, opts))
             writer.write(chunk, vectors)
         writer.finish()
     finally:
@@ -132,15 +136,15 @@ def embed(model: VGG, sources: Iterable[str], writer, *, layer: str, pool: str |
     return summary
 
 
-def classify(model: VGG, sources: Iterable[str], emit: Callable[[str, list], None], *, top: int, opts: Options,
-             total: int | None = None) -> Summary:
+def classify(model: VGG, sources: Iterable[str], emit: Callable[[str, list], None], *, top: int, recipe: Recipe,
+             opts: Options, total: int | None = None) -> Summary:
     """Call `emit(source, predictions)` for every image that decodes, in input order."""
     model.resolve("prob")
     summary = Summary()
-    for chunk, batch in batches(model, sources, opts, summary, total):
+    for chunk, batch in batches(model, sources, recipe, opts, summary, total):
         if batch is None:
             continue
-        probs = model.run(batch, ["prob"], pad_to=opts.pad_to)["prob"]
+        probs = model.run(batch, ["prob"], pad_to=pad_to(recipe, opts))["prob"]
         ok = [item for item in chunk if item.error is None]
         for item, p in zip(ok, probs):
             emit(item.source, model.top_k(p, top))

@@ -17,7 +17,7 @@ import numpy as np
 from . import arch as arch_mod
 from .errors import WeightFileError
 from .labels import find_labels, read_labels
-from .registry import file_md5, known_by_md5
+from .registry import known_by_md5
 
 # Frossard's mean pixel (R, G, B); MatConvNet files carry their own.
 IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
@@ -43,7 +43,9 @@ class WeightSpec:
 
     @cached_property
     def md5(self) -> str:
-        return file_md5(self.path)
+        from .download import cached_md5
+
+        return cached_md5(self.path)
 
     @property
     def known(self) -> str | None:

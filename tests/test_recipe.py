@@ -1,0 +1,75 @@
+"""The recipe travels with the vectors: recorded in every output, checked on --resume."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import vggembed
+from vggembed.cli import main
+from vggembed.output import recorded_meta
+from vggembed.recipe import Recipe
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("ext", [".npy", ".csv", ".parquet"])
+def test_every_output_records_its_recipe_and_counts(tmp_path, image_dir, tiny16, ext):
+    (image_dir / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / f"feats{ext}"
+    result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--layer", "pool5", "--pool", "avg",
+                 "--l2-normalize", "--dtype", "float16", "--resize", "center-crop")
+    assert result.exit_code == 3, result.output
+    meta = recorded_meta(out)
+    spec = vggembed.load_weights(tiny16)[1]
+    assert meta["recipe"] == {
+        "vggembed_version": vggembed.__version__, "weights": tiny16.name, "weights_md5": spec.md5, "arch": "vgg16",
+        "layer": "pool5", "pool": "avg", "resize": "center-crop", "precision": "float32", "dtype": "float16",
+        "l2_normalize": True, "fast_decode": False, "legacy_transpose": False}
+    assert (meta["rows"], meta["inputs"], meta["failed"]) == (4, 5, 1)
+    sidecar = tmp_path / f"feats{ext}.meta.json"
+    if ext == ".parquet":  # inside the file itself, not beside it
+        assert not sidecar.exists()
+        assert json.loads(pq.read_schema(out).metadata[b"vggembed"]) == meta
+    else:
+        assert json.loads(sidecar.read_text()) == meta
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_canonical_layer_names_are_recorded(tmp_path, image_dir, tiny16):
+    out = tmp_path / "f.npy"
+    assert run("embed", image_dir, "-o", out, "--weights", tiny16, "--layer", "fc7").exit_code == 0
+    assert recorded_meta(out)["recipe"]["layer"] == "relu7"  # fc7 as an embedding = fc2 = relu7
+
+
+def test_resume_refuses_another_recipe_and_accepts_the_same(tmp_path, image_dir, tiny16):
+    out = tmp_path / "f.npy"
+    staged = tmp_path / "f.npy.meta.json.partial"
+    # An interrupted run leaves its recipe staged beside its partial files.
+    from vggembed.output import EmbeddingWriter
+
+    writer = EmbeddingWriter(out)
+    spec = vggembed.load_weights(tiny16)[1]
+    writer.begin(Recipe(weights=str(tiny16), layer="relu7").bind(spec))
+    writer.close()
+    assert staged.exists()
+    result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--resume", "--l2-normalize")
+    assert result.exit_code == 1
+    assert (f"{out}: the interrupted run was made with another recipe (l2_normalize: True vs False); "
+            "resume with the same options, or pass --overwrite") in result.output
+    result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--resume")
+    assert result.exit_code == 0, result.output
+    assert recorded_meta(out)["rows"] == 4
+
+
+def test_recipe_round_trips_and_names_its_differences():
+    a = Recipe(weights="/x/vgg16_weights.npz", arch="vgg16", weights_md5="0" * 32, layer="relu7")
+    b = Recipe.from_dict(a.to_dict())
+    assert a.mismatches(b) == [] and b.weights == "vgg16_weights.npz"
+    assert a.mismatches(b.replace(weights_md5="1" * 32, pool="avg")) == [
+        f"weights_md5: {'0' * 32!r} vs {'1' * 32!r}", "pool: None vs 'avg'"]

@@ -1,0 +1,169 @@
+"""What every command shares: exit codes, error handling, and option groups that
+arrive in a command as one value each.
+
+`recipe_options` gathers the options that decide what the vectors mean into a
+`Recipe`; `load_options` gathers where and how the network is loaded into a
+`Setup`; `run_options` gathers how a run goes into `runner.Options`. A command
+then hands those values on, instead of long lists of parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import click
+
+from ..recipe import Recipe
+
+EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+POOLS = ["avg", "max", "flatten"]
+RESIZES = ["squash", "center-crop", "none"]
+
+
+def fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def gathered(target: str, build, decorators):
+    """Add `decorators`' options to a command and pass it `build(ctx, **their values)` as `target`."""
+
+    def deco(f):
+        @functools.wraps(f)
+        def command(*args, **kwargs):
+            values = {name: kwargs.pop(name) for name in names}
+            kwargs[target] = build(click.get_current_context(), **values)
+            return f(*args, **kwargs)
+
+        command.__click_params__ = list(getattr(f, "__click_params__", []))
+        before = len(command.__click_params__)
+        for d in reversed(decorators):
+            command = d(command)
+        names = [p.name for p in command.__click_params__[before:]]
+        return command
+
+    return deco
+
+
+# ------------------------------------------------------------------- recipe
+def recipe_options(*, vector: bool = False, inputs: bool = False):
+    """The Recipe's options: always the weights and precision; `vector`: layer, pool, dtype, l2;
+    `inputs`: resize and fast decoding."""
+    decorators = [
+        click.option("--weights", type=click.Path(dir_okay=False), envvar="VGGEMBED_WEIGHTS",
+                     help="Weight file (.npz or .mat). Default: $VGGEMBED_WEIGHTS, ./weights/, then the cache."),
+        click.option("--model", default="vgg16", show_default=True,
+                     help="Published weights to look for when --weights is not given (vgg16, vgg19, ...)."),
+        click.option("--legacy-transpose", is_flag=True,
+                     help="Transpose .mat conv kernels (1,0,2,3) as the VGG19 seed did (wrong for the "
+                          "published files; only to reproduce its feature maps)."),
+        click.option("--precision", type=click.Choice(["float32", "bf16", "fp16"]), default="float32",
+                     show_default=True, help="bf16 only where the CPU has AVX512_BF16/AMX, or on GPUs."),
+    ]
+    if vector:
+        decorators += [
+            click.option("--layer", default="fc2", show_default=True,
+                         help="fc2 = fc7 = relu7 (4096-d), fc1 = fc6 = relu6, fc8/fc3l logits, probs, or any "
+                              "conv/pool layer."),
+            click.option("--pool", type=click.Choice(POOLS), help="Make conv/pool maps into vectors."),
+            click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True),
+            click.option("--l2-normalize", is_flag=True, help="Scale each vector to unit length."),
+        ]
+    if inputs:
+        decorators += [
+            click.option("--resize", type=click.Choice(RESIZES), default="squash", show_default=True,
+                         help="squash to 224x224 (the seeds), center-crop (short side 256, centre 224), or none "
+                              "(native size; conv/pool layers only)."),
+            click.option("--fast-decode", is_flag=True,
+                         help="Decode JPEGs at reduced scale (much faster on large photos; values change slightly)."),
+        ]
+
+    def build(ctx, weights, model, **fields):
+        return Recipe(weights=weights, model=model, **fields)
+
+    return gathered("recipe", build, decorators)
+
+
+# -------------------------------------------------------------------- setup
+@dataclass(frozen=True)
+class Setup:
+    """Where and how the network is loaded: not part of what its vectors mean."""
+
+    labels: str | None = None
+    device: str = "auto"
+    verbose: bool = False
+
+    def load(self, recipe: Recipe):
+        """The network for `recipe`; with -v, how long each start-up phase took."""
+        from ..model import load_recipe
+
+        t: dict = {}
+        vgg = load_recipe(recipe, labels=self.labels, device=self.device, timings=t)
+        if self.verbose:
+            spec = vgg.spec
+            click.echo(f"vggembed: {spec.path} ({spec.arch}, {spec.layout}) on {vgg.device}, {recipe.precision}; "
+                       f"start-up: TensorFlow import {t['tensorflow']:.2f}s, weight file {t['weights']:.2f}s, "
+                       f"model {t['model']:.2f}s", err=True)
+        return vgg
+
+
+def load_options(f):
+    decorators = [
+        click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+                     help="Class names for weights without them: imagenet_classes.py, synset_words.txt, "
+                          "imagenet_class_index.json or one per line."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True),
+    ]
+    return gathered("setup", lambda ctx, **kw: Setup(verbose=ctx.obj["verbose"], **kw), decorators)(f)
+
+
+# ---------------------------------------------------------------------- run
+def run_options(f):
+    """runner.Options, plus --files-from and -q, which stay the command's own."""
+    decorators = [
+        click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
+        click.option("--workers", type=click.IntRange(1), default=min(8, os.cpu_count() or 2),
+                     show_default="CPU count, at most 8", help="Decoding threads."),
+        click.option("--max-pixels", type=click.IntRange(1), default=None,
+                     help="Refuse larger images (default Pillow's 89.5 million)."),
+        click.option("--strict", is_flag=True, help="Stop at the first image that fails."),
+    ]
+
+    def build(ctx, max_pixels, **kw):
+        from ..images import DEFAULT_MAX_PIXELS
+        from ..runner import Options
+
+        quiet = ctx.params.get("quiet", False)
+        return Options(max_pixels=max_pixels or DEFAULT_MAX_PIXELS, progress=not quiet and sys.stderr.isatty(),
+                       **kw)
+
+    f = gathered("opts", build, decorators)(f)
+    f = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")(f)
+    f = click.option("-0", "--null", is_flag=True,
+                     help="Lists ('-' and --files-from) are NUL-separated, as `find -print0` writes them.")(f)
+    f = click.option("--files-from", type=click.Path(exists=True, dir_okay=False),
+                     help="A file with one image path per line (after the INPUTs).")(f)
+    return f
+
+
+def sources(inputs, files_from, null):
+    """(sources iterator, total or None)."""
+    from ..inputs import for_run
+
+    if not inputs and not files_from:
+        fail("no input: give image files, folders, shards, URLs, '-' for paths on stdin, or --files-from LIST")
+    return for_run(list(inputs), files_from, null=null)
+
+
+def finish(ctx, summary, verb, quiet, tail=""):
+    """The one summary line on stderr, and the exit code."""
+    if ctx.obj["verbose"] and summary.first_batch_seconds is not None:
+        click.echo(f"vggembed: first batch (decode, graph build, run) {summary.first_batch_seconds:.2f}s; waited "
+                   f"for decoding {summary.wait_seconds:.2f}s of {summary.seconds:.2f}s", err=True)
+    if not quiet:
+        click.echo("vggembed: " + summary.line(verb) + tail, err=True)
+    ctx.exit(EXIT_SOME_FAILED if summary.failed else 0)

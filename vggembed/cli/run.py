@@ -1,0 +1,231 @@
+"""embed, merge and classify: images in, vectors or labels out."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import VGGEmbedError
+from .common import (CONTEXT, EXIT_INTERRUPTED, EXIT_SOME_FAILED, fail, finish, load_options, recipe_options,
+                     run_options, sources)
+
+
+# -------------------------------------------------------------------- embed
+@click.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="OUT.npy, OUT.csv or OUT.parquet (rows in input order; OUT.index.csv maps rows to paths); "
+                   "a folder with --engine ray.")
+@recipe_options(vector=True, inputs=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: run on a Ray cluster; OUT is then a folder of Parquet parts (see `vggembed merge`).")
+@click.option("--address", help="Ray cluster to join (auto, or ray://HOST:PORT); default: start one here.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="With --engine ray: GPUs per model actor (--workers is then the number of actors).")
+@click.option("--part-size", type=click.IntRange(1), default=1000, show_default=True,
+              help="With --engine ray: images per Parquet part, the unit of --resume.")
+@run_options
+@load_options
+@click.pass_context
+def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size, files_from,
+          null, quiet, opts, setup):
+    """Embed images into vectors, one row per image, in input order.
+
+    INPUT is an image, a folder (recursive, sorted), or '-' for paths on stdin.
+    Images that fail are reported on stderr and in OUT.errors.csv, and left
+    out; the run goes on (exit code 3).
+
+    \b
+    Examples:
+      vggembed embed images/ -o feats.npy
+      vggembed embed a.jpg b.png -o feats.csv --layer pool5 --pool avg
+      find . -name '*.jpg' | vggembed embed - -o feats.parquet
+    """
+    from .. import runner
+    from ..output import EmbeddingWriter
+
+    if engine == "ray":
+        if ctx.get_parameter_source("workers") == click.core.ParameterSource.DEFAULT:
+            opts = dataclasses.replace(opts, workers=1)  # model actors, not decoding threads, on Ray
+        if opts.strict:
+            raise click.UsageError("--strict stops at the first bad image; --engine ray records them as rows")
+        _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
+                   address=address, part_size=part_size, resume=resume, overwrite=overwrite)
+        return
+    try:
+        writer = EmbeddingWriter(output, resume=resume, overwrite=overwrite)
+        vgg = setup.load(recipe)
+        vgg.embedding_layer(recipe.layer, recipe.pool)
+        paths, total = sources(inputs, files_from, null)
+        summary = runner.embed(vgg, paths, writer, recipe, opts, total=total)
+    except KeyboardInterrupt:
+        click.echo("vggembed: interrupted; the finished batches are kept: run the same command with --resume",
+                   err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        fail(str(e))
+    finish(ctx, summary, "embedded", quiet, f"; wrote {output} ({writer.rows} x {writer.dim} {recipe.dtype})")
+
+
+def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, **kw):
+    from .. import distributed
+
+    try:
+        # the driver needs the whole sorted list for its ids
+        paths = [source.name for source in sources(inputs, files_from, null)[0]]
+        counts = distributed.embed(paths, output, recipe, opts, log=lambda line: click.echo(line, err=True), **kw)
+    except KeyboardInterrupt:
+        click.echo("vggembed: interrupted; finished parts are kept: run the same command with --resume", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        fail(str(e))
+    if not quiet:
+        rate = counts["images"] / counts["seconds"] if counts["seconds"] else 0.0
+        click.echo(f"vggembed: embedded {counts['images'] - counts['failed']} of {counts['images']} images on Ray "
+                   f"in {counts['seconds']:.1f}s ({rate:.1f} images/s)"
+                   + (f"; {counts['failed']} failed" if counts["failed"] else "")
+                   + (f"; {counts['skipped']} already done" if counts["skipped"] else "")
+                   + f"; parts in {output} (vggembed merge {output} -o feats.npy)", err=True)
+    ctx.exit(EXIT_SOME_FAILED if counts["failed"] else 0)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="OUT.npy, OUT.csv or OUT.parquet, with OUT.index.csv and OUT.errors.csv.")
+@click.option("--overwrite", is_flag=True)
+def merge(run_dir, output, overwrite):
+    """Gather an --engine ray folder into one output, rows in the local engine's order.
+
+    \b
+    Example:
+      vggembed merge feats_parts/ -o feats.npy
+    """
+    from ..distributed import merge as merge_parts
+
+    try:
+        rows, failed = merge_parts(run_dir, output, overwrite=overwrite)
+    except VGGEmbedError as e:
+        fail(str(e))
+    click.echo(f"vggembed: wrote {output} ({rows} rows; {failed} failed images listed in {output}.errors.csv)",
+               err=True)
+
+
+# ----------------------------------------------------------------- classify
+@click.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1)
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+@recipe_options(inputs=True)
+@run_options
+@load_options
+@click.pass_context
+def classify(ctx, inputs, top, fmt, output, recipe, files_from, null, quiet, opts, setup):
+    """Top ImageNet predictions with their labels.
+
+    For one image the table reads as the VGG16 tutorial's:
+    "1. weasel (0.6934)". For several, one row per image and rank:
+    path, rank, class index, label, probability.
+
+    \b
+    Examples:
+      vggembed classify laska.png
+      vggembed classify photos/ --format csv -o preds.csv
+    """
+    from .. import runner
+
+    try:
+        vgg = setup.load(recipe)
+        if vgg.spec.labels is None and vgg.spec.has_fc:
+            click.echo(f"vggembed: note: no labels for {vgg.spec.path}; showing class indices "
+                       "(pass --labels FILE)", err=True)
+        paths, total = sources(inputs, files_from, null)
+        with _Sink(output) as out:
+            emit = _emitter(out, fmt, single=total == 1)
+            summary = runner.classify(vgg, paths, emit, top=top, recipe=recipe.replace(layer="prob"), opts=opts,
+                                      total=total)
+            emit.close()
+    except KeyboardInterrupt:
+        click.echo("vggembed: interrupted", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except VGGEmbedError as e:
+        fail(str(e))
+    finish(ctx, summary, "classified", quiet)
+
+
+class _Sink:
+    """stdout, or a file that appears under its name only when complete."""
+
+    def __init__(self, path):
+        self.path = Path(path) if path else None
+
+    def __enter__(self):
+        if self.path is None:
+            return sys.stdout
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.f = open(self.tmp, "w", newline="", encoding="utf-8")
+        return self.f
+
+    def __exit__(self, exc_type, *_):
+        if self.path is None:
+            sys.stdout.flush()
+            return
+        self.f.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _emitter(out, fmt, single):
+    """A callable(source, predictions) that writes one format, streaming, plus close()."""
+    fields = ["path", "rank", "index", "label", "probability"]
+
+    class Emit:
+        first = True
+
+        def __call__(self, source, preds):
+            rows = [{"path": source, "rank": p.rank, "index": p.index, "label": p.label,
+                     "probability": p.probability} for p in preds]
+            if fmt == "table" and single:
+                for p in preds:
+                    out.write(f"{p.rank}. {p.label} ({p.probability:.4f})\n")
+            elif fmt == "table":
+                if self.first:
+                    out.write("\t".join(fields) + "\n")
+                for r in rows:
+                    out.write(f"{r['path']}\t{r['rank']}\t{r['index']}\t{r['label']}\t{r['probability']:.4f}\n")
+            elif fmt == "csv":
+                w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+                if self.first:
+                    w.writeheader()
+                w.writerows(rows)
+            elif fmt == "jsonl":
+                out.write(json.dumps({"path": source, "predictions": [_pred(p) for p in preds]}) + "\n")
+            else:
+                out.write(("[\n" if self.first else ",\n") +
+                          json.dumps({"path": source, "predictions": [_pred(p) for p in preds]}))
+            self.first = False
+            out.flush()
+
+        def close(self):
+            if fmt == "json":
+                out.write("[]\n" if self.first else "\n]\n")
+
+    return Emit()
+
+
+def _pred(p):
+    return {"rank": p.rank, "index": p.index, "label": p.label, "probability": p.probability}
+
+

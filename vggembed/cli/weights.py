@@ -1,0 +1,93 @@
+"""info and weights list/fetch: what a weight file is, and getting the published ones."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import VGGEmbedError
+from .common import CONTEXT, fail
+
+
+# --------------------------------------------------------------------- info
+@click.command(context_settings=CONTEXT)
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False))
+def info(weights, labels):
+    """Describe a weight file: format, layout, layers and shapes, checksum.
+
+    Reads the file with numpy/scipy only; TensorFlow is not started.
+    """
+    from .. import arch
+    from ..weights import load_weights
+
+    try:
+        params, spec = load_weights(weights, labels=labels)
+    except VGGEmbedError as e:
+        fail(str(e))
+    h, w = spec.input_size[1], spec.input_size[0]
+    count = sum(a.size + b.size for a, b in params.values())
+    known = spec.known
+    lines = [
+        f"file          {spec.path}",
+        f"format        {spec.format} ({spec.layout})",
+        f"architecture  {spec.arch}{'' if spec.has_fc else ' (conv layers only: no fc6-fc8)'}",
+        f"input         {w}x{h} {spec.channel_order}, mean pixel "
+        + " ".join(f"{v:.3f}" for v in spec.mean_pixel),
+        f"parameters    {count:,}",
+        "labels        " + (f"{len(spec.labels)} from {spec.labels_source}" if spec.labels else "none"),
+        f"md5           {spec.md5}  " + (f"(published file: {known})" if known else "(not a known published file)"),
+        f"layers        output shape at {w}x{h}:",
+    ]
+    del params
+    names = [n for n in arch.layer_names(spec.arch) if spec.has_fc or not arch.is_head(n)]
+    aliases = {v: k for k, v in arch.ALIASES.items()}
+    for name in names:
+        alias = f" (= {aliases[name]})" if name in aliases else ""
+        lines.append(f"  {name + alias:<16} {spec.output_shape(name, h, w)}")
+    click.echo("\n".join(lines))
+
+
+# ------------------------------------------------------------------ weights
+@click.group(context_settings=CONTEXT)
+def weights():
+    """List and download the published weight files."""
+
+
+@weights.command("list")
+def weights_list():
+    """The published files `fetch` knows, and whether each is on this machine."""
+    from ..download import search_folders
+    from ..registry import PUBLISHED
+
+    for p in PUBLISHED.values():
+        here = any((folder / p.filename).exists() for folder in search_folders())
+        click.echo(f"{p.name:<14} {'present' if here else 'absent':<8} {p.filename:<38} {p.note}")
+
+
+@weights.command("fetch", context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True)
+@click.option("--dest", type=click.Path(file_okay=False), help="Folder (default: $VGGEMBED_HOME or ~/.cache/vggembed).")
+@click.option("--mirror", help="Base URL holding the same file names (default $VGGEMBED_MIRROR).")
+@click.option("-q", "--quiet", is_flag=True)
+def weights_fetch(names, dest, mirror, quiet):
+    """Download published weights, resuming a cut transfer and checking size and MD5.
+
+    \b
+    Examples:
+      vggembed weights fetch vgg16
+      vggembed weights fetch vgg19 --dest weights/
+    """
+    from ..download import fetch
+
+    for name in names:
+        try:
+            path = fetch(name, dest=Path(dest) if dest else None, mirror=mirror,
+                         progress=not quiet and sys.stderr.isatty())
+        except VGGEmbedError as e:
+            fail(str(e))
+        click.echo(str(path))
+
+
