@@ -372,6 +372,29 @@ def test_urls_embed_exactly_as_local_files_and_bad_ones_are_failed_rows(tmp_path
     assert np.array_equal(np.load(out), reference(tmp_path, expected, tiny16))
 
 
+def test_an_http_folder_is_listed_and_sorted_as_the_same_local_folder(tmp_path, members):
+    import functools
+    import http.server
+
+    folder = tmp_path / "web"
+    write_local(folder, [("b/" + members[0][0], members[0][1]), ("a-" + members[1][0], members[1][1]),
+                         (members[2][0], members[2][1]), (".hidden/x.png", members[3][1]), ("notes.txt", b"x")])
+    class Quiet(http.server.SimpleHTTPRequestHandler):  # Python's own server, with its folder pages
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        remote = [s.name for s in inputs.expand([base])]
+    finally:
+        server.shutdown()
+        server.server_close()
+    local = [s.name for s in inputs.expand([str(folder)])]
+    assert len(local) == 3 and remote == [n.replace(str(folder) + "/", base) for n in local]
+
+
 def test_a_password_in_a_url_is_never_written_anywhere(tmp_path, members, tiny16):
     with FileServer({"/a.png": members[1][1]}) as srv:
         url = srv.url("/a.png").replace("http://", "http://ann:s3cr3t@")

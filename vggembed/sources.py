@@ -24,6 +24,7 @@ output or a log line.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import io
@@ -91,6 +92,11 @@ def is_url(name: str) -> bool:
     return bool(_URL.match(name))
 
 
+def _is_remote(name: str) -> bool:
+    """A URL read through fsspec; `file://` is a local path, opened as one (never a FIFO)."""
+    return is_url(name) and not name.startswith("file://")
+
+
 def is_shard(name: str) -> bool:
     """Named like a tar shard (.tar, .tar.gz, .tgz, any case), local or URL."""
     return name.lower().endswith(SHARD_SUFFIXES)
@@ -137,7 +143,7 @@ def open_source(source) -> Iterator[BinaryIO]:
         if source.data is not None:
             yield io.BytesIO(source.data)
             return
-    if is_url(name) and not name.startswith("file://"):
+    if _is_remote(name):
         yield io.BytesIO(read_bytes(name))
         return
     with _open_local(name, "image file") as f:
@@ -150,9 +156,9 @@ def read_bytes(name: str) -> bytes:
     Raises:
         ImageError: naming the input and why it cannot be read.
     """
-    if is_url(name) and not name.startswith("file://"):
-        fs, path = _filesystem(name)
-        return _retrying(name, lambda: fs.cat_file(path))
+    if _is_remote(name):
+        fs, path = filesystem(name)
+        return retrying(name, lambda: fs.cat_file(path))
     with _open_local(name, "image file") as f:
         try:
             return f.read()
@@ -171,7 +177,7 @@ def _open_local(name: str, what: str) -> BinaryIO:
         raise ImageError(name, problem) from None
 
 
-def fetch_ahead(sources: Iterable, concurrency: int = 16) -> Iterator:
+def fetch_ahead(sources: Iterable, concurrency: int = 32) -> Iterator:
     """The same sources, in order, with the bytes of URLs read `concurrency` at a time.
 
     Remote reads wait on the network, not the CPU, so they run on their own
@@ -181,21 +187,21 @@ def fetch_ahead(sources: Iterable, concurrency: int = 16) -> Iterator:
     sources are held here, so memory stays bounded.
     """
     pool: ThreadPoolExecutor | None = None
-    pending: list = []  # a deque would do; the window is small
+    pending: collections.deque = collections.deque()
     try:
         for source in sources:
             name = name_of(source)
-            if (is_url(name) and not name.startswith("file://")
-                    and not (isinstance(source, Source) and (source.data is not None or source.error is not None))):
+            if _is_remote(name) and not (isinstance(source, Source)
+                                         and (source.data is not None or source.error is not None)):
                 if pool is None:
                     pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vggembed-fetch")
                 pending.append(pool.submit(_fetch, name))
             else:
                 pending.append(source)
             while pending and (len(pending) > concurrency or not isinstance(pending[0], Future)):
-                yield _done(pending.pop(0))
+                yield _done(pending.popleft())
         while pending:
-            yield _done(pending.pop(0))
+            yield _done(pending.popleft())
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -282,8 +288,8 @@ class _TarInfo(tarfile.TarInfo):
 
 
 def _open_stream(name: str) -> BinaryIO:
-    if is_url(name) and not name.startswith("file://"):
-        fs, path = _filesystem(name)
+    if _is_remote(name):
+        fs, path = filesystem(name)
         return io.BufferedReader(_RemoteReader(name, fs, path), 1 << 20)
     return _open_local(name, "tar shard")
 
@@ -312,7 +318,7 @@ class _RemoteReader(io.RawIOBase):
                 self._drop()
                 raise
 
-        data = _retrying(self.name_, attempt)
+        data = retrying(self.name_, attempt)
         b[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -333,8 +339,13 @@ def _reason(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------- remote
-def _filesystem(url: str):
-    """(fsspec filesystem, path) for a URL; one clear message when support is missing."""
+def filesystem(url: str):
+    """(fsspec filesystem, path) for a URL; one clear message when support is missing.
+
+    Raises:
+        ImageError: the URL holds a password, or fsspec cannot parse it.
+        VGGEmbedError: fsspec or the protocol's package is not installed.
+    """
     if urlsplit(url).password is not None:
         raise ImageError(redact(url), "has a password in the URL; vggembed does not take credentials from URLs "
                                       "(they would be written into the index): use ~/.netrc or the protocol's "
@@ -398,7 +409,7 @@ _TRANSIENT_ERRNO = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNA
                               errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
 
 
-def _retrying(name: str, fn: Callable[[], _T]) -> _T:
+def retrying(name: str, fn: Callable[[], _T]) -> _T:
     """fn(), retried with exponential backoff and jitter while it fails transiently.
 
     Raises:
@@ -411,7 +422,7 @@ def _retrying(name: str, fn: Callable[[], _T]) -> _T:
         except (ImageError, VGGEmbedError):
             raise
         except Exception as e:  # noqa: BLE001 - every protocol has its own exception types
-            transient, reason = classify(e)
+            transient, reason = classify_error(e)
             if not transient:
                 raise ImageError(name, reason) from None
             if attempt == settings["attempts"]:
@@ -420,7 +431,7 @@ def _retrying(name: str, fn: Callable[[], _T]) -> _T:
     raise AssertionError("unreachable")
 
 
-def classify(e: BaseException) -> tuple[bool, str]:
+def classify_error(e: BaseException) -> tuple[bool, str]:
     """(transient?, reason) for an exception from a remote read."""
     status = _status(e)
     if status is not None:
