@@ -318,11 +318,39 @@ def test_a_truncated_shard_keeps_the_rows_before_the_damage_and_says_so(tmp_path
         + [f"{tmp_path}/badhdr.tar/{names[0]}", f"{tmp_path}/badhdr.tar", str(after)])
     errors = {r[0]: r[2] for r in rows if r[2]}
     assert "ends inside this member" in errors[f"{tmp_path}/inside.tar/{names[1]}"]
-    assert errors[f"{tmp_path}/at_end.tar"].startswith("truncated: the data ends after 4 images")
+    assert errors[f"{tmp_path}/at_end.tar"].startswith("truncated: the data ends after 4 images,")
     assert "bad tar header" in errors[f"{tmp_path}/badhdr.tar"]
     assert len(errors) == 3 and "Traceback" not in result.stderr
     local = write_local(tmp_path / "local", members)
     assert np.array_equal(np.load(out), reference(tmp_path, [local[0]] + local + [local[0], after], tiny16))
+
+
+def test_a_member_larger_than_an_image_may_be_is_refused_unread(tmp_path, members, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 4 << 20)
+    big = [(members[0][0], members[0][1]), ("big.png", np.random.default_rng(0).bytes(64 << 20)),
+           (members[1][0], members[1][1])]
+    shard = make_shard(tmp_path / "big.tar", big)
+    tracemalloc.start()
+    try:
+        got = list(sources.iter_shard(str(shard)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(s.name, s.data) for s in got if s.error is None] == [(f"{shard}/{n}", d) for n, d in big[::2]]
+    assert [s.name for s in got] == [f"{shard}/{n}" for n, _ in big]
+    assert "larger than an image may be (4 MiB)" in got[1].error
+    assert peak < 16 << 20  # never the 64 MiB member
+
+    # a header declaring 3 GiB in front of a few bytes: refused, then the shard is truncated
+    huge = tarfile.TarInfo("huge.png")
+    huge.size = 3 << 30
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(huge.tobuf() + b"\x89PNG" * 100)
+    got = list(sources.iter_shard(str(cut)))
+    assert [s.name for s in got] == [f"{cut}/huge.png", str(cut)]
+    assert got[0].error.startswith(f"{3 << 30} bytes: larger") and got[1].error.startswith("truncated: the data")
 
 
 def test_a_shard_is_streamed_never_extracted(tmp_path, members):

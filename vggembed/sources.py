@@ -46,6 +46,9 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .ico .tga".split()
 )
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# A tar member is read into memory whole: refuse one larger than any image
+# Pillow would accept (89.5 million pixels, uncompressed 16-bit RGBA) before reading it.
+MAX_MEMBER_BYTES = 1 << 30
 REMOTE_EXTRA = 'pip install "vggembed[remote]"'
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -253,6 +256,10 @@ def iter_shard(name: str) -> Iterator[Source]:
                 del tar.members[:]  # a streamed archive needs no memory of past members
                 if not (member.isreg() and is_image_name(member.name)):
                     continue
+                if member.size > MAX_MEMBER_BYTES:  # skipped unread: the next header is found by seeking
+                    yield Source(f"{name}/{member.name}", error=f"{member.size} bytes: larger than an image "
+                                                                f"may be ({MAX_MEMBER_BYTES >> 20} MiB)")
+                    continue
                 current = member.name
                 data = tar.extractfile(member).read()
                 current = None
@@ -261,16 +268,26 @@ def iter_shard(name: str) -> Iterator[Source]:
         except (tarfile.TarError, OSError, EOFError, zlib.error, ImageError) as e:
             if current is not None:
                 yield Source(f"{name}/{current}", error=f"the shard's data ends inside this member: {_reason(e)}")
+            elif "end of data" in str(e):
+                yield Source(name, error=_truncated(members))
             else:
-                yield Source(name, error=f"damaged after {members} images: {_reason(e)}")
+                yield Source(name, error=f"damaged after {_images(members)}: {_reason(e)}")
             return
         end = getattr(tar, "vggembed_end", None)
         if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
-            yield Source(name, error=f"truncated: the data ends after {members} images, before the end-of-archive "
-                                     "marker; the rest of the shard is lost")
+            yield Source(name, error=_truncated(members))
         elif not isinstance(end, tarfile.EOFHeaderError):
-            yield Source(name, error=f"damaged after {members} images: a bad tar header ({end}); the rest of the "
+            yield Source(name, error=f"damaged after {_images(members)}: a bad tar header ({end}); the rest of the "
                                      "shard cannot be read")
+
+
+def _truncated(members: int) -> str:
+    return (f"truncated: the data ends after {_images(members)}, before the end-of-archive marker; the rest of "
+            "the shard is lost")
+
+
+def _images(n: int) -> str:
+    return f"{n} image" + ("" if n == 1 else "s")
 
 
 class _TarInfo(tarfile.TarInfo):
