@@ -2,7 +2,7 @@
 
 A `Source` is what the rest of the pipeline sees: a name (what the index
 records, exactly as given) and, where the listing already has them, the
-bytes. Everything that reads image bytes goes through `open_source`, so
+bytes. Everything that reads image bytes goes through `open_binary`, so
 there is one place that decides how each kind is read:
 
 - a local path is opened with `safeio.open_regular` (never a FIFO, socket
@@ -129,28 +129,37 @@ def display(name: str) -> str:
 
 
 # ------------------------------------------------------------------- reading
-@contextlib.contextmanager
-def open_source(source) -> Iterator[BinaryIO]:
-    """A binary file holding the source's encoded bytes.
+def open_binary(source) -> BinaryIO:
+    """A binary file holding the source's encoded bytes; the caller closes it.
 
     Args:
-        source: a `Source`, a local path (str or os.PathLike) or a URL.
+        source: a `Source`, a local path (str or os.PathLike), a URL, encoded
+            bytes, or a binary file object (returned as it is).
 
     Raises:
         ImageError: naming the source and why it cannot be read.
     """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source)
+    if not isinstance(source, (Source, str, os.PathLike)):
+        return source  # already a file object
     name = name_of(source)
     if isinstance(source, Source):
         if source.error is not None:
             raise ImageError(name, source.error)
         if source.data is not None:
-            yield io.BytesIO(source.data)
-            return
+            return io.BytesIO(source.data)
     if _is_remote(name):
-        yield io.BytesIO(read_bytes(name))
-        return
-    with _open_local(name, "image file") as f:
-        yield f
+        return io.BytesIO(read_bytes(name))
+    return _open_local(name, "image file")
+
+
+def is_empty(fp) -> bool:
+    """Whether an open file holds no bytes at all (for "empty file" rather than "not an image")."""
+    try:
+        return fp is not None and fp.seek(0, os.SEEK_END) == 0
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def read_bytes(name: str) -> bytes:
