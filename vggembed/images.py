@@ -14,7 +14,7 @@ Then one of three resize policies:
 
 from __future__ import annotations
 
-import os
+import io
 import warnings
 
 import numpy as np

@@ -32,7 +32,7 @@ import os
 import random
 import re
 import tarfile
-import time
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -162,15 +162,19 @@ def is_empty(fp) -> bool:
         return False
 
 
-def read_bytes(name: str) -> bytes:
+def read_bytes(name: str, stop: threading.Event | None = None) -> bytes:
     """The whole content of a local file or a URL (retried when the failure is transient).
+
+    Args:
+        name: a local path or a URL.
+        stop: once set, a failing remote read is not retried again.
 
     Raises:
         ImageError: naming the input and why it cannot be read.
     """
     if _is_remote(name):
         fs, path = filesystem(name)
-        return retrying(name, lambda: fs.cat_file(path))
+        return retrying(name, lambda: fs.cat_file(path), stop)
     with _open_local(name, "image file") as f:
         try:
             return f.read()
@@ -179,9 +183,8 @@ def read_bytes(name: str) -> bytes:
 
 
 def _open_local(name: str, what: str) -> BinaryIO:
-    path = name[len("file://"):] if name.startswith("file://") else name
     try:
-        return open_regular(path, what)
+        return open_regular(name.removeprefix("file://"), what)
     except NotAFileError as e:
         problem = e.problem
         if problem == os.strerror(errno.ENAMETOOLONG):
@@ -200,6 +203,7 @@ def fetch_ahead(sources: Iterable, concurrency: int = 32) -> Iterator:
     """
     pool: ThreadPoolExecutor | None = None
     pending: collections.deque = collections.deque()
+    stop = threading.Event()
     try:
         for source in sources:
             name = name_of(source)
@@ -207,7 +211,7 @@ def fetch_ahead(sources: Iterable, concurrency: int = 32) -> Iterator:
                                          and (source.data is not None or source.error is not None)):
                 if pool is None:
                     pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vggembed-fetch")
-                pending.append(pool.submit(_fetch, name))
+                pending.append(pool.submit(_fetch, name, stop))
             else:
                 pending.append(source)
             while pending and (len(pending) > concurrency or not isinstance(pending[0], Future)):
@@ -216,12 +220,15 @@ def fetch_ahead(sources: Iterable, concurrency: int = 32) -> Iterator:
             yield _done(pending.popleft())
     finally:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Ctrl-C must not wait for a slow server: reads not started are dropped,
+            # reads under way are not retried, and nobody waits for them here.
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _fetch(name: str) -> Source:
+def _fetch(name: str, stop: threading.Event) -> Source:
     try:
-        return Source(name, data=read_bytes(name))
+        return Source(name, data=read_bytes(name, stop))
     except ImageError as e:
         return Source(name, error=e.problem)
 
@@ -435,13 +442,19 @@ _TRANSIENT_ERRNO = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNA
                               errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
 
 
-def retrying(name: str, fn: Callable[[], _T]) -> _T:
+def retrying(name: str, fn: Callable[[], _T], stop: threading.Event | None = None) -> _T:
     """fn(), retried with exponential backoff and jitter while it fails transiently.
+
+    Args:
+        name: the input, for the error.
+        fn: one attempt.
+        stop: once set (the run is ending), no further attempt is made.
 
     Raises:
         ImageError: for a permanent failure at once, or the last transient one.
     """
     settings = remote_settings()
+    stop = stop or threading.Event()
     for attempt in range(1, settings["attempts"] + 1):
         try:
             return fn()
@@ -453,7 +466,8 @@ def retrying(name: str, fn: Callable[[], _T]) -> _T:
                 raise ImageError(name, reason) from None
             if attempt == settings["attempts"]:
                 raise ImageError(name, f"{reason} (gave up after {attempt} attempts)") from None
-            time.sleep(settings["delay"] * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+            if stop.wait(settings["delay"] * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)):
+                raise ImageError(name, f"{reason} (the run ended before a retry)") from None
     raise AssertionError("unreachable")
 
 
