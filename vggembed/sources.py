@@ -129,6 +129,25 @@ def display(name: str) -> str:
 
 
 # ------------------------------------------------------------------- reading
+def resolve(source) -> bytes | str | os.PathLike:
+    """What an input stands for when read: its bytes (a tar member, a URL's
+    content, read here with retries) or a local path, for `open_regular`.
+
+    Raises:
+        ImageError: a listing error carried by the Source, or a failed remote read.
+    """
+    name = name_of(source)
+    if isinstance(source, Source):
+        if source.error is not None:
+            raise ImageError(name, source.error)
+        if source.data is not None:
+            return source.data
+        source = name
+    if _is_remote(name):
+        return read_bytes(name)
+    return source.removeprefix("file://") if isinstance(source, str) else source
+
+
 def open_binary(source) -> BinaryIO:
     """A binary file holding the source's encoded bytes; the caller closes it.
 
@@ -139,19 +158,14 @@ def open_binary(source) -> BinaryIO:
     Raises:
         ImageError: naming the source and why it cannot be read.
     """
+    if isinstance(source, (Source, str, os.PathLike)):
+        name = name_of(source)
+        source = resolve(source)
+        if isinstance(source, (str, os.PathLike)):
+            return _open_local(name, "image file")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return io.BytesIO(source)
-    if not isinstance(source, (Source, str, os.PathLike)):
-        return source  # already a file object
-    name = name_of(source)
-    if isinstance(source, Source):
-        if source.error is not None:
-            raise ImageError(name, source.error)
-        if source.data is not None:
-            return io.BytesIO(source.data)
-    if _is_remote(name):
-        return io.BytesIO(read_bytes(name))
-    return _open_local(name, "image file")
+    return source  # already a file object
 
 
 def is_empty(fp) -> bool:
