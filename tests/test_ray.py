@@ -139,7 +139,7 @@ def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path,
     from vggembed.runner import Options
 
     parts = tmp_path / "parts"
-    paths = list(expand([str(folder)]))
+    paths = [source.name for source in expand([str(folder)])]
     result = {}
 
     def job():

@@ -34,12 +34,6 @@ NO_ROOM = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
            errno.EFBIG: "raise the file size limit (ulimit -f)"}
 
 
-def display(text) -> str:
-    """Text that must be valid UTF-8 (Parquet strings, JSON): bytes of a name that are not UTF-8 as \\xNN,
-    the form the CLI's messages on stderr show them in."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
-
-
 def is_stream(path) -> bool:
     """An existing path that is neither a regular file nor a folder (`/dev/stdout`, a FIFO, a device).
 

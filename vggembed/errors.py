@@ -1,5 +1,12 @@
 """Exceptions vggembed raises. The CLI turns each into a one-line message."""
 
+import os
+
+
+def display(name) -> str:
+    """A file name as messages, Parquet strings and JSON show it: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
 
 class VGGEmbedError(Exception):
     """Base class: a problem the user can act on, described in one line."""

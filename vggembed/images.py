@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import imagecheck
+from . import imagecheck, sources
 from .errors import ImageError
 from .safeio import NotAFileError, open_regular
 
@@ -36,7 +36,7 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Open a path, bytes, binary file object or PIL image as an 8-bit RGB PIL image.
+    """Open an input as an 8-bit RGB PIL image.
 
     A path is opened only if it is a regular file (never a FIFO, socket or
     device, which could block forever). Before any pixel memory is
@@ -44,7 +44,8 @@ def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
     (`vggembed.imagecheck`), so a cut or forged file fails cheaply.
 
     Args:
-        source: a file path, raw encoded bytes, a binary file object, or a PIL image.
+        source: a local path, a URL, a `sources.Source` (a tar member, say), raw
+            encoded bytes, a binary file object, or a PIL image.
         max_pixels: images with more pixels are refused (decompression bombs).
         draft: let JPEG decode at a reduced scale whose size stays at least
             this (w, h). Faster on large photos; values change slightly.
@@ -52,8 +53,10 @@ def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
     Raises:
         ImageError: naming the source and what is wrong.
     """
-    name = source if isinstance(source, (str, os.PathLike)) else "<image>"
+    name = sources.name_of(source)
     try:
+        if isinstance(source, (str, os.PathLike, sources.Source)):
+            source = sources.resolve(source)  # bytes for a tar member or a URL (read with retries), else a local path
         if isinstance(source, Image.Image):
             _check_size(source, name, max_pixels)
             if draft is not None and source.format == "JPEG":

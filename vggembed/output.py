@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .destination import Destination, display, replacing
-from .errors import VGGEmbedError
+from .destination import Destination, replacing
+from .errors import VGGEmbedError, display
 from .recipe import Recipe, meta_json, read_meta
 
 FORMATS = {".npy": "npy", ".csv": "csv", ".parquet": "parquet"}

@@ -15,11 +15,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from . import arch as arch_mod
-from .errors import LayerError, VGGEmbedError
+from .errors import LayerError, VGGEmbedError, display
 from .images import DEFAULT_MAX_PIXELS, prepare
 from .model import VGG
 from .pipeline import Item, chunks, decode_stream, stack
 from .recipe import Recipe
+from .sources import fetch_ahead, name_of
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     strict: bool = False
     progress: bool = False
+    fetch_ahead: int = 32  # remote reads in flight, beside the decoding threads
 
 
 def pad_to(recipe: Recipe, opts: Options, inputs: int | None = None) -> int | None:
@@ -99,7 +101,7 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
     batch_size = pad_to(recipe, opts) or 1
     window = max(2 * batch_size, 4 * opts.workers)
     counted = _Counted(sources, before)
-    stream = decode_stream(counted, fn, workers=opts.workers, window=window)
+    stream = decode_stream(fetch_ahead(counted, opts.fetch_ahead), fn, workers=opts.workers, window=window)
     start = time.perf_counter()
     with tqdm(total=total, unit="img", file=sys.stderr, disable=not opts.progress, dynamic_ncols=True) as bar:
         waited = time.perf_counter()
@@ -107,12 +109,13 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
             summary.wait_seconds += time.perf_counter() - waited
             for item in chunk:
                 if item.error is not None:
+                    line = f"{display(item.source)}: {item.error}"
                     if opts.strict:
-                        raise StrictStop(f"{item.source}: {item.error} (--strict)")
+                        raise StrictStop(f"{line} (--strict)")
                     if opts.progress:
-                        bar.write(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
+                        bar.write(f"vggembed: {line}", file=sys.stderr)
                     elif sys.stderr is not None:  # None: started with stderr closed
-                        print(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
+                        print(f"vggembed: {line}", file=sys.stderr)
             inputs = before + total if total is not None else counted.count if counted.ended else None
             yield chunk, stack(chunk), pad_to(recipe, opts, inputs)
             if summary.first_batch_seconds is None:
@@ -124,14 +127,15 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
             waited = time.perf_counter()
 
 
-def skip_done(sources: Iterable[str], done: list[str]) -> Iterator[str]:
-    """Skip the inputs an interrupted run finished, checking they are the same ones."""
+def skip_done(sources: Iterable, done: list[str]) -> Iterator:
+    """Skip the inputs an interrupted run finished, checking they are the same ones (by name)."""
     it = iter(sources)
     for i, expected in enumerate(done):
         got = next(it, None)
-        if got != expected:
+        if got is None or name_of(got) != expected:
+            got_text = "missing" if got is None else repr(display(name_of(got)))
             raise VGGEmbedError(
-                f"--resume: input {i + 1} is {got!r} but the interrupted run had {expected!r}; "
+                f"--resume: input {i + 1} is {got_text} but the interrupted run had {display(expected)!r}; "
                 "resume with the same inputs, or pass --overwrite to start over")
     yield from it
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from .errors import ImageError
+from .errors import ImageError, display
 from .images import load_rgb
 from .pictures import _font
 
@@ -58,7 +58,7 @@ def contact_sheet(rows: list[list[Tile]], tile: int = 128) -> Image.Image:
                 draw.text((left + 4, top + 4), _fit(draw, problem, font, tile - 8), fill="white", font=font)
             else:
                 sheet.paste(thumb, (left + (tile - thumb.width) // 2, top + (tile - thumb.height) // 2))
-            name = t.name if t.name is not None else _display(os.path.basename(t.path or "") or (t.path or ""))
+            name = t.name if t.name is not None else display(os.path.basename(t.path or "") or (t.path or ""))
             draw.text((left, bottom + 1), _fit(draw, t.caption, font, tile), fill="black", font=font)
             draw.text((left, bottom + 1 + LINE), _fit(draw, name, font, tile), fill=(60, 60, 60), font=font)
     return sheet
@@ -73,11 +73,6 @@ def _thumbnail(path: str | None, tile: int) -> tuple[Image.Image | None, str]:
         return None, e.problem
     img.thumbnail((tile, tile), Image.BILINEAR)
     return img, ""
-
-
-def _display(name: str) -> str:
-    """A name as messages show it: bytes that are not UTF-8 as \\xNN."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:

@@ -133,6 +133,9 @@ def run_options(f):
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
         click.option("--workers", type=click.IntRange(1), default=min(8, os.cpu_count() or 2),
                      show_default="CPU count, at most 8", help="Decoding threads."),
+        click.option("--fetch-ahead", type=click.IntRange(1), default=32, show_default=True,
+                     help="URLs read at once, ahead of decoding; to keep the model fed, at least its images/s "
+                          "times the store's seconds per request."),
         click.option("--max-pixels", type=click.IntRange(1), default=None,
                      help="Refuse larger images (default Pillow's 89.5 million)."),
         click.option("--strict", is_flag=True, help="Stop at the first image that fails."),
@@ -148,30 +151,27 @@ def run_options(f):
 
     f = gathered("opts", build, decorators)(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")(f)
+    f = click.option("-0", "--null", is_flag=True,
+                     help="Lists ('-' and --files-from) are NUL-separated, as `find -print0` writes them.")(f)
     f = click.option("--files-from", type=click.Path(exists=True, dir_okay=False),
                      help="A file with one image path per line (after the INPUTs).")(f)
     return f
 
 
-def sources(inputs, files_from):
-    """(paths iterator, total or None). Lists are materialised only when no stdin is involved.
+def sources(inputs, files_from, null):
+    """(sources iterator, total or None); see `inputs.for_run`.
 
-    Inputs that name no image at all (an empty folder, an empty list or stdin)
+    Inputs that name no image at all (an empty folder, shard, list or stdin)
     are an error, before any output is made."""
-    from ..inputs import expand
+    from ..inputs import for_run
 
     if not inputs and not files_from:
-        fail("no input: give image files, folders, '-' for paths on stdin, or --files-from LIST")
-    if "-" in inputs:
-        paths = expand(inputs, files_from)
-        first = next(paths, None)
-        if first is None:
-            _no_images(inputs, files_from)
-        return itertools.chain([first], paths), None
-    paths = list(expand(inputs, files_from))
-    if not paths:
+        fail("no input: give image files, folders, shards, URLs, '-' for paths on stdin, or --files-from LIST")
+    items, total = for_run(list(inputs), files_from, null=null)
+    first = next(items, None)
+    if first is None:
         _no_images(inputs, files_from)
-    return iter(paths), len(paths)
+    return itertools.chain([first], items), total
 
 
 def _no_images(inputs, files_from):

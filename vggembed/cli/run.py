@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from ..destination import Destination, display, is_stream
-from ..errors import VGGEmbedError
+from ..destination import Destination, is_stream
+from ..errors import VGGEmbedError, display
 from .common import (
     CONTEXT,
     EXIT_SOME_FAILED,
@@ -51,10 +51,11 @@ RESUME_HINT = "the finished batches are kept: run the same command with --resume
 @load_options
 @click.pass_context
 def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size, files_from,
-          quiet, opts, setup):
+          null, quiet, opts, setup):
     """Embed images into vectors, one row per image, in input order.
 
-    INPUT is an image, a folder (recursive, sorted), or '-' for paths on stdin.
+    INPUT is an image, a folder (recursive, sorted), a tar shard, a URL (files
+    or folders), or '-' for paths on stdin (-0: NUL-separated).
     Images that fail are reported on stderr and in OUT.errors.csv, and left
     out; the run goes on (exit code 3).
 
@@ -63,6 +64,8 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
       vggembed embed images/ -o feats.npy
       vggembed embed a.jpg b.png -o feats.csv --layer pool5 --pool avg
       find . -name '*.jpg' | vggembed embed - -o feats.parquet
+      find . -type f -print0 | vggembed embed -0 - -o feats.npy
+      vggembed embed shard-00000.tar s3://bucket/photos/ -o feats.npy
     """
     from .. import runner
     from ..output import EmbeddingWriter
@@ -72,12 +75,12 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
             opts = dataclasses.replace(opts, workers=1)  # model actors, not decoding threads, on Ray
         if opts.strict:
             raise click.UsageError("--strict stops at the first bad image; --engine ray records them as rows")
-        _embed_ray(ctx, inputs, output, files_from, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
+        _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
                    address=address, part_size=part_size, resume=resume, overwrite=overwrite)
         return
     ctx.meta[ON_INTERRUPT] = RESUME_HINT
     try:
-        paths, total = sources(inputs, files_from)
+        paths, total = sources(inputs, files_from, null)
         with EmbeddingWriter(output, resume=resume, overwrite=overwrite) as writer:
             if writer.complete:
                 if not quiet:
@@ -91,12 +94,13 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
     finish(ctx, summary, "embedded", quiet, f"; wrote {output} ({writer.rows} x {writer.dim} {recipe.dtype})")
 
 
-def _embed_ray(ctx, inputs, output, files_from, quiet, recipe, opts, **kw):
+def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, **kw):
     from .. import distributed
 
     ctx.meta[ON_INTERRUPT] = "finished parts are kept: run the same command with --resume"
     try:
-        paths = list(sources(inputs, files_from)[0])  # the driver needs the whole sorted list for its ids
+        # the driver needs the whole sorted list for its ids
+        paths = [source.name for source in sources(inputs, files_from, null)[0]]
         with Destination(output):
             counts = distributed.embed(paths, output, recipe, opts, log=lambda line: click.echo(line, err=True),
                                        **kw)
@@ -145,7 +149,7 @@ def merge(run_dir, output, overwrite):
 @run_options
 @load_options
 @click.pass_context
-def classify(ctx, inputs, top, fmt, output, recipe, files_from, quiet, opts, setup):
+def classify(ctx, inputs, top, fmt, output, recipe, files_from, null, quiet, opts, setup):
     """Top ImageNet predictions with their labels.
 
     For one image the table reads as the VGG16 tutorial's:
@@ -160,7 +164,7 @@ def classify(ctx, inputs, top, fmt, output, recipe, files_from, quiet, opts, set
     from .. import runner
 
     try:
-        paths, total = sources(inputs, files_from)
+        paths, total = sources(inputs, files_from, null)
         with _Sink(output) as out:
             vgg = setup.load(recipe)
             if vgg.spec.labels is None and vgg.spec.has_fc:
