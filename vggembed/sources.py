@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import ImageError, VGGEmbedError, display
+from .errors import ImageError, VGGEmbedError
 from .safeio import NotAFileError, open_regular
 
 IMAGE_EXTENSIONS = frozenset(
