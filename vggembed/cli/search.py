@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from ..errors import VGGEmbedError
+from ..destination import Destination, replacing
+from ..errors import VGGEmbedError, display
 from ..explore import DEFAULT_THRESHOLD
-from .common import CONTEXT, EXIT_INTERRUPTED, EXIT_SOME_FAILED, fail
-
-
-def _show(path: str) -> str:
-    """A path as messages show it: bytes that are not UTF-8 as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+from .common import CONTEXT, EXIT_SOME_FAILED, fail
+from .process import data_stdout
 
 
 def _write_csv(output, header: list[str], rows) -> None:
@@ -33,30 +28,29 @@ def _write(output, text: str) -> None:
     """Text to stdout, or to OUTPUT, which appears under its name only when complete."""
     data = text.encode("utf-8", "surrogateescape")
     if output is None:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        stdout = data_stdout()
+        stdout.flush()
+        stdout.buffer.write(data)
+        stdout.buffer.flush()
         return
     out = Path(output)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    with Destination(out) as dest, dest.writing(), replacing(out, ".partial") as tmp:
+        tmp.write_bytes(data)
 
 
 def _sheet(rows, sheet, tile, what: str) -> None:
     from ..sheets import MAX_ROWS, save
 
     out = Path(sheet)
-    tmp = out.with_name(out.name + ".partial" + out.suffix)
-    drawn = save(rows, tmp, tile=tile)
-    os.replace(tmp, out)
+    with Destination(out) as dest, dest.writing(), replacing(out, ".partial" + out.suffix) as tmp:
+        drawn = save(rows, tmp, tile=tile)
     more = f" (the first {MAX_ROWS} of {len(rows)} {what})" if len(rows) > drawn else ""
     click.echo(f"vggembed: drew {out}: {drawn} {what}{more}", err=True)
 
 
 def _note_recipe(vectors) -> None:
     if vectors.recipe is None:
-        click.echo(f"vggembed: note: {_show(str(vectors.source))} records no recipe (written before vggembed "
+        click.echo(f"vggembed: note: {display(str(vectors.source))} records no recipe (written before vggembed "
                    "recorded one): query images are embedded with --weights and the embed defaults (fc2, squash, "
                    "float32)", err=True)
 
@@ -129,9 +123,6 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
 
                 names = list(dict.fromkeys([vectors.paths[r] for r in row_list] + [h.query for h in result.hits]))
                 _sheet(search_rows(result.hits, {n: n for n in names}), sheet, tile, "queries")
-    except KeyboardInterrupt:
-        click.echo("vggembed: interrupted", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
     except VGGEmbedError as e:
         fail(str(e))
     queried = len({h.query for h in result.hits})
@@ -172,9 +163,6 @@ def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile)
     try:
         with open_vectors(index) as vectors:
             groups = run_dedup(vectors, threshold, precision=precision)
-    except KeyboardInterrupt:
-        click.echo("vggembed: interrupted", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
     except VGGEmbedError as e:
         fail(str(e))
     if list_redundant:
@@ -216,9 +204,6 @@ def cluster(ctx, index, k, seed, output, sheet, tile):
     try:
         with open_vectors(index) as vectors:
             found = run_cluster(vectors, k, seed=seed)
-    except KeyboardInterrupt:
-        click.echo("vggembed: interrupted", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
     except VGGEmbedError as e:
         fail(str(e))
     _write_csv(output, ["path", "cluster", "distance"], ([a.path, a.cluster, f"{a.distance:.6f}"] for a in found))
