@@ -79,30 +79,32 @@ def _embed_ray(ctx, inputs, output, files_from, quiet, recipe, opts, **kw):
     from .. import distributed
 
     try:
-        paths = list(sources(inputs, files_from)[0])  # the driver needs the whole sorted list for its ids
-        counts = distributed.embed(paths, output, recipe, opts, log=lambda line: click.echo(line, err=True), **kw)
+        paths = list(sources(inputs, files_from)[0])  # the driver plans parts from the whole listing
+        counts = distributed.embed(paths, output, recipe, opts, log=lambda line: click.echo(line, err=True),
+                                   verbose=ctx.obj["verbose"], **kw)
     except KeyboardInterrupt:
         click.echo("vggembed: interrupted; finished parts are kept: run the same command with --resume", err=True)
         ctx.exit(EXIT_INTERRUPTED)
     except VGGEmbedError as e:
         fail(str(e))
     if not quiet:
-        rate = counts["images"] / counts["seconds"] if counts["seconds"] else 0.0
-        click.echo(f"vggembed: embedded {counts['images'] - counts['failed']} of {counts['images']} images on Ray "
-                   f"in {counts['seconds']:.1f}s ({rate:.1f} images/s)"
-                   + (f"; {counts['failed']} failed" if counts["failed"] else "")
-                   + (f"; {counts['skipped']} already done" if counts["skipped"] else "")
+        rate = counts.images / counts.seconds if counts.seconds else 0.0
+        click.echo(f"vggembed: embedded {counts.images - counts.failed} of {counts.images} images on Ray "
+                   f"in {counts.seconds:.1f}s ({rate:.1f} images/s)"
+                   + (f"; {counts.failed} failed" if counts.failed else "")
+                   + (f"; {counts.skipped} already done" if counts.skipped else "")
                    + f"; parts in {output} (vggembed merge {output} -o feats.npy)", err=True)
-    ctx.exit(EXIT_SOME_FAILED if counts["failed"] else 0)
+    ctx.exit(EXIT_SOME_FAILED if counts.failed else 0)
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="OUT.npy, OUT.csv or OUT.parquet, with OUT.index.csv and OUT.errors.csv.")
 @click.option("--overwrite", is_flag=True)
 def merge(run_dir, output, overwrite):
-    """Gather an --engine ray folder into one output, rows in the local engine's order.
+    """Gather an --engine ray folder (a path or a URL such as s3://bucket/run) into one output,
+    rows in the local engine's order.
 
     \b
     Example:
