@@ -41,7 +41,9 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import VGGEmbedError
+from .inputs import _is_unopened_shard, open_shards
 from .recipe import Recipe
+from .sources import Source, display, is_url, name_of
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3
@@ -56,16 +58,7 @@ def part_name(k: int) -> str:
     return f"part-{k:05d}.parquet"
 
 
-def display(text: str) -> str:
-    """Text for a message or a Parquet string: bytes that are not UTF-8 as \\xNN."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
-
-
 # ------------------------------------------------------------------- storage
-def _is_url(where: str) -> bool:
-    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", where))
-
-
 class Store:
     """A run folder: a local path, or a URL of any fsspec protocol (object stores included).
 
@@ -75,9 +68,9 @@ class Store:
 
     def __init__(self, where):
         self.where = os.fsdecode(where).rstrip("/") or "/"
-        self.remote = _is_url(self.where) and not self.where.startswith("file://")
+        self.remote = is_url(self.where) and not self.where.startswith("file://")
         self._fs = None
-        self.root = self.where[len("file://"):] if self.where.startswith("file://") else self.where
+        self.root = self.where.removeprefix("file://")
 
     def __getstate__(self):
         return {"where": self.where}
@@ -173,21 +166,38 @@ class Store:
 # ------------------------------------------------------------------ planning
 @dataclass(frozen=True)
 class Part:
-    """One unit of work: the inputs `first` .. `first + len(sources) - 1`, in order."""
+    """One unit of work: the planned inputs `first` .. `first + len(sources) - 1`, in order (`sources.Source`s;
+    a tar shard among them stands for its members)."""
 
     index: int
     first: int
     sources: tuple
 
 
-def plan_parts(sources: list, part_size: int) -> list[Part]:
-    """Consecutive runs of `part_size` inputs.
+def plan_parts(units: list, part_size: int) -> list[Part]:
+    """Parts in input order: each tar shard is a part of its own (its members are known only by reading
+    it), and the inputs between shards make parts of up to `part_size`.
 
-    Every part is planned up front from the listing, so a part's name always
-    means the same inputs and a re-run knows which parts are missing.
+    Every part is planned from the listing alone, before anything is read, so
+    a part's name always means the same inputs and a re-run knows exactly
+    which parts are missing: with shards, which shards.
     """
-    return [Part(k, start, tuple(sources[start: start + part_size]))
-            for k, start in enumerate(range(0, len(sources), part_size))]
+    parts: list[Part] = []
+    run: list = []
+
+    def cut(first):
+        for start in range(0, len(run), part_size):
+            parts.append(Part(len(parts), first + start, tuple(run[start: start + part_size])))
+        run.clear()
+
+    for i, unit in enumerate(units):
+        if _is_unopened_shard(unit):
+            cut(i - len(run))
+            parts.append(Part(len(parts), i, (unit,)))
+        else:
+            run.append(unit)
+    cut(len(units) - len(run))
+    return parts
 
 
 def _digest(names: Iterable[str]) -> str:
@@ -296,7 +306,7 @@ class PartWorker:
         errors: list[str | None] = []
         blocks = []
         summary = Summary()
-        for chunk, batch in batches(self.model, part.sources, self.recipe, self.opts, summary):
+        for chunk, batch in batches(self.model, open_shards(part.sources), self.recipe, self.opts, summary):
             names += [item.source for item in chunk]
             errors += [item.error for item in chunk]
             if batch is not None:
@@ -366,8 +376,9 @@ def read_manifest(store: Store) -> dict:
 class Counts:
     images: int = 0
     failed: int = 0
-    skipped: int = 0
-    parts: int = 0
+    planned: int = 0  # parts
+    skipped: int = 0  # parts an earlier run finished
+    parts: int = 0  # parts written by this run
     seconds: float = 0.0
 
 
@@ -388,7 +399,8 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
     """Embed `sources` on Ray into OUT's parts, as `recipe` says.
 
     Args:
-        sources: the inputs in order (paths or URLs as the local engine lists them).
+        sources: the inputs in order, as `inputs.plan` lists them (`sources.Source`s, tar shards left whole;
+            plain paths or URLs are taken as Sources).
         out: the run folder: a local path or an object-store URL.
         opts: a `runner.Options`; `opts.workers` is the number of model actors.
         log: gets one line per failed image (the first `ERRORS_RETURNED` of each part).
@@ -406,8 +418,11 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
         raise VGGEmbedError(f"{weights}: no such weight file")
     recipe = recipe.replace(weights=weights)
     store = Store(out)
-    names = [str(s) for s in sources]
-    parts = plan_parts(list(sources), part_size)
+    units = [u if isinstance(u, Source) else Source(name_of(u)) for u in sources]
+    if not units:
+        raise VGGEmbedError("no images in the inputs: nothing to embed")
+    names = [u.name for u in units]
+    parts = plan_parts(units, part_size)
     if verbose is None:
         verbose = bool(os.environ.get("VGGEMBED_VERBOSE"))
 
@@ -433,7 +448,7 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
         run = RunDir(store, names, len(parts), bound, part_size, resume=resume, overwrite=overwrite)
         done = run.done()
         todo = [p for p in parts if p.index not in done]
-        counts.skipped = sum(len(p.sources) for p in parts if p.index in done)
+        counts.planned, counts.skipped = len(parts), len(done)
         _schedule(ray, pool, todo, run.manifest["id"], counts, log)
     finally:
         counts.seconds = time.perf_counter() - start

@@ -14,14 +14,15 @@ Then one of three resize policies:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import sources
 from .errors import ImageError
 
 RESIZE_MODES = ("squash", "center-crop", "none")
@@ -31,10 +32,11 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Open a path, bytes or PIL image as an 8-bit RGB PIL image.
+    """Open an input as an 8-bit RGB PIL image.
 
     Args:
-        source: a file path, raw encoded bytes, or a PIL image.
+        source: a local path, a URL, a `sources.Source` (a tar member, say),
+            raw encoded bytes, a binary file object, or a PIL image.
         max_pixels: images with more pixels are refused (decompression bombs).
         draft: let JPEG decode at a reduced scale whose size stays at least
             this (w, h). Faster on large photos; values change slightly.
@@ -42,38 +44,44 @@ def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
     Raises:
         ImageError: naming the source and what is wrong.
     """
-    name = source if isinstance(source, (str, os.PathLike)) else "<image>"
-    try:
+    name = sources.name_of(source)
+    with contextlib.ExitStack() as stack:
         if isinstance(source, Image.Image):
-            img = source
+            img, fp = source, None
+        elif isinstance(source, (str, os.PathLike, sources.Source)):
+            fp = stack.enter_context(sources.open_source(source))  # ImageError when it cannot be read
         else:
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(fp)
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageError(name, f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
-                                   "(a decompression bomb?); raise it with --max-pixels")
-        if draft is not None and img.format == "JPEG":
-            img.draft("RGB", draft)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img, name)
-    except ImageError:
-        raise
-    except FileNotFoundError:
-        raise ImageError(name, "no such file") from None
-    except IsADirectoryError:
-        raise ImageError(name, "is a folder") from None
-    except UnidentifiedImageError:
-        size = Path(name).stat().st_size if isinstance(name, (str, os.PathLike)) and Path(name).is_file() else None
-        what = "empty file (0 bytes)" if size == 0 else "not an image Pillow can identify"
-        raise ImageError(name, what) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(name, f"decompression bomb refused: {e}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(name, f"cannot decode: {e}") from None
+            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        try:
+            if fp is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    img = Image.open(fp)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(name, f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
+                                       "(a decompression bomb?); raise it with --max-pixels")
+            if draft is not None and img.format == "JPEG":
+                img.draft("RGB", draft)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img, name)
+        except ImageError:
+            raise
+        except UnidentifiedImageError:
+            what = "empty file (0 bytes)" if _is_empty(fp) else "not an image Pillow can identify"
+            raise ImageError(name, what) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(name, f"decompression bomb refused: {e}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise ImageError(name, f"cannot decode: {e}") from None
+
+
+def _is_empty(fp) -> bool:
+    try:
+        return fp.seek(0, os.SEEK_END) == 0
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _to_rgb(img: Image.Image, name) -> Image.Image:
@@ -138,7 +146,7 @@ def draft_size(mode: str, size: tuple[int, int]) -> tuple[int, int] | None:
 
 def prepare(source, *, resize_mode: str = "squash", size=(224, 224), max_pixels=DEFAULT_MAX_PIXELS,
             fast_decode: bool = False) -> np.ndarray:
-    """Source (path, bytes, PIL image or HxWx3 array in 0..255 RGB) -> HxWxC array.
+    """Source (path, URL, `sources.Source`, bytes, PIL image or HxWx3 array in 0..255 RGB) -> HxWxC array.
 
     Arrays are resized as float (exact for float input); everything else
     goes through `load_rgb` and comes back uint8.

@@ -17,12 +17,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import ImageError
+from .sources import name_of
 
 
 @dataclass
 class Item:
     index: int  # position in the input stream
-    source: str
+    source: str  # the input's name, as the index records it
     array: np.ndarray | None = None
     error: str | None = None
 
@@ -39,13 +40,20 @@ def decode_one(prepare: Callable[[str], np.ndarray], source) -> tuple[np.ndarray
         return None, f"{type(e).__name__}: {e}"
 
 
-def decode_stream(sources: Iterable[str], prepare: Callable[[str], np.ndarray], *, workers: int = 2,
+def decode_stream(sources: Iterable, prepare: Callable[[str], np.ndarray], *, workers: int = 2,
                   window: int = 64) -> Iterator[Item]:
-    """Yield an Item per source, in order, decoding up to `window` ahead."""
+    """Yield an Item per source, in order, decoding up to `window` ahead.
+
+    Sources are whatever `prepare` takes (names, `sources.Source`s holding
+    tar members' bytes, ...); the Items carry only their names, so bytes are
+    freed as soon as each image is decoded. The loop pulls sources from
+    `sources` only as the window frees, which bounds what a listing that
+    reads bytes (a tar shard streamed member by member) holds in memory.
+    """
 
     def work(index, source):
         array, error = decode_one(prepare, source)
-        return Item(index, source, array=array, error=error)
+        return Item(index, name_of(source), array=array, error=error)
 
     pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="vggembed-decode")
     pending: collections.deque = collections.deque()

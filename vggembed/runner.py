@@ -20,6 +20,7 @@ from .images import DEFAULT_MAX_PIXELS, prepare
 from .model import VGG
 from .pipeline import Item, chunks, decode_stream, stack
 from .recipe import Recipe
+from .sources import display, fetch_ahead, name_of
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     strict: bool = False
     progress: bool = False
+    fetch_ahead: int = 16  # remote reads in flight, beside the decoding threads
 
 
 def pad_to(recipe: Recipe, opts: Options) -> int | None:
@@ -71,7 +73,7 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
     # Native-size images differ in shape, so each is its own batch.
     batch_size = pad_to(recipe, opts) or 1
     window = max(2 * batch_size, 4 * opts.workers)
-    stream = decode_stream(sources, fn, workers=opts.workers, window=window)
+    stream = decode_stream(fetch_ahead(sources, opts.fetch_ahead), fn, workers=opts.workers, window=window)
     start = time.perf_counter()
     with tqdm(total=total, unit="img", file=sys.stderr, disable=not opts.progress, dynamic_ncols=True) as bar:
         waited = time.perf_counter()
@@ -79,12 +81,13 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
             summary.wait_seconds += time.perf_counter() - waited
             for item in chunk:
                 if item.error is not None:
+                    line = f"{display(item.source)}: {item.error}"
                     if opts.strict:
-                        raise StrictStop(f"{item.source}: {item.error} (--strict)")
+                        raise StrictStop(f"{line} (--strict)")
                     if opts.progress:
-                        bar.write(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
+                        bar.write(f"vggembed: {line}", file=sys.stderr)
                     else:
-                        print(f"vggembed: {item.source}: {item.error}", file=sys.stderr)
+                        print(f"vggembed: {line}", file=sys.stderr)
             yield chunk, stack(chunk)
             if summary.first_batch_seconds is None:
                 summary.first_batch_seconds = time.perf_counter() - start
@@ -95,14 +98,15 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
             waited = time.perf_counter()
 
 
-def skip_done(sources: Iterable[str], done: list[str]) -> Iterator[str]:
-    """Skip the inputs an interrupted run finished, checking they are the same ones."""
+def skip_done(sources: Iterable, done: list[str]) -> Iterator:
+    """Skip the inputs an interrupted run finished, checking they are the same ones (by name)."""
     it = iter(sources)
     for i, expected in enumerate(done):
         got = next(it, None)
-        if got != expected:
+        if got is None or name_of(got) != expected:
+            got_text = "missing" if got is None else repr(display(name_of(got)))
             raise VGGEmbedError(
-                f"--resume: input {i + 1} is {got!r} but the interrupted run had {expected!r}; "
+                f"--resume: input {i + 1} is {got_text} but the interrupted run had {display(expected)!r}; "
                 "resume with the same inputs, or pass --overwrite to start over")
     yield from it
 

@@ -143,21 +143,20 @@ def run_options(f):
 
     f = gathered("opts", build, decorators)(f)
     f = click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")(f)
+    f = click.option("-0", "--null", is_flag=True,
+                     help="Lists ('-' and --files-from) are NUL-separated, as `find -print0` writes them.")(f)
     f = click.option("--files-from", type=click.Path(exists=True, dir_okay=False),
                      help="A file with one image path per line (after the INPUTs).")(f)
     return f
 
 
-def sources(inputs, files_from):
-    """(paths iterator, total or None). Lists are materialised only when no stdin is involved."""
-    from ..inputs import expand
+def sources(inputs, files_from, null):
+    """(sources iterator, total or None)."""
+    from ..inputs import for_run
 
     if not inputs and not files_from:
-        fail("no input: give image files, folders, '-' for paths on stdin, or --files-from LIST")
-    if "-" in inputs:
-        return expand(inputs, files_from), None
-    paths = list(expand(inputs, files_from))
-    return iter(paths), len(paths)
+        fail("no input: give image files, folders, shards, URLs, '-' for paths on stdin, or --files-from LIST")
+    return for_run(list(inputs), files_from, null=null)
 
 
 def finish(ctx, summary, verb, quiet, tail=""):

@@ -36,7 +36,7 @@ from .common import (CONTEXT, EXIT_INTERRUPTED, EXIT_SOME_FAILED, fail, finish, 
 @load_options
 @click.pass_context
 def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size, files_from,
-          quiet, opts, setup):
+          null, quiet, opts, setup):
     """Embed images into vectors, one row per image, in input order.
 
     INPUT is an image, a folder (recursive, sorted), or '-' for paths on stdin.
@@ -57,14 +57,14 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
             opts = dataclasses.replace(opts, workers=1)  # model actors, not decoding threads, on Ray
         if opts.strict:
             raise click.UsageError("--strict stops at the first bad image; --engine ray records them as rows")
-        _embed_ray(ctx, inputs, output, files_from, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
+        _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
                    address=address, part_size=part_size, resume=resume, overwrite=overwrite)
         return
     try:
         writer = EmbeddingWriter(output, resume=resume, overwrite=overwrite)
         vgg = setup.load(recipe)
         vgg.embedding_layer(recipe.layer, recipe.pool)
-        paths, total = sources(inputs, files_from)
+        paths, total = sources(inputs, files_from, null)
         summary = runner.embed(vgg, paths, writer, recipe, opts, total=total)
     except KeyboardInterrupt:
         click.echo("vggembed: interrupted; the finished batches are kept: run the same command with --resume",
@@ -75,12 +75,16 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
     finish(ctx, summary, "embedded", quiet, f"; wrote {output} ({writer.rows} x {writer.dim} {recipe.dtype})")
 
 
-def _embed_ray(ctx, inputs, output, files_from, quiet, recipe, opts, **kw):
+def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, **kw):
     from .. import distributed
 
     try:
-        paths = list(sources(inputs, files_from)[0])  # the driver plans parts from the whole listing
-        counts = distributed.embed(paths, output, recipe, opts, log=lambda line: click.echo(line, err=True),
+        from ..inputs import plan
+
+        if not inputs and not files_from:
+            fail("no input: give image files, folders, shards, URLs, '-' for paths on stdin, or --files-from LIST")
+        units = list(plan(list(inputs), files_from, null=null))  # names only; each tar shard stays one unit
+        counts = distributed.embed(units, output, recipe, opts, log=lambda line: click.echo(line, err=True),
                                    verbose=ctx.obj["verbose"], **kw)
     except KeyboardInterrupt:
         click.echo("vggembed: interrupted; finished parts are kept: run the same command with --resume", err=True)
@@ -92,7 +96,7 @@ def _embed_ray(ctx, inputs, output, files_from, quiet, recipe, opts, **kw):
         click.echo(f"vggembed: embedded {counts.images - counts.failed} of {counts.images} images on Ray "
                    f"in {counts.seconds:.1f}s ({rate:.1f} images/s)"
                    + (f"; {counts.failed} failed" if counts.failed else "")
-                   + (f"; {counts.skipped} already done" if counts.skipped else "")
+                   + (f"; {counts.skipped} of {counts.planned} parts already done" if counts.skipped else "")
                    + f"; parts in {output} (vggembed merge {output} -o feats.npy)", err=True)
     ctx.exit(EXIT_SOME_FAILED if counts.failed else 0)
 
@@ -131,7 +135,7 @@ def merge(run_dir, output, overwrite):
 @run_options
 @load_options
 @click.pass_context
-def classify(ctx, inputs, top, fmt, output, recipe, files_from, quiet, opts, setup):
+def classify(ctx, inputs, top, fmt, output, recipe, files_from, null, quiet, opts, setup):
     """Top ImageNet predictions with their labels.
 
     For one image the table reads as the VGG16 tutorial's:
@@ -150,7 +154,7 @@ def classify(ctx, inputs, top, fmt, output, recipe, files_from, quiet, opts, set
         if vgg.spec.labels is None and vgg.spec.has_fc:
             click.echo(f"vggembed: note: no labels for {vgg.spec.path}; showing class indices "
                        "(pass --labels FILE)", err=True)
-        paths, total = sources(inputs, files_from)
+        paths, total = sources(inputs, files_from, null)
         with _Sink(output) as out:
             emit = _emitter(out, fmt, single=total == 1)
             summary = runner.classify(vgg, paths, emit, top=top, recipe=recipe.replace(layer="prob"), opts=opts,
