@@ -194,3 +194,49 @@ def test_batches_and_parts_where_every_image_failed_are_rows_like_any_other(tmp_
     assert run("embed", folder, "-o", local, "--weights", tiny16, "--batch-size", 4).exit_code == 3
     assert_same_outputs(merged, local)
     assert len(read_csv(f"{merged}.errors.csv")) == 11
+
+
+def _shard(path: Path, files: list[Path], cut: int | None = None) -> Path:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in files:
+            tar.add(f, arcname=f"x/{f.name}")
+    data = buf.getvalue()
+    path.write_bytes(data[:cut] if cut else data)
+    return path
+
+
+def test_parts_follow_tar_shards_and_resume_redoes_only_the_missing_shard(tmp_path, ray_runtime, folder, tiny16):
+    files = sorted(folder.iterdir())
+    a = _shard(tmp_path / "a.tar", files[:10])
+    b = _shard(tmp_path / "b.tar", files[98:106])  # holds the "not an image" file
+    c = _shard(tmp_path / "c.tar", files[20:26], cut=4000)  # truncated inside its members
+    inputs = [a, *files[10:15], b, c]
+    parts = tmp_path / "parts"
+    args = ["embed", *inputs, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
+            "--part-size", 4]
+    first = run(*args)
+    assert first.exit_code == 3, first.output
+    names = [f"part-0000{k}.parquet" for k in range(5)]  # a.tar | 4 files | 1 file | b.tar | c.tar
+    assert sorted(p.name for p in parts.glob("part-*.parquet")) == names
+
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(parts / names[0])["path"].to_pylist() == [f"{a}/x/{f.name}" for f in files[:10]]
+    assert pq.read_table(parts / names[3]).num_rows == 8
+    merged, local = tmp_path / "merged.npy", tmp_path / "local.npy"
+    assert run("merge", parts, "-o", merged).exit_code == 0
+    assert run("embed", *inputs, "-o", local, "--weights", tiny16, "--batch-size", 4).exit_code == 3
+    assert_same_outputs(merged, local)
+
+    kept = {n: ((parts / n).stat().st_ino, (parts / n).stat().st_mtime_ns) for n in names if n != names[3]}
+    (parts / names[3]).unlink()
+    again = run(*args, "--resume")
+    assert again.exit_code == 3 and "; 4 of 5 parts already done" in again.stderr
+    assert "embedded 7 of 8 images on Ray" in again.stderr  # b.tar only
+    assert {n: ((parts / n).stat().st_ino, (parts / n).stat().st_mtime_ns) for n in kept} == kept
+    assert run("merge", parts, "-o", merged, "--overwrite").exit_code == 0
+    assert_same_outputs(merged, local)
