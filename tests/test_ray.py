@@ -107,10 +107,16 @@ def test_interrupted_ray_run_resumes_to_the_same_result(tmp_path, ray_runtime, f
     early = run("merge", parts, "-o", merged)
     assert early.exit_code == 1 and "parts missing" in early.stderr and "--resume" in early.stderr
 
+    # What a writer killed mid-part leaves: a hidden temporary file, never a part under its final name.
+    torn = parts / ".part-00011.parquet.0123456789ab.tmp"
+    torn.write_bytes((parts / "part-00000.parquet").read_bytes()[:500])
+    assert "parts missing" in run("merge", parts, "-o", merged).stderr
+
     resumed = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8,
                   "--workers", 1, "--part-size", 20, "--resume")
     assert resumed.exit_code == 3, resumed.output
     assert f"; {done_before} of 12 parts already done" in resumed.stderr
+    assert not torn.exists() and not list(parts.glob(".*"))
     assert run("merge", parts, "-o", merged).exit_code == 0
     assert_same_outputs(merged, local_reference(tmp_path, folder, tiny16))
 
@@ -119,6 +125,15 @@ def test_more_actors_than_cpus_is_refused_not_hung(tmp_path, ray_runtime, folder
     result = run("embed", folder, "-o", tmp_path / "p", "--engine", "ray", "--weights", tiny16, "--workers", 3)
     assert result.exit_code == 1
     assert "the Ray cluster has 2 CPUs and each model actor needs 1: use --workers 2" in result.stderr
+
+
+def test_an_output_that_is_a_file_is_one_line_before_ray_starts(tmp_path, folder, tiny16):
+    out = tmp_path / "feats.npy"
+    out.write_bytes(b"x")
+    result = run("embed", folder, "-o", out, "--engine", "ray", "--weights", tiny16)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {out}: not a folder; --engine ray writes a folder of parts (name a new one)\n"
+    assert out.read_bytes() == b"x"
 
 
 def test_resume_with_other_options_is_refused(tmp_path, ray_runtime, folder, tiny16):

@@ -55,6 +55,7 @@ def test_ray_parts_written_into_a_bucket_merge_from_its_url(tmp_path, s3, photos
                           capture_output=True, text=True, timeout=300, env={**env_without_tf_noise(), **s3})
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "embedded 19 of 20 images on Ray" in proc.stderr
+    assert all(line.startswith("vggembed: ") for line in proc.stderr.splitlines()), proc.stderr  # no Ray noise
 
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()

@@ -93,14 +93,17 @@ class Store:
         return self._fs
 
     def name(self, rel: str) -> str:
-        return f"{self.where}/{rel}"
+        return f"{self.where}/{rel}" if rel else self.where
 
     def _path(self, rel: str) -> str:
         if self.remote:
             self.fs  # noqa: B018 - sets self.root
         return f"{self.root}/{rel}"
 
+    # Every failure of the file system (fsspec backends raise their own kinds too) becomes one line.
     def _fail(self, rel: str, what: str, e: Exception) -> VGGEmbedError:
+        if isinstance(e, VGGEmbedError):
+            return e
         reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
         return VGGEmbedError(f"{display(self.name(rel))}: cannot {what} ({reason})")
 
@@ -108,19 +111,16 @@ class Store:
         """The names directly in the folder (none when it does not exist)."""
         try:
             if not self.remote:
+                if os.path.lexists(self.root) and not os.path.isdir(self.root):
+                    raise VGGEmbedError(f"{display(self.where)}: not a folder; --engine ray writes a folder of parts "
+                                        "(name a new one)")
                 return sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
             self.fs.invalidate_cache()
             if not self.fs.exists(self.root):
                 return []
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001
             raise self._fail("", "list it", e) from None
-
-    def exists(self, rel: str) -> bool:
-        try:
-            return os.path.exists(self._path(rel)) if not self.remote else self.fs.exists(self._path(rel))
-        except (OSError, ValueError) as e:
-            raise self._fail(rel, "look it up", e) from None
 
     def read(self, rel: str) -> bytes:
         try:
@@ -128,7 +128,7 @@ class Store:
                 with open(self._path(rel), "rb") as f:
                     return f.read()
             return self.fs.cat_file(self._path(rel))
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001
             raise self._fail(rel, "read it", e) from None
 
     def write(self, rel: str, data: bytes) -> None:
@@ -148,7 +148,7 @@ class Store:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001
             raise self._fail(rel, "write it", e) from None
 
     def remove(self, rel: str) -> None:
@@ -159,7 +159,7 @@ class Store:
                 os.unlink(self._path(rel))
         except FileNotFoundError:
             pass
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001
             raise self._fail(rel, "remove it", e) from None
 
 
@@ -261,7 +261,6 @@ class PartWorker:
     """
 
     def __init__(self, recipe: dict, store: str, batch_size: int, max_pixels: int, device: str):
-        from . import arch as arch_mod
         from .model import load_recipe
         from .runner import Options
 
@@ -271,8 +270,7 @@ class PartWorker:
             recipe = Recipe(**recipe)
             self.model = load_recipe(recipe, device=device)
             self.name = self.model.embedding_layer(recipe.layer, recipe.pool)
-            self.recipe = recipe.bind(self.model.spec, arch_mod.resolve(self.model.spec.arch, recipe.layer,
-                                                                        embedding=True))
+            self.recipe = recipe.bind(self.model.spec, self.name)
             # Decoding threads beside the model, as many as the local engine's default on this node.
             self.opts = Options(batch_size=batch_size, workers=min(8, os.cpu_count() or 2), max_pixels=max_pixels)
             self.width = self._width()
@@ -295,9 +293,10 @@ class PartWorker:
         return {"error": self.error, "host": socket.gethostname(),
                 "recipe": None if self.error else self.recipe.to_dict()}
 
-    def run(self, part: Part, manifest_id: str) -> dict:
-        """Decode, embed and write one part; return its counts and first errors."""
-        from .runner import Summary, batches, pad_to
+    def run(self, part: Part, run_id: str, pad: int) -> dict:
+        """Decode, embed and write one part, every batch padded to `pad` images as the local engine pads
+        the same run's; return the part's counts and first errors."""
+        from .runner import Summary, batches
 
         if self.error:
             raise VGGEmbedError(self.error)
@@ -311,10 +310,10 @@ class PartWorker:
             errors += [item.error for item in chunk]
             if batch is not None:
                 blocks.append(self.model.embed_batch(batch, self.name, self.recipe.pool, self.recipe.l2_normalize,
-                                                     pad_to(self.recipe, self.opts)))
+                                                     pad))
         vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.width), np.float32)
         failed = [(n, e) for n, e in zip(names, errors) if e is not None]
-        meta = {"version": FORMAT_VERSION, "run": manifest_id, "part": part.index, "first": part.first,
+        meta = {"version": FORMAT_VERSION, "run": run_id, "part": part.index, "first": part.first,
                 "inputs": len(part.sources), "rows": len(names), "failed": len(failed),
                 "recipe": self.recipe.to_dict()}
         self.store.write(part_name(part.index), part_bytes(names, errors, vectors, meta))
@@ -417,7 +416,10 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
     if address is None and not os.path.isfile(weights):  # a runtime started here: fail before starting it
         raise VGGEmbedError(f"{weights}: no such weight file")
     recipe = recipe.replace(weights=weights)
+    from .runner import pad_to
+
     store = Store(out)
+    store.list()  # reachable (and a folder, if local) before anything starts
     units = [u if isinstance(u, Source) else Source(name_of(u)) for u in sources]
     if not units:
         raise VGGEmbedError("no images in the inputs: nothing to embed")
@@ -449,7 +451,7 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
         done = run.done()
         todo = [p for p in parts if p.index not in done]
         counts.planned, counts.skipped = len(parts), len(done)
-        _schedule(ray, pool, todo, run.manifest["id"], counts, log)
+        _schedule(ray, pool, todo, (run.manifest["id"], pad_to(recipe, opts)), counts, log)
     finally:
         counts.seconds = time.perf_counter() - start
         if started_here:
@@ -457,7 +459,7 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
     return counts
 
 
-def _schedule(ray, pool, todo: list[Part], run_id: str, counts: Counts, log) -> None:
+def _schedule(ray, pool, todo: list[Part], args: tuple, counts: Counts, log) -> None:
     """Keep every actor busy with one part and the next one queued; account for each finished part.
 
     When an actor dies (its process, or its node), the parts it held go back
@@ -473,7 +475,7 @@ def _schedule(ray, pool, todo: list[Part], run_id: str, counts: Counts, log) -> 
     def feed(actor):
         while queue and sum(a is actor for a, _ in tasks.values()) < 2:
             part = queue.popleft()
-            tasks[actor.run.remote(part, run_id)] = (actor, part)
+            tasks[actor.run.remote(part, *args)] = (actor, part)
 
     for actor in pool:
         feed(actor)
