@@ -37,6 +37,7 @@ class FileServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else the body waits 40 ms for a delayed ACK
 
             def log_message(self, *args):
                 pass
@@ -94,7 +95,10 @@ class FileServer:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256  # the default backlog of 5 drops concurrent connections (1 s SYN retries)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -130,7 +134,16 @@ class S3Server:
         self.env = dict(self.ENV, AWS_ENDPOINT_URL_S3=self.endpoint)
         self.saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
+        self._forget_clients()
         return self
+
+    @staticmethod
+    def _forget_clients():
+        """s3fs keeps one client per set of arguments for the process: one made for
+        another server's endpoint must not be reused."""
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
 
     def client(self):
         import boto3
@@ -144,4 +157,5 @@ class S3Server:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        self._forget_clients()
         self.server.stop()

@@ -21,3 +21,11 @@ def test_throughput_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--batch-sizes" in out and "Keras" in out
+
+
+def test_remote_benchmark_prints_local_beside_urls():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "remote.py"), "--tiny", "--images", "8",
+                          "--concurrency", "1,4", "--latency", "0.01"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "local files" in out and "URLs, 4 reads in flight" in out and "one tar shard over HTTP" in out
+    assert out.rstrip().endswith("True")  # the same vectors from URLs as from the files

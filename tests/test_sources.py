@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -318,11 +317,39 @@ def test_a_truncated_shard_keeps_the_rows_before_the_damage_and_says_so(tmp_path
         + [f"{tmp_path}/badhdr.tar/{names[0]}", f"{tmp_path}/badhdr.tar", str(after)])
     errors = {r[0]: r[2] for r in rows if r[2]}
     assert "ends inside this member" in errors[f"{tmp_path}/inside.tar/{names[1]}"]
-    assert errors[f"{tmp_path}/at_end.tar"].startswith("truncated: the data ends after 4 images")
+    assert errors[f"{tmp_path}/at_end.tar"].startswith("truncated: the data ends after 4 images,")
     assert "bad tar header" in errors[f"{tmp_path}/badhdr.tar"]
     assert len(errors) == 3 and "Traceback" not in result.stderr
     local = write_local(tmp_path / "local", members)
     assert np.array_equal(np.load(out), reference(tmp_path, [local[0]] + local + [local[0], after], tiny16))
+
+
+def test_a_member_larger_than_an_image_may_be_is_refused_unread(tmp_path, members, monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 4 << 20)
+    big = [(members[0][0], members[0][1]), ("big.png", np.random.default_rng(0).bytes(64 << 20)),
+           (members[1][0], members[1][1])]
+    shard = make_shard(tmp_path / "big.tar", big)
+    tracemalloc.start()
+    try:
+        got = list(sources.iter_shard(str(shard)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [(s.name, s.data) for s in got if s.error is None] == [(f"{shard}/{n}", d) for n, d in big[::2]]
+    assert [s.name for s in got] == [f"{shard}/{n}" for n, _ in big]
+    assert "larger than an image may be (4 MiB)" in got[1].error
+    assert peak < 16 << 20  # never the 64 MiB member
+
+    # a header declaring 3 GiB in front of a few bytes: refused, then the shard is truncated
+    huge = tarfile.TarInfo("huge.png")
+    huge.size = 3 << 30
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(huge.tobuf() + b"\x89PNG" * 100)
+    got = list(sources.iter_shard(str(cut)))
+    assert [s.name for s in got] == [f"{cut}/huge.png", str(cut)]
+    assert got[0].error.startswith(f"{3 << 30} bytes: larger") and got[1].error.startswith("truncated: the data")
 
 
 def test_a_shard_is_streamed_never_extracted(tmp_path, members):
@@ -370,6 +397,29 @@ def test_urls_embed_exactly_as_local_files_and_bad_ones_are_failed_rows(tmp_path
     local = write_local(tmp_path / "local", members)
     expected = [local[0], local[1], local[2], local[3], local[0], local[1], local[3]]
     assert np.array_equal(np.load(out), reference(tmp_path, expected, tiny16))
+
+
+def test_an_http_folder_is_listed_and_sorted_as_the_same_local_folder(tmp_path, members):
+    import functools
+    import http.server
+
+    folder = tmp_path / "web"
+    write_local(folder, [("b/" + members[0][0], members[0][1]), ("a-" + members[1][0], members[1][1]),
+                         (members[2][0], members[2][1]), (".hidden/x.png", members[3][1]), ("notes.txt", b"x")])
+    class Quiet(http.server.SimpleHTTPRequestHandler):  # Python's own server, with its folder pages
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        remote = [s.name for s in inputs.expand([base])]
+    finally:
+        server.shutdown()
+        server.server_close()
+    local = [s.name for s in inputs.expand([str(folder)])]
+    assert len(local) == 3 and remote == [n.replace(str(folder) + "/", base) for n in local]
 
 
 def test_a_password_in_a_url_is_never_written_anywhere(tmp_path, members, tiny16):

@@ -260,7 +260,7 @@ class PartWorker:
     killing the actor, so the driver can show them as one line.
     """
 
-    def __init__(self, recipe: dict, store: str, batch_size: int, max_pixels: int, device: str):
+    def __init__(self, recipe: dict, store: str, options: dict, device: str):
         from .model import load_recipe
         from .runner import Options
 
@@ -272,7 +272,7 @@ class PartWorker:
             self.name = self.model.embedding_layer(recipe.layer, recipe.pool)
             self.recipe = recipe.bind(self.model.spec, self.name)
             # Decoding threads beside the model, as many as the local engine's default on this node.
-            self.opts = Options(batch_size=batch_size, workers=min(8, os.cpu_count() or 2), max_pixels=max_pixels)
+            self.opts = Options(**{**options, "workers": min(8, os.cpu_count() or 2), "progress": False})
             self.width = self._width()
         except VGGEmbedError as e:
             self.error = str(e)
@@ -437,7 +437,7 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
             raise VGGEmbedError(f"the Ray cluster has {cpus:g} CPUs and each model actor needs 1: use --workers "
                                 f"{max(1, int(cpus))} or a bigger cluster")
         actor = ray.remote(PartWorker).options(num_cpus=1, num_gpus=gpus_per_worker or None, max_restarts=-1)
-        pool = [actor.remote(dataclasses.asdict(recipe), store.where, opts.batch_size, opts.max_pixels,
+        pool = [actor.remote(dataclasses.asdict(recipe), store.where, dataclasses.asdict(opts),
                              "gpu" if gpus_per_worker else "cpu") for _ in range(opts.workers)]
         infos = ray.get([a.info.remote() for a in pool])
         for info in infos:

@@ -14,9 +14,7 @@ Then one of three resize policies:
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import warnings
 
 import numpy as np
@@ -45,43 +43,36 @@ def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
         ImageError: naming the source and what is wrong.
     """
     name = sources.name_of(source)
-    with contextlib.ExitStack() as stack:
-        if isinstance(source, Image.Image):
-            img, fp = source, None
-        elif isinstance(source, (str, os.PathLike, sources.Source)):
-            fp = stack.enter_context(sources.open_source(source))  # ImageError when it cannot be read
-        else:
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-        try:
-            if fp is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    img = Image.open(fp)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(name, f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
-                                       "(a decompression bomb?); raise it with --max-pixels")
-            if draft is not None and img.format == "JPEG":
-                img.draft("RGB", draft)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img, name)
-        except ImageError:
-            raise
-        except UnidentifiedImageError:
-            what = "empty file (0 bytes)" if _is_empty(fp) else "not an image Pillow can identify"
-            raise ImageError(name, what) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(name, f"decompression bomb refused: {e}") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise ImageError(name, f"cannot decode: {e}") from None
-
-
-def _is_empty(fp) -> bool:
+    fp = None
     try:
-        return fp.seek(0, os.SEEK_END) == 0
-    except (AttributeError, OSError, ValueError):
-        return False
+        if isinstance(source, Image.Image):
+            img = source
+        else:
+            fp = sources.open_binary(source)  # ImageError when it cannot be read (missing, a FIFO, a 404...)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(fp)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageError(name, f"{w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
+                                   "(a decompression bomb?); raise it with --max-pixels")
+        if draft is not None and img.format == "JPEG":
+            img.draft("RGB", draft)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img, name)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        what = "empty file (0 bytes)" if sources.is_empty(fp) else "not an image Pillow can identify"
+        raise ImageError(name, what) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(name, f"decompression bomb refused: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(name, f"cannot decode: {e}") from None
+    finally:
+        if fp is not None and fp is not source:
+            fp.close()
 
 
 def _to_rgb(img: Image.Image, name) -> Image.Image:

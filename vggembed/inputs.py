@@ -221,8 +221,8 @@ def _url_is_folder(url: str) -> bool:
     if url.split("://", 1)[0].lower() in ("http", "https") or is_shard(url):
         return False
     try:
-        fs, path = sources._filesystem(url)
-        return bool(sources._retrying(url, lambda: fs.isdir(path)))
+        fs, path = sources.filesystem(url)
+        return bool(sources.retrying(url, lambda: fs.isdir(path)))
     except VGGEmbedError:
         return False  # reading it will say what is wrong, as that input's failure
 
@@ -235,8 +235,8 @@ def url_folder_images(url: str) -> list[Source]:
     """
     shown = sources.redact(url)
     try:
-        fs, root = sources._filesystem(url)
-        found = sources._retrying(shown, lambda: fs.find(root, withdirs=False, detail=False))
+        fs, root = sources.filesystem(url)
+        found = sources.retrying(shown, lambda: fs.find(root, withdirs=False, detail=False))
     except VGGEmbedError as e:
         return [Source(shown, error=f"cannot list this folder: {getattr(e, 'problem', e)}")]
     prefix = root.rstrip("/") + "/"

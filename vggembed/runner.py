@@ -32,7 +32,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     strict: bool = False
     progress: bool = False
-    fetch_ahead: int = 16  # remote reads in flight, beside the decoding threads
+    fetch_ahead: int = 32  # remote reads in flight, beside the decoding threads
 
 
 def pad_to(recipe: Recipe, opts: Options) -> int | None:

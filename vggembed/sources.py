@@ -2,7 +2,7 @@
 
 A `Source` is what the rest of the pipeline sees: a name (what the index
 records, exactly as given) and, where the listing already has them, the
-bytes. Everything that reads image bytes goes through `open_source`, so
+bytes. Everything that reads image bytes goes through `open_binary`, so
 there is one place that decides how each kind is read:
 
 - a local path is opened with `safeio.open_regular` (never a FIFO, socket
@@ -24,6 +24,7 @@ output or a log line.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import io
@@ -31,7 +32,7 @@ import os
 import random
 import re
 import tarfile
-import time
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .ico .tga".split()
 )
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# A tar member is read into memory whole: refuse one larger than any image
+# Pillow would accept (89.5 million pixels, uncompressed 16-bit RGBA) before reading it.
+MAX_MEMBER_BYTES = 1 << 30
 REMOTE_EXTRA = 'pip install "vggembed[remote]"'
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -91,6 +95,11 @@ def is_url(name: str) -> bool:
     return bool(_URL.match(name))
 
 
+def _is_remote(name: str) -> bool:
+    """A URL read through fsspec; `file://` is a local path, opened as one (never a FIFO)."""
+    return is_url(name) and not name.startswith("file://")
+
+
 def is_shard(name: str) -> bool:
     """Named like a tar shard (.tar, .tar.gz, .tgz, any case), local or URL."""
     return name.lower().endswith(SHARD_SUFFIXES)
@@ -120,39 +129,52 @@ def display(name: str) -> str:
 
 
 # ------------------------------------------------------------------- reading
-@contextlib.contextmanager
-def open_source(source) -> Iterator[BinaryIO]:
-    """A binary file holding the source's encoded bytes.
+def open_binary(source) -> BinaryIO:
+    """A binary file holding the source's encoded bytes; the caller closes it.
 
     Args:
-        source: a `Source`, a local path (str or os.PathLike) or a URL.
+        source: a `Source`, a local path (str or os.PathLike), a URL, encoded
+            bytes, or a binary file object (returned as it is).
 
     Raises:
         ImageError: naming the source and why it cannot be read.
     """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source)
+    if not isinstance(source, (Source, str, os.PathLike)):
+        return source  # already a file object
     name = name_of(source)
     if isinstance(source, Source):
         if source.error is not None:
             raise ImageError(name, source.error)
         if source.data is not None:
-            yield io.BytesIO(source.data)
-            return
-    if is_url(name) and not name.startswith("file://"):
-        yield io.BytesIO(read_bytes(name))
-        return
-    with _open_local(name, "image file") as f:
-        yield f
+            return io.BytesIO(source.data)
+    if _is_remote(name):
+        return io.BytesIO(read_bytes(name))
+    return _open_local(name, "image file")
 
 
-def read_bytes(name: str) -> bytes:
+def is_empty(fp) -> bool:
+    """Whether an open file holds no bytes at all (for "empty file" rather than "not an image")."""
+    try:
+        return fp is not None and fp.seek(0, os.SEEK_END) == 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def read_bytes(name: str, stop: threading.Event | None = None) -> bytes:
     """The whole content of a local file or a URL (retried when the failure is transient).
+
+    Args:
+        name: a local path or a URL.
+        stop: once set, a failing remote read is not retried again.
 
     Raises:
         ImageError: naming the input and why it cannot be read.
     """
-    if is_url(name) and not name.startswith("file://"):
-        fs, path = _filesystem(name)
-        return _retrying(name, lambda: fs.cat_file(path))
+    if _is_remote(name):
+        fs, path = filesystem(name)
+        return retrying(name, lambda: fs.cat_file(path), stop)
     with _open_local(name, "image file") as f:
         try:
             return f.read()
@@ -161,9 +183,8 @@ def read_bytes(name: str) -> bytes:
 
 
 def _open_local(name: str, what: str) -> BinaryIO:
-    path = name[len("file://"):] if name.startswith("file://") else name
     try:
-        return open_regular(path, what)
+        return open_regular(name.removeprefix("file://"), what)
     except NotAFileError as e:
         problem = e.problem
         if problem == os.strerror(errno.ENAMETOOLONG):
@@ -171,7 +192,7 @@ def _open_local(name: str, what: str) -> BinaryIO:
         raise ImageError(name, problem) from None
 
 
-def fetch_ahead(sources: Iterable, concurrency: int = 16) -> Iterator:
+def fetch_ahead(sources: Iterable, concurrency: int = 32) -> Iterator:
     """The same sources, in order, with the bytes of URLs read `concurrency` at a time.
 
     Remote reads wait on the network, not the CPU, so they run on their own
@@ -181,29 +202,33 @@ def fetch_ahead(sources: Iterable, concurrency: int = 16) -> Iterator:
     sources are held here, so memory stays bounded.
     """
     pool: ThreadPoolExecutor | None = None
-    pending: list = []  # a deque would do; the window is small
+    pending: collections.deque = collections.deque()
+    stop = threading.Event()
     try:
         for source in sources:
             name = name_of(source)
-            if (is_url(name) and not name.startswith("file://")
-                    and not (isinstance(source, Source) and (source.data is not None or source.error is not None))):
+            if _is_remote(name) and not (isinstance(source, Source)
+                                         and (source.data is not None or source.error is not None)):
                 if pool is None:
                     pool = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="vggembed-fetch")
-                pending.append(pool.submit(_fetch, name))
+                pending.append(pool.submit(_fetch, name, stop))
             else:
                 pending.append(source)
             while pending and (len(pending) > concurrency or not isinstance(pending[0], Future)):
-                yield _done(pending.pop(0))
+                yield _done(pending.popleft())
         while pending:
-            yield _done(pending.pop(0))
+            yield _done(pending.popleft())
     finally:
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Ctrl-C must not wait for a slow server: reads not started are dropped,
+            # reads under way are not retried, and nobody waits for them here.
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _fetch(name: str) -> Source:
+def _fetch(name: str, stop: threading.Event) -> Source:
     try:
-        return Source(name, data=read_bytes(name))
+        return Source(name, data=read_bytes(name, stop))
     except ImageError as e:
         return Source(name, error=e.problem)
 
@@ -247,6 +272,10 @@ def iter_shard(name: str) -> Iterator[Source]:
                 del tar.members[:]  # a streamed archive needs no memory of past members
                 if not (member.isreg() and is_image_name(member.name)):
                     continue
+                if member.size > MAX_MEMBER_BYTES:  # skipped unread: the next header is found by seeking
+                    yield Source(f"{name}/{member.name}", error=f"{member.size} bytes: larger than an image "
+                                                                f"may be ({MAX_MEMBER_BYTES >> 20} MiB)")
+                    continue
                 current = member.name
                 data = tar.extractfile(member).read()
                 current = None
@@ -255,16 +284,26 @@ def iter_shard(name: str) -> Iterator[Source]:
         except (tarfile.TarError, OSError, EOFError, zlib.error, ImageError) as e:
             if current is not None:
                 yield Source(f"{name}/{current}", error=f"the shard's data ends inside this member: {_reason(e)}")
+            elif "end of data" in str(e):
+                yield Source(name, error=_truncated(members))
             else:
-                yield Source(name, error=f"damaged after {members} images: {_reason(e)}")
+                yield Source(name, error=f"damaged after {_images(members)}: {_reason(e)}")
             return
         end = getattr(tar, "vggembed_end", None)
         if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
-            yield Source(name, error=f"truncated: the data ends after {members} images, before the end-of-archive "
-                                     "marker; the rest of the shard is lost")
+            yield Source(name, error=_truncated(members))
         elif not isinstance(end, tarfile.EOFHeaderError):
-            yield Source(name, error=f"damaged after {members} images: a bad tar header ({end}); the rest of the "
+            yield Source(name, error=f"damaged after {_images(members)}: a bad tar header ({end}); the rest of the "
                                      "shard cannot be read")
+
+
+def _truncated(members: int) -> str:
+    return (f"truncated: the data ends after {_images(members)}, before the end-of-archive marker; the rest of "
+            "the shard is lost")
+
+
+def _images(n: int) -> str:
+    return f"{n} image" + ("" if n == 1 else "s")
 
 
 class _TarInfo(tarfile.TarInfo):
@@ -282,8 +321,8 @@ class _TarInfo(tarfile.TarInfo):
 
 
 def _open_stream(name: str) -> BinaryIO:
-    if is_url(name) and not name.startswith("file://"):
-        fs, path = _filesystem(name)
+    if _is_remote(name):
+        fs, path = filesystem(name)
         return io.BufferedReader(_RemoteReader(name, fs, path), 1 << 20)
     return _open_local(name, "tar shard")
 
@@ -312,7 +351,7 @@ class _RemoteReader(io.RawIOBase):
                 self._drop()
                 raise
 
-        data = _retrying(self.name_, attempt)
+        data = retrying(self.name_, attempt)
         b[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -333,8 +372,13 @@ def _reason(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------- remote
-def _filesystem(url: str):
-    """(fsspec filesystem, path) for a URL; one clear message when support is missing."""
+def filesystem(url: str):
+    """(fsspec filesystem, path) for a URL; one clear message when support is missing.
+
+    Raises:
+        ImageError: the URL holds a password, or fsspec cannot parse it.
+        VGGEmbedError: fsspec or the protocol's package is not installed.
+    """
     if urlsplit(url).password is not None:
         raise ImageError(redact(url), "has a password in the URL; vggembed does not take credentials from URLs "
                                       "(they would be written into the index): use ~/.netrc or the protocol's "
@@ -398,29 +442,36 @@ _TRANSIENT_ERRNO = frozenset({errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNA
                               errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
 
 
-def _retrying(name: str, fn: Callable[[], _T]) -> _T:
+def retrying(name: str, fn: Callable[[], _T], stop: threading.Event | None = None) -> _T:
     """fn(), retried with exponential backoff and jitter while it fails transiently.
+
+    Args:
+        name: the input, for the error.
+        fn: one attempt.
+        stop: once set (the run is ending), no further attempt is made.
 
     Raises:
         ImageError: for a permanent failure at once, or the last transient one.
     """
     settings = remote_settings()
+    stop = stop or threading.Event()
     for attempt in range(1, settings["attempts"] + 1):
         try:
             return fn()
         except (ImageError, VGGEmbedError):
             raise
         except Exception as e:  # noqa: BLE001 - every protocol has its own exception types
-            transient, reason = classify(e)
+            transient, reason = classify_error(e)
             if not transient:
                 raise ImageError(name, reason) from None
             if attempt == settings["attempts"]:
                 raise ImageError(name, f"{reason} (gave up after {attempt} attempts)") from None
-            time.sleep(settings["delay"] * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+            if stop.wait(settings["delay"] * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)):
+                raise ImageError(name, f"{reason} (the run ended before a retry)") from None
     raise AssertionError("unreachable")
 
 
-def classify(e: BaseException) -> tuple[bool, str]:
+def classify_error(e: BaseException) -> tuple[bool, str]:
     """(transient?, reason) for an exception from a remote read."""
     status = _status(e)
     if status is not None:

@@ -128,6 +128,9 @@ def run_options(f):
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
         click.option("--workers", type=click.IntRange(1), default=min(8, os.cpu_count() or 2),
                      show_default="CPU count, at most 8", help="Decoding threads."),
+        click.option("--fetch-ahead", type=click.IntRange(1), default=32, show_default=True,
+                     help="URLs read at once, ahead of decoding; to keep the model fed, at least its images/s "
+                          "times the store's seconds per request."),
         click.option("--max-pixels", type=click.IntRange(1), default=None,
                      help="Refuse larger images (default Pillow's 89.5 million)."),
         click.option("--strict", is_flag=True, help="Stop at the first image that fails."),

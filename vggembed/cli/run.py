@@ -39,7 +39,8 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
           null, quiet, opts, setup):
     """Embed images into vectors, one row per image, in input order.
 
-    INPUT is an image, a folder (recursive, sorted), or '-' for paths on stdin.
+    INPUT is an image, a folder (recursive, sorted), a tar shard, a URL (files
+    or folders), or '-' for paths on stdin (-0: NUL-separated).
     Images that fail are reported on stderr and in OUT.errors.csv, and left
     out; the run goes on (exit code 3).
 
@@ -48,6 +49,8 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
       vggembed embed images/ -o feats.npy
       vggembed embed a.jpg b.png -o feats.csv --layer pool5 --pool avg
       find . -name '*.jpg' | vggembed embed - -o feats.parquet
+      find . -type f -print0 | vggembed embed -0 - -o feats.npy
+      vggembed embed shard-00000.tar s3://bucket/photos/ -o feats.npy
     """
     from .. import runner
     from ..output import EmbeddingWriter
