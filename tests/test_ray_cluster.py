@@ -57,16 +57,22 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _has_model_actor(node) -> bool:
-    raylet = node.all_processes["raylet"][0].process.pid
-    for pid in _children(raylet):
+def _actor_processes(node) -> list[str]:
+    """The model actors' processes under a node's raylet."""
+    found = []
+    for pid in _children(node.all_processes["raylet"][0].process.pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"ray::PartWorker" in f.read():
-                    return True
+                cmdline = f.read()
         except OSError:
-            pass
-    return False
+            continue
+        if b"ray::PartWorker" in cmdline:
+            found.append(f"{pid} {cmdline[:80]!r}")
+    return found
+
+
+def _has_model_actor(node) -> bool:
+    return bool(_actor_processes(node))
 
 
 def _wait_for_parts(parts: Path, n: int, alive, timeout=180) -> None:
@@ -117,7 +123,8 @@ def _no_model_actor_left(cluster, timeout=60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and any(_has_model_actor(node) for node in cluster.worker_nodes):
         time.sleep(0.1)
-    assert not any(_has_model_actor(node) for node in cluster.worker_nodes)
+    left = [_actor_processes(node) for node in cluster.worker_nodes]
+    assert not any(left), f"model actors still running after {timeout}s: {left}"
 
 
 def test_a_driver_killed_mid_run_resumes_redoing_only_the_missing_parts(tmp_path, cluster, folder, tiny16):
