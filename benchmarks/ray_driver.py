@@ -5,7 +5,7 @@ Two measurements, each run in a fresh child process per case:
 1. Driver scaling: the same job at 2 and at 20 parts (PART images each), with
    an fc2-sized embedding (4096 float32 = 16 KB per image; small conv layers
    so it runs in seconds). For the driver process: its peak RSS
-   (ru_maxrss), the bytes its Python code receives from the cluster
+   (VmHWM), the bytes its Python code receives from the cluster
    (counted: the pickled size of every value `ray.get` returns to the engine,
    or, for the Ray Data engine of before, the nbytes of every batch
    `iter_batches` yields), and `rchar` from /proc/self/io (every byte its
@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ def child(args) -> None:
     paths = sorted(str(p) for p in Path(args.images_dir).iterdir())[: args.n]
     received = {"bytes": 0}
     if args.engine == "ray":
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         if hasattr(distributed, "PartWorker"):  # parts written by the actors: the driver gets statuses
             real_get = ray.get
 
@@ -99,7 +98,9 @@ def _rchar() -> int:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (VmHWM: since its exec, unlike ru_maxrss, which keeps the forking parent's)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
 
 
 def case(code: Path, engine: str, weights: Path, images: Path, n: int, part_size: int, work: Path) -> dict:

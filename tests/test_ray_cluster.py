@@ -119,7 +119,7 @@ def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path, cluster, folder, t
     assert_same_outputs(merged, _local(tmp_path, folder, tiny16))
 
 
-def _no_model_actor_left(cluster, timeout=60) -> None:
+def _no_model_actor_left(cluster, timeout=120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and any(_has_model_actor(node) for node in cluster.worker_nodes):
         time.sleep(0.1)

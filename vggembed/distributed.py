@@ -388,7 +388,8 @@ def _start_ray(ray, address, verbose: bool) -> bool:
         return False
     if not verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
-    ray.init(address=address, log_to_driver=verbose, include_dashboard=False,
+    # "local": without --address, a runtime of our own, never a cluster someone else started on this machine
+    ray.init(address=address or "local", log_to_driver=verbose, include_dashboard=False,
              logging_level=logging.INFO if verbose else logging.ERROR, configure_logging=True)
     return True
 
