@@ -20,10 +20,11 @@ from .test_ray import assert_same_outputs, run
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster():
     """A head node without CPUs (the driver's) and two worker nodes of one CPU each: one model actor fits on
-    either worker node, so it has somewhere to go when its node dies."""
+    either worker node, so it has somewhere to go when its node dies. One cluster per test, so that nothing
+    of one test's run (a restarted actor) is still there in the next."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -108,7 +109,6 @@ def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path, cluster, folder, t
     before = len(list(parts.glob("part-*.parquet")))
     cluster.remove_node(hosting[0], allow_graceful=False)  # its raylet, object store and workers die
     thread.join(timeout=300)
-    cluster.add_node(num_cpus=1)  # back to two worker nodes for the next test
     assert 1 <= before < 10, "the node died part way through the run"
     assert not thread.is_alive() and "counts" in result
     assert sorted(p.name for p in parts.glob("part-*.parquet")) == [f"part-{k:05d}.parquet" for k in range(10)]

@@ -432,14 +432,15 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
     started_here = _start_ray(ray, address, verbose)
     counts = Counts()
     start = time.perf_counter()
+    pool: list = []
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < opts.workers:
             raise VGGEmbedError(f"the Ray cluster has {cpus:g} CPUs and each model actor needs 1: use --workers "
                                 f"{max(1, int(cpus))} or a bigger cluster")
         actor = ray.remote(PartWorker).options(num_cpus=1, num_gpus=gpus_per_worker or None, max_restarts=-1)
-        pool = [actor.remote(dataclasses.asdict(recipe), store.where, dataclasses.asdict(opts),
-                             "gpu" if gpus_per_worker else "cpu") for _ in range(opts.workers)]
+        pool += [actor.remote(dataclasses.asdict(recipe), store.where, dataclasses.asdict(opts),
+                              "gpu" if gpus_per_worker else "cpu") for _ in range(opts.workers)]
         infos = ray.get([a.info.remote() for a in pool])
         for info in infos:
             if info["error"]:
@@ -455,6 +456,8 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
         _schedule(ray, pool, todo, (run.manifest["id"], pad_to(recipe, opts)), counts, log)
     finally:
         counts.seconds = time.perf_counter() - start
+        for actor in pool:  # at once, restarted ones included, even where a caller's session lives on
+            ray.kill(actor, no_restart=True)
         if started_here:
             ray.shutdown()
     return counts
