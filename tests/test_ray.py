@@ -16,14 +16,14 @@ from click.testing import CliRunner
 from vggembed import synthetic
 from vggembed.cli import main
 
-from .conftest import interruptible
+from .conftest import env_without_tf_noise, interruptible
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def ray_runtime():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -68,15 +68,19 @@ def test_ray_engine_equals_local_engine(tmp_path, ray_runtime, folder, tiny16):
     assert "embedded 238 of 240 images on Ray" in result.stderr
     manifest = json.loads((parts / "manifest.json").read_text())
     assert manifest["inputs"] == 240 and manifest["parts"] == 5
-    assert sorted(p.name for p in parts.glob("part-*.parquet")) == [f"part-0000{k}.parquet" for k in range(5)]
+    assert manifest["recipe"]["weights"] == tiny16.name and manifest["recipe"]["layer"] == "relu7"
+    assert sorted(p.name for p in parts.iterdir()) == ["manifest.json"] + [f"part-0000{k}.parquet" for k in range(5)]
 
     import pyarrow.parquet as pq
 
     shard = pq.read_table(parts / "part-00000.parquet")
-    assert shard.column_names == ["id", "path", "status", "error", "embedding"]
-    assert shard["id"].to_pylist() == list(range(50))
+    assert shard.column_names == ["path", "path_bytes", "status", "error", "embedding"]
+    assert shard["path"].to_pylist() == [str(p) for p in sorted(folder.iterdir())[:50]]
     assert shard["status"][5].as_py() == "error" and shard["error"][5].as_py() == "empty file (0 bytes)"
     assert shard["embedding"][5].as_py() is None
+    meta = json.loads(shard.schema.metadata[b"vggembed"])
+    assert (meta["part"], meta["first"], meta["inputs"], meta["failed"]) == (0, 0, 50, 1)
+    assert meta["recipe"] == manifest["recipe"] and meta["run"] == manifest["id"]
 
     merged = tmp_path / "merged.npy"
     assert run("merge", parts, "-o", merged).exit_code == 0
@@ -103,19 +107,33 @@ def test_interrupted_ray_run_resumes_to_the_same_result(tmp_path, ray_runtime, f
     early = run("merge", parts, "-o", merged)
     assert early.exit_code == 1 and "parts missing" in early.stderr and "--resume" in early.stderr
 
+    # What a writer killed mid-part leaves: a hidden temporary file, never a part under its final name.
+    torn = parts / ".part-00011.parquet.0123456789ab.tmp"
+    torn.write_bytes((parts / "part-00000.parquet").read_bytes()[:500])
+    assert "parts missing" in run("merge", parts, "-o", merged).stderr
+
     resumed = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8,
                   "--workers", 1, "--part-size", 20, "--resume")
     assert resumed.exit_code == 3, resumed.output
-    assert f"{done_before * 20} already done" in resumed.stderr
+    assert f"; {done_before} of 12 parts already done" in resumed.stderr
+    assert not torn.exists() and not list(parts.glob(".*"))
     assert run("merge", parts, "-o", merged).exit_code == 0
     assert_same_outputs(merged, local_reference(tmp_path, folder, tiny16))
 
 
 def test_more_actors_than_cpus_is_refused_not_hung(tmp_path, ray_runtime, folder, tiny16):
-    result = run("embed", folder, "-o", tmp_path / "p", "--engine", "ray", "--weights", tiny16, "--workers", 2)
+    result = run("embed", folder, "-o", tmp_path / "p", "--engine", "ray", "--weights", tiny16, "--workers", 3)
     assert result.exit_code == 1
-    assert "the Ray cluster has 2 CPUs: 2 model actors (1 CPU each) leave none for decoding; use --workers 1" \
-        in result.stderr
+    assert "the Ray cluster has 2 CPUs and each model actor needs 1: use --workers 2" in result.stderr
+
+
+def test_an_output_that_is_a_file_is_one_line_before_ray_starts(tmp_path, folder, tiny16):
+    out = tmp_path / "feats.npy"
+    out.write_bytes(b"x")
+    result = run("embed", folder, "-o", out, "--engine", "ray", "--weights", tiny16)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {out}: not a folder; --engine ray writes a folder of parts (name a new one)\n"
+    assert out.read_bytes() == b"x"
 
 
 def test_resume_with_other_options_is_refused(tmp_path, ray_runtime, folder, tiny16):
@@ -152,14 +170,88 @@ def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path,
     deadline = time.time() + 120
     while killed is None and time.time() < deadline and thread.is_alive():
         if list(parts.glob("part-*.parquet")):
-            pids = subprocess.run(["pgrep", "-f", r"MapBatches\(Embedder\)"], capture_output=True, text=True)
+            pids = subprocess.run(["pgrep", "-f", "ray::PartWorker"], capture_output=True, text=True)
             if pids.stdout.split():
                 killed = int(pids.stdout.split()[0])
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.02)
     thread.join(timeout=300)
     assert killed is not None and len(list(parts.glob("part-*.parquet"))) == 12
-    assert result["counts"]["failed"] == 2
+    assert result["counts"].failed == 2
     merged = tmp_path / "merged.npy"
     assert run("merge", parts, "-o", merged).exit_code == 0
     assert_same_outputs(merged, local_reference(tmp_path, folder, tiny16))
+
+
+def test_batches_and_parts_where_every_image_failed_are_rows_like_any_other(tmp_path, photos, tiny16):
+    """Good images, then broken ones: whole batches and a whole part fail. Ray started by the CLI itself,
+    with -v, to see that no actor keeps its constructor arguments in the object store (restarts need them)."""
+    folder = tmp_path / "imgs"
+    paths = synthetic.photo_crops(photos[0], folder, 30, size=(40, 30), suffix=".jpg")
+    for p in paths[20:]:
+        p.write_bytes(b"\xff\xd8 broken")
+    parts = tmp_path / "parts"
+    proc = subprocess.run([sys.executable, "-m", "vggembed", "-v", "embed", str(folder), "-o", str(parts), "--engine",
+                           "ray", "--weights", str(tiny16), "--batch-size", "4", "--part-size", "8"],
+                          capture_output=True, text=True, timeout=300, env=env_without_tf_noise())
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "embedded 20 of 30 images on Ray" in proc.stderr and "; 10 failed" in proc.stderr
+    assert "constructor arguments in the object store" not in proc.stderr
+
+    import pyarrow.parquet as pq
+
+    last = pq.read_table(parts / "part-00003.parquet")  # inputs 24..29: all broken
+    assert last["status"].to_pylist() == ["error"] * 6 and last["embedding"].null_count == 6
+    assert last.schema.field("embedding").type.list_size == 32  # the layer's width even without a vector
+    merged = tmp_path / "merged.npy"
+    assert run("merge", parts, "-o", merged).exit_code == 0
+    local = tmp_path / "local.npy"
+    assert run("embed", folder, "-o", local, "--weights", tiny16, "--batch-size", 4).exit_code == 3
+    assert_same_outputs(merged, local)
+    assert len(read_csv(f"{merged}.errors.csv")) == 11
+
+
+def _shard(path: Path, files: list[Path], cut: int | None = None) -> Path:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in files:
+            tar.add(f, arcname=f"x/{f.name}")
+    data = buf.getvalue()
+    path.write_bytes(data[:cut] if cut else data)
+    return path
+
+
+def test_parts_follow_tar_shards_and_resume_redoes_only_the_missing_shard(tmp_path, ray_runtime, folder, tiny16):
+    files = sorted(folder.iterdir())
+    a = _shard(tmp_path / "a.tar", files[:10])
+    b = _shard(tmp_path / "b.tar", files[98:106])  # holds the "not an image" file
+    c = _shard(tmp_path / "c.tar", files[20:26], cut=4000)  # truncated inside its members
+    inputs = [a, *files[10:15], b, c]
+    parts = tmp_path / "parts"
+    args = ["embed", *inputs, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
+            "--part-size", 4]
+    first = run(*args)
+    assert first.exit_code == 3, first.output
+    names = [f"part-0000{k}.parquet" for k in range(5)]  # a.tar | 4 files | 1 file | b.tar | c.tar
+    assert sorted(p.name for p in parts.glob("part-*.parquet")) == names
+
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(parts / names[0])["path"].to_pylist() == [f"{a}/x/{f.name}" for f in files[:10]]
+    assert pq.read_table(parts / names[3]).num_rows == 8
+    merged, local = tmp_path / "merged.npy", tmp_path / "local.npy"
+    assert run("merge", parts, "-o", merged).exit_code == 0
+    assert run("embed", *inputs, "-o", local, "--weights", tiny16, "--batch-size", 4).exit_code == 3
+    assert_same_outputs(merged, local)
+
+    kept = {n: ((parts / n).stat().st_ino, (parts / n).stat().st_mtime_ns) for n in names if n != names[3]}
+    (parts / names[3]).unlink()
+    again = run(*args, "--resume")
+    assert again.exit_code == 3 and "; 4 of 5 parts already done" in again.stderr
+    assert "embedded 7 of 8 images on Ray" in again.stderr  # b.tar only
+    assert {n: ((parts / n).stat().st_ino, (parts / n).stat().st_mtime_ns) for n in kept} == kept
+    assert run("merge", parts, "-o", merged, "--overwrite").exit_code == 0
+    assert_same_outputs(merged, local)

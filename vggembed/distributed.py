@@ -1,285 +1,572 @@
-"""`vggembed embed --engine ray`: the same embed job across a Ray cluster, with Ray Data.
+"""`vggembed embed --engine ray`: the same embed job across a Ray cluster, the driver out of the data path.
 
-Flow (driver -> cluster -> driver):
+Flow:
 
-1. The driver lists and sorts the inputs exactly as the local engine does and
-   gives each image a stable id (its position). Ids are grouped into parts of
-   `part_size`; a part is the unit of resume.
-2. Ray Data decodes in CPU tasks that never raise: each row comes back with
-   its image or its error. (The bytes are read inside these tasks rather
-   than with `read_binary_files`, which fails the whole job on a path that
-   vanished or cannot be read; here that is one row with its error.)
-3. A fixed-size actor pool runs the model: weights loaded once per actor in
-   its constructor, `num_gpus` per actor, batches padded to the batch size
-   so every row is computed as the local engine computes it.
-4. The driver receives rows in order and writes each finished part as
-   `OUT_DIR/part-NNNNN.parquet` (id, path, status, error, embedding),
-   atomically; `manifest.json` records the inputs and the recipe, so a re-run
-   with `--resume` skips finished parts. `vggembed merge` gathers the parts
-   into the local engine's outputs.
+1. The driver lists the inputs exactly as the local engine does and cuts
+   them into parts (`plan_parts`): runs of up to `part_size` inputs, in
+   order. A part is the unit of work and of `--resume`.
+2. A fixed pool of model actors (`PartWorker`: weights loaded once per actor
+   from the weight file's path, `num_gpus` per actor) takes one part per
+   task: it reads and decodes the part's images in threads beside the model
+   (the local engine's own `runner.batches`, so rows are computed exactly as
+   locally, failed images as rows with their error), runs the model, and
+   writes the whole part straight into OUT as `part-NNNNN.parquet`,
+   atomically. It returns only a small status: counts and the first errors.
+3. The driver only plans parts, schedules them, and commits
+   `manifest.json` (the inputs' digest, the parts, the run's `Recipe`), so
+   its memory and traffic do not grow with the images' pixels or vectors.
+   `vggembed merge` gathers the parts into the local engine's outputs.
 
-Shards are written by the driver, so OUT_DIR needs no shared file system;
-the weight file's path must be readable on every node.
+OUT is a local (or shared) folder or an object-store URL (`s3://`, `gs://`,
+... any fsspec protocol): see `Store`. Parts are atomic there too: a local
+part is written under a hidden temporary name and renamed; an object is one
+PUT of the final name, visible only once complete. A reader or `merge`
+never sees half a part.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import time
-from pathlib import Path
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import VGGEmbedError
-from .images import prepare
-from .pipeline import decode_one
+from .errors import VGGEmbedError, display
+from .inputs import is_unopened_shard, open_shards
+from .output import path_columns, table_paths
 from .recipe import Recipe
+from .sources import Source, is_url, name_of
 
 MANIFEST = "manifest.json"
-DECODE_CPUS = 0.5  # per decoding task: Pillow work is light beside the model's
+FORMAT_VERSION = 3
+PART_META_KEY = b"vggembed"
+RESTART_WAIT = 300.0  # seconds without any live model actor before the run gives up (parts are kept)
+MAX_DEATHS = 3  # a part whose actor dies this often is given up (an image that kills the decoder, say)
+ERRORS_RETURNED = 20  # per part, in the status sent back to the driver (all of them are in the part)
+_PART = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
 def part_name(k: int) -> str:
     return f"part-{k:05d}.parquet"
 
 
-def _digest(paths: list[str]) -> str:
+# ------------------------------------------------------------------- storage
+class Store:
+    """A run folder: a local path, or a URL of any fsspec protocol (object stores included).
+
+    Picklable (only the location travels; the file system is opened where it
+    is used), so the driver and every actor open the same place.
+    """
+
+    def __init__(self, where):
+        self.where = os.fsdecode(where).rstrip("/") or "/"
+        self.remote = is_url(self.where) and not self.where.startswith("file://")
+        self._fs = None
+        self.root = self.where.removeprefix("file://")
+
+    def __getstate__(self):
+        return {"where": self.where}
+
+    def __setstate__(self, state):
+        self.__init__(state["where"])
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            try:
+                import fsspec
+            except ImportError:
+                raise VGGEmbedError(f'{self.where}: writing to a URL needs fsspec and the protocol\'s package: '
+                                    'pip install "vggembed[remote]"') from None
+            try:
+                self._fs, self.root = fsspec.core.url_to_fs(self.where)
+            except (ImportError, ValueError) as e:
+                raise VGGEmbedError(f"{self.where}: cannot open this location ({e})") from None
+        return self._fs
+
+    def name(self, rel: str) -> str:
+        return f"{self.where}/{rel}" if rel else self.where
+
+    def _path(self, rel: str) -> str:
+        if self.remote:
+            self.fs  # noqa: B018 - sets self.root
+        return f"{self.root}/{rel}"
+
+    # Every failure of the file system (fsspec backends raise their own kinds too) becomes one line.
+    def _fail(self, rel: str, what: str, e: Exception) -> VGGEmbedError:
+        if isinstance(e, VGGEmbedError):
+            return e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        return VGGEmbedError(f"{display(self.name(rel))}: cannot {what} ({reason})")
+
+    def list(self) -> list[str]:
+        """The names directly in the folder (none when it does not exist)."""
+        try:
+            if not self.remote:
+                if os.path.lexists(self.root) and not os.path.isdir(self.root):
+                    raise VGGEmbedError(f"{display(self.where)}: not a folder; --engine ray writes a folder of parts "
+                                        "(name a new one)")
+                return sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []
+            self.fs.invalidate_cache()
+            if not self.fs.exists(self.root):
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+        except Exception as e:  # noqa: BLE001
+            raise self._fail("", "list it", e) from None
+
+    def read(self, rel: str) -> bytes:
+        try:
+            if not self.remote:
+                with open(self._path(rel), "rb") as f:
+                    return f.read()
+            return self.fs.cat_file(self._path(rel))
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(rel, "read it", e) from None
+
+    def write(self, rel: str, data: bytes) -> None:
+        """Write all of `data` under `rel` so that no reader ever sees a part of it."""
+        try:
+            if self.remote:
+                self.fs.pipe_file(self._path(rel), data)  # one PUT: the object appears whole or not at all
+                return
+            os.makedirs(self.root, exist_ok=True)
+            tmp = self._path(f".{rel}.{uuid.uuid4().hex[:12]}.tmp")  # hidden from readers and part listings
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._path(rel))
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(rel, "write it", e) from None
+
+    def remove(self, rel: str) -> None:
+        try:
+            if self.remote:
+                self.fs.rm_file(self._path(rel))
+            else:
+                os.unlink(self._path(rel))
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(rel, "remove it", e) from None
+
+
+# ------------------------------------------------------------------ planning
+@dataclass(frozen=True)
+class Part:
+    """One unit of work: the planned inputs `first` .. `first + len(sources) - 1`, in order (`sources.Source`s;
+    a tar shard among them stands for its members)."""
+
+    index: int
+    first: int
+    sources: tuple
+
+
+def plan_parts(units: list, part_size: int) -> list[Part]:
+    """Parts in input order: each tar shard is a part of its own (its members are known only by reading
+    it), and the inputs between shards make parts of up to `part_size`.
+
+    Every part is planned from the listing alone, before anything is read, so
+    a part's name always means the same inputs and a re-run knows exactly
+    which parts are missing: with shards, which shards.
+    """
+    parts: list[Part] = []
+    run: list = []
+
+    def cut(first):
+        for start in range(0, len(run), part_size):
+            parts.append(Part(len(parts), first + start, tuple(run[start: start + part_size])))
+        run.clear()
+
+    for i, unit in enumerate(units):
+        if is_unopened_shard(unit):
+            cut(i - len(run))
+            parts.append(Part(len(parts), i, (unit,)))
+        else:
+            run.append(unit)
+    cut(len(units) - len(run))
+    return parts
+
+
+def _digest(names: Iterable[str]) -> str:
     h = hashlib.sha256()
-    for p in paths:
-        h.update(p.encode("utf-8", "surrogateescape") + b"\n")
+    for n in names:
+        h.update(n.encode("utf-8", "surrogateescape") + b"\n")
     return h.hexdigest()
 
 
+# ------------------------------------------------------------- part files
+def part_bytes(names: list[str], errors: list[str | None], vectors: np.ndarray, meta: dict) -> bytes:
+    """A part as Parquet: `path`, `path_bytes`, `status`, `error`, `embedding` (null where the image failed),
+    with `meta` (the part's number, its inputs, the recipe) in the schema metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ok = np.array([e is None for e in errors], dtype=bool)
+    dtype = np.dtype(meta["recipe"]["dtype"])
+    value_type = pa.float32() if dtype == np.float32 else pa.float16()
+    full = np.zeros((len(names), vectors.shape[1]), dtype)
+    full[ok] = vectors
+    column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), type=value_type), vectors.shape[1],
+                                               mask=pa.array(~ok))
+    table = pa.table({
+        **path_columns(names),
+        "status": pa.array(["ok" if o else "error" for o in ok], pa.string()),
+        "error": pa.array([None if e is None else display(e) for e in errors], pa.string()),
+        "embedding": column,
+    })
+    table = table.replace_schema_metadata({PART_META_KEY: json.dumps(meta).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 # ------------------------------------------------------------- cluster side
-def decode_batch(batch: dict, resize: str, size, max_pixels: int, fast_decode: bool) -> dict:
-    """Ray Data task: decode a batch of paths; never raises (errors become values)."""
-    fn = functools.partial(prepare, resize_mode=resize, size=tuple(size), max_pixels=max_pixels,
-                           fast_decode=fast_decode)
-    blank = np.zeros((size[1], size[0], 3), np.uint8)
-    images, errors = [], []
-    for path in batch["path"]:
-        array, error = decode_one(fn, str(path))
-        images.append(blank if error else array)
-        errors.append(error or "")
-    return {"id": batch["id"], "path": batch["path"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
+class PartWorker:
+    """A model actor: loads the network once, then embeds and writes whole parts.
 
+    Its constructor takes only small values (the recipe names the weight file
+    by path), so Ray can restart it anywhere without objects from the store.
+    Errors while loading are kept and reported by `info()` instead of
+    killing the actor, so the driver can show them as one line.
+    """
 
-class Embedder:
-    """Ray Data actor: one loaded model per actor, reused for every batch."""
-
-    def __init__(self, recipe: dict, batch_size: int, device: str):
+    def __init__(self, recipe: dict, store: str, options: dict, device: str):
         from .model import load_recipe
+        from .runner import Options
 
-        self.recipe = Recipe(**recipe)
-        self.model = load_recipe(self.recipe, device=device)
-        self.name = self.model.embedding_layer(self.recipe.layer, self.recipe.pool)
-        self.batch_size = batch_size
+        self.store = Store(store)
+        self.error = None
+        try:
+            recipe = Recipe(**recipe)
+            self.model = load_recipe(recipe, device=device)
+            self.name = self.model.embedding_layer(recipe.layer, recipe.pool)
+            self.recipe = recipe.bind(self.model.spec, self.name)
+            # Decoding threads beside the model, as many as the local engine's default on this node.
+            self.opts = Options(**{**options, "workers": min(8, os.cpu_count() or 2), "progress": False})
+            self.width = self._width()
+        except VGGEmbedError as e:
+            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 - anything else still reaches the user as one line
+            self.error = f"{type(e).__name__}: {e}"
 
-    def __call__(self, batch: dict) -> dict:
-        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
-        vectors = None
-        if ok.any():
-            images = batch["image"][ok].astype(np.float32)
-            vectors = self.model.embed_batch(images, self.name, self.recipe.pool, self.recipe.l2_normalize,
-                                             pad_to=self.batch_size)
-        dim = vectors.shape[1] if vectors is not None else 0
-        out = np.zeros((len(ok), dim), np.float32)
-        if vectors is not None:
-            out[ok] = vectors
-        return {"id": batch["id"], "path": batch["path"], "error": batch["error"], "embedding": out}
+    def _width(self) -> int:
+        w, h = self.model.spec.input_size
+        shape = self.model.output_shape(self.name, h, w)
+        if len(shape) == 1:
+            return shape[0]
+        return shape[2] if self.recipe.pool in ("avg", "max") else int(np.prod(shape))
+
+    def info(self) -> dict:
+        """The bound recipe (or the loading error) and where this actor runs."""
+        import socket
+
+        return {"error": self.error, "host": socket.gethostname(),
+                "recipe": None if self.error else self.recipe.to_dict()}
+
+    def run(self, part: Part, run_id: str, pad: int) -> dict:
+        """Decode, embed and write one part, every batch padded to `pad` images as the local engine pads
+        the same run's; return the part's counts and first errors."""
+        from .runner import Summary, batches
+
+        if self.error:
+            raise VGGEmbedError(self.error)
+        start = time.perf_counter()
+        names: list[str] = []
+        errors: list[str | None] = []
+        blocks = []
+        summary = Summary()
+        for chunk, batch, _ in batches(self.model, open_shards(part.sources), self.recipe, self.opts, summary):
+            names += [item.source for item in chunk]
+            errors += [item.error for item in chunk]
+            if batch is not None:
+                blocks.append(self.model.embed_batch(batch, self.name, self.recipe.pool, self.recipe.l2_normalize,
+                                                     pad))
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.width), np.float32)
+        failed = [(n, e) for n, e in zip(names, errors) if e is not None]
+        meta = {"version": FORMAT_VERSION, "run": run_id, "part": part.index, "first": part.first,
+                "inputs": len(part.sources), "rows": len(names), "failed": len(failed),
+                "recipe": self.recipe.to_dict()}
+        self.store.write(part_name(part.index), part_bytes(names, errors, vectors, meta))
+        return {"part": part.index, "rows": len(names), "failed": len(failed), "errors": failed[:ERRORS_RETURNED],
+                "seconds": time.perf_counter() - start}
 
 
 # -------------------------------------------------------------- driver side
 class RunDir:
-    """OUT_DIR: the manifest and the finished part files."""
+    """OUT: the manifest and the finished parts."""
 
-    def __init__(self, out_dir, paths: list[str], recipe: Recipe, part_size: int, *, resume: bool,
-                 overwrite: bool):
-        self.dir = Path(out_dir)
-        self.paths, self.part_size = paths, part_size
-        self.parts = -(-len(paths) // part_size)
-        manifest = {"version": 2, "inputs": len(paths), "inputs_sha256": _digest(paths), "part_size": part_size,
-                    "parts": self.parts, "recipe": recipe.to_dict()}
-        existing = self.dir / MANIFEST
-        if existing.exists() and overwrite:
-            for f in self.dir.glob("part-*.parquet"):
-                f.unlink()
-            existing.unlink()
-        if existing.exists():
-            old = json.loads(existing.read_text())
+    def __init__(self, store: Store, names: list[str], parts: int, recipe: Recipe, part_size: int, *,
+                 resume: bool, overwrite: bool):
+        self.store, self.parts = store, parts
+        self.manifest = {"version": FORMAT_VERSION, "inputs": len(names), "inputs_sha256": _digest(names),
+                         "part_size": part_size, "parts": parts, "recipe": recipe.to_dict()}
+        listing = store.list()
+        if overwrite:
+            for f in listing:
+                if _PART.match(f) or f == MANIFEST or f.endswith(".tmp"):
+                    store.remove(f)
+            listing = []
+        if MANIFEST in listing:
+            old = read_manifest(store)
             if not resume:
-                raise VGGEmbedError(f"{self.dir}: holds an earlier run; pass --resume to continue it or "
+                raise VGGEmbedError(f"{store.where}: holds an earlier run; pass --resume to continue it or "
                                     "--overwrite to start over")
             for key in ("inputs_sha256", "part_size"):
-                if old.get(key) != manifest[key]:
-                    raise VGGEmbedError(f"{self.dir}: --resume with other {key.replace('_sha256', '')} than the "
-                                        "earlier run; use the same command, or --overwrite")
-            recipe.check_same(Recipe.from_dict(old.get("recipe") or {}), f"{self.dir}: the earlier run",
+                if old.get(key) != self.manifest[key]:
+                    raise VGGEmbedError(f"{store.where}: --resume with other {key.replace('_sha256', '')} than "
+                                        "the earlier run; use the same command, or --overwrite")
+            recipe.check_same(Recipe.from_dict(old.get("recipe") or {}), f"{store.where}: the earlier run",
                               "resume with the same options, or pass --overwrite")
-        elif self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
-            raise VGGEmbedError(f"{self.dir}: not empty and not a vggembed run folder")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(existing, json.dumps(manifest, indent=1).encode())
+            self.manifest["id"] = old.get("id") or uuid.uuid4().hex
+            for f in listing:  # temporary files of writers killed mid-part
+                if f.startswith(".part-") and f.endswith(".tmp"):
+                    store.remove(f)
+        else:
+            if listing:
+                raise VGGEmbedError(f"{store.where}: not empty and not a vggembed run folder")
+            self.manifest["id"] = uuid.uuid4().hex
+        store.write(MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
 
     def done(self) -> set[int]:
-        return {k for k in range(self.parts) if (self.dir / part_name(k)).exists()}
-
-    def write_part(self, k: int, rows: dict, dtype) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        order = np.argsort(rows["id"], kind="stable")
-        emb = np.asarray(rows["embedding"])[order].astype(dtype)
-        errors = [str(e) for e in np.asarray(rows["error"], dtype=object)[order]]
-        ok = np.array([e == "" for e in errors])
-        value_type = pa.float32() if np.dtype(dtype) == np.float32 else pa.float16()
-        flat = pa.array(emb.reshape(-1), type=value_type)
-        column = pa.FixedSizeListArray.from_arrays(flat, emb.shape[1], mask=pa.array(~ok))
-        table = pa.table({
-            "id": pa.array(np.asarray(rows["id"])[order], pa.int64()),
-            "path": pa.array([str(p) for p in np.asarray(rows["path"], dtype=object)[order]], pa.string()),
-            "status": pa.array(["ok" if o else "error" for o in ok], pa.string()),
-            "error": pa.array([e or None for e in errors], pa.string()),
-            "embedding": column,
-        })
-        tmp = self.dir / (part_name(k) + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.dir / part_name(k))
+        return {int(m.group(1)) for m in map(_PART.match, self.store.list()) if m and int(m.group(1)) < self.parts}
 
 
-def embed(paths: list[str], out_dir, recipe: Recipe, opts, *, gpus_per_worker=0.0, address=None, part_size=1000,
-          resume=False, overwrite=False, log=print) -> dict:
-    """Embed `paths` on Ray into OUT_DIR part files, as `recipe` says (`opts`: a `runner.Options`;
-    `opts.workers` is the number of model actors). Returns counts for the summary line."""
+def read_manifest(store: Store) -> dict:
+    try:
+        doc = json.loads(store.read(MANIFEST))
+    except ValueError as e:
+        raise VGGEmbedError(f"{display(store.name(MANIFEST))}: not a readable manifest ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("parts"), int):
+        raise VGGEmbedError(f"{display(store.name(MANIFEST))}: not a vggembed manifest")
+    return doc
+
+
+@dataclass
+class Counts:
+    images: int = 0
+    failed: int = 0
+    planned: int = 0  # parts
+    skipped: int = 0  # parts an earlier run finished
+    parts: int = 0  # parts written by this run
+    seconds: float = 0.0
+
+
+def _start_ray(ray, address, verbose: bool) -> bool:
+    """Join `address` (or start a runtime here) unless Ray already runs; True when started here.
+    Without -v, Ray's own INFO lines, warnings and worker output stay in its log files."""
+    if ray.is_initialized():
+        return False
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    # "local": without --address, a runtime of our own, never a cluster someone else started on this machine
+    ray.init(address=address or "local", log_to_driver=verbose, include_dashboard=False,
+             logging_level=logging.INFO if verbose else logging.ERROR, configure_logging=True)
+    return True
+
+
+def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, address=None, part_size=1000,
+          resume=False, overwrite=False, log: Callable[[str], None] = print, verbose: bool | None = None) -> Counts:
+    """Embed `sources` on Ray into OUT's parts, as `recipe` says.
+
+    Args:
+        sources: the inputs in order, as `inputs.plan` lists them (`sources.Source`s, tar shards left whole;
+            plain paths or URLs are taken as Sources).
+        out: the run folder: a local path or an object-store URL.
+        opts: a `runner.Options`; `opts.workers` is the number of model actors.
+        log: gets one line per failed image (the first `ERRORS_RETURNED` of each part).
+    """
     try:
         import ray
     except ImportError:
         raise VGGEmbedError('--engine ray needs Ray: pip install "vggembed[ray]"') from None
-    from .weights import load_weights
 
     if recipe.resize == "none":
         raise VGGEmbedError("--engine ray needs a fixed input size: use --resize squash or center-crop")
     recipe = recipe.locate()
-    _, spec = load_weights(recipe.weights)  # fail fast on the driver, with the file's own message
     if recipe.precision == "int8":
         from .int8 import check_available
 
         check_available()  # LiteRT and a VNNI/AMX CPU: say so here rather than in every actor's traceback
-    from . import arch as arch_mod
+    weights = os.path.abspath(recipe.weights)
+    if address is None and not os.path.isfile(weights):  # a runtime started here: fail before starting it
+        raise VGGEmbedError(f"{weights}: no such weight file")
+    recipe = recipe.replace(weights=weights)
+    from .runner import pad_to
 
-    recipe = recipe.bind(spec, arch_mod.resolve(spec.arch, recipe.layer, embedding=True))
-    recipe = recipe.replace(weights=str(Path(recipe.weights).resolve()))
-    batch_size, workers = opts.batch_size, opts.workers
-    run = RunDir(out_dir, paths, recipe, part_size, resume=resume, overwrite=overwrite)
-    done = run.done()
-    todo = [{"id": i, "path": p} for i, p in enumerate(paths) if i // part_size not in done]
-    counts = {"images": len(todo), "skipped": len(paths) - len(todo), "failed": 0, "seconds": 0.0}
-    if not todo:
-        return counts
+    store = Store(out)
+    store.list()  # reachable (and a folder, if local) before anything starts
+    units = [u if isinstance(u, Source) else Source(name_of(u)) for u in sources]
+    if not units:
+        raise VGGEmbedError("no images in the inputs: nothing to embed")
+    names = [u.name for u in units]
+    parts = plan_parts(units, part_size)
+    if verbose is None:
+        verbose = bool(os.environ.get("VGGEMBED_VERBOSE"))
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        quiet = not os.environ.get("VGGEMBED_VERBOSE")
-        if quiet:
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
-            logging.getLogger("ray").setLevel(logging.ERROR)
-        ray.init(address=address, log_to_driver=not quiet, include_dashboard=False,
-                 logging_level=logging.ERROR if quiet else logging.INFO)
+    started_here = _start_ray(ray, address, verbose)
+    counts = Counts()
     start = time.perf_counter()
+    pool: list = []
     try:
         cpus = ray.cluster_resources().get("CPU", 0)
-        if not gpus_per_worker and cpus < workers + DECODE_CPUS:
-            raise VGGEmbedError(f"the Ray cluster has {cpus:g} CPUs: {workers} model actors (1 CPU each) leave none "
-                                f"for decoding; use --workers {max(1, int(cpus - DECODE_CPUS))} or a bigger cluster")
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # parts finish one after another
-        ctx.enable_progress_bars = False
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // batch_size // 4 or 1))
-        ds = ds.map_batches(decode_batch, batch_size=batch_size, fn_kwargs={
-            "resize": recipe.resize, "size": list(spec.input_size), "max_pixels": opts.max_pixels,
-            "fast_decode": recipe.fast_decode}, num_cpus=DECODE_CPUS)
-        ds = ds.map_batches(
-            Embedder, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=gpus_per_worker or None, num_cpus=1 if not gpus_per_worker else None,
-            fn_constructor_kwargs={"recipe": dataclasses.asdict(recipe), "batch_size": batch_size,
-                                   "device": "gpu" if gpus_per_worker else "cpu"})
-        pending: dict[int, dict] = {}
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for k in np.unique(np.asarray(batch["id"]) // part_size):
-                sel = np.asarray(batch["id"]) // part_size == k
-                part = pending.setdefault(int(k), {"id": [], "path": [], "error": [], "embedding": []})
-                for key in part:
-                    part[key].extend(list(np.asarray(batch[key], dtype=object if key in ("path", "error")
-                                                     else None)[sel]))
-                expected = min(part_size, len(paths) - int(k) * part_size)
-                if len(part["id"]) == expected:
-                    rows = pending.pop(int(k))
-                    rows["embedding"] = np.stack(rows["embedding"])
-                    run.write_part(int(k), rows, recipe.dtype)
-                    failed = sum(1 for e in rows["error"] if e)
-                    counts["failed"] += failed
-                    for p, e in zip(rows["path"], rows["error"]):
-                        if e:
-                            log(f"vggembed: {p}: {e}")
-        if pending:
-            raise VGGEmbedError(f"Ray returned incomplete parts {sorted(pending)}; run again with --resume")
+        if cpus < opts.workers:
+            raise VGGEmbedError(f"the Ray cluster has {cpus:g} CPUs and each model actor needs 1: use --workers "
+                                f"{max(1, int(cpus))} or a bigger cluster")
+        actor = ray.remote(PartWorker).options(num_cpus=1, num_gpus=gpus_per_worker or None, max_restarts=-1)
+        pool += [actor.remote(dataclasses.asdict(recipe), store.where, dataclasses.asdict(opts),
+                              "gpu" if gpus_per_worker else "cpu") for _ in range(opts.workers)]
+        infos = ray.get([a.info.remote() for a in pool])
+        for info in infos:
+            if info["error"]:
+                raise VGGEmbedError(f"a model actor on {info['host']} could not load the network: {info['error']}")
+        bound = Recipe.from_dict(infos[0]["recipe"])
+        for info in infos[1:]:
+            bound.check_same(Recipe.from_dict(info["recipe"]), f"{weights} on {info['host']}",
+                             "every node needs the same weight file under the same path")
+        run = RunDir(store, names, len(parts), bound, part_size, resume=resume, overwrite=overwrite)
+        done = run.done()
+        todo = [p for p in parts if p.index not in done]
+        counts.planned, counts.skipped = len(parts), len(done)
+        # The local engine's pad for the same inputs (unknown with shards until they are read: the batch size).
+        count = None if any(is_unopened_shard(u) for u in units) else len(units)
+        _schedule(ray, pool, todo, (run.manifest["id"], pad_to(recipe, opts, count)), counts, log)
     finally:
-        counts["seconds"] = time.perf_counter() - start
+        counts.seconds = time.perf_counter() - start
+        for actor in pool:  # at once, restarted ones included, even where a caller's session lives on
+            ray.kill(actor, no_restart=True)
         if started_here:
             ray.shutdown()
     return counts
 
 
-def merge(out_dir, output, *, overwrite=False) -> tuple[int, int]:
-    """Gather OUT_DIR's parts into the local engine's outputs (OUT, OUT.index.csv, OUT.errors.csv)."""
+def _schedule(ray, pool, todo: list[Part], args: tuple, counts: Counts, log) -> None:
+    """Keep every actor busy with one part and the next one queued; account for each finished part.
+
+    When an actor dies (its process, or its node), the parts it held go back
+    to the queue for the other actors, and the actor rejoins once Ray has
+    restarted it (on any node with room). Writing a part again writes the
+    same bytes, atomically, so a part finished just before its actor died
+    costs only time."""
+    queue = collections.deque(todo)
+    tasks: dict = {}  # a part's task -> (actor, part)
+    waiting: dict = {}  # an info() call -> the actor being restarted
+    deaths: collections.Counter = collections.Counter()
+
+    def feed(actor):
+        while queue and sum(a is actor for a, _ in tasks.values()) < 2:
+            part = queue.popleft()
+            tasks[actor.run.remote(part, *args)] = (actor, part)
+
+    for actor in pool:
+        feed(actor)
+    while tasks or (queue and waiting):
+        ready, _ = ray.wait(list(tasks) + list(waiting), num_returns=1, timeout=None if tasks else RESTART_WAIT)
+        if not ready:
+            raise VGGEmbedError(f"no model actor came back within {RESTART_WAIT:.0f}s after failures; finished "
+                                "parts are kept: run the same command again with --resume")
+        ref = ready[0]
+        if ref in waiting:
+            actor = waiting.pop(ref)
+            try:
+                ray.get(ref)
+                feed(actor)
+            except ray.exceptions.RayActorError:
+                waiting[actor.info.remote()] = actor
+            continue
+        actor, part = tasks.pop(ref)
+        try:
+            status = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            deaths[part.index] += 1
+            if deaths[part.index] >= MAX_DEATHS:
+                raise VGGEmbedError(f"{part_name(part.index)}: its model actor died {MAX_DEATHS} times while on it "
+                                    "(out of memory?); finished parts are kept: run again with --resume") from None
+            queue.appendleft(part)
+            if actor not in waiting.values():
+                waiting[actor.info.remote()] = actor
+            for other in pool:
+                if other not in waiting.values():
+                    feed(other)
+            continue
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause
+            raise VGGEmbedError(str(cause) if isinstance(cause, VGGEmbedError)
+                                else f"{part_name(part.index)}: {type(cause).__name__}: {cause}") from None
+        counts.parts += 1
+        counts.images += status["rows"]
+        counts.failed += status["failed"]
+        for name, error in status["errors"]:
+            log(f"vggembed: {display(name)}: {error}")
+        if status["failed"] > len(status["errors"]):
+            log(f"vggembed: ... and {status['failed'] - len(status['errors'])} more failed images in "
+                f"{part_name(part.index)} (all listed in OUT.errors.csv after merge)")
+        feed(actor)
+
+
+# -------------------------------------------------------------------- merge
+def merge(out, output, *, overwrite=False) -> tuple[int, int]:
+    """Gather OUT's parts (a folder or URL) into the local engine's outputs (OUT, OUT.index.csv, OUT.errors.csv),
+    carrying the run's recipe; one part in memory at a time."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .output import EmbeddingWriter
     from .pipeline import Item
 
-    out_dir = Path(out_dir)
-    if not (out_dir / MANIFEST).exists():
-        raise VGGEmbedError(f"{out_dir}: no {MANIFEST}; not a folder written by --engine ray")
-    manifest = json.loads((out_dir / MANIFEST).read_text())
-    missing = [part_name(k) for k in range(manifest["parts"]) if not (out_dir / part_name(k)).exists()]
+    store = Store(out)
+    listing = store.list()
+    if MANIFEST not in listing:
+        raise VGGEmbedError(f"{display(store.where)}: no {MANIFEST}; not a folder written by --engine ray")
+    manifest = read_manifest(store)
+    if "recipe" not in manifest or manifest.get("version", 0) < FORMAT_VERSION:
+        raise VGGEmbedError(f"{display(store.name(MANIFEST))}: written by an older vggembed; run the embedding "
+                            "again")
+    missing = [part_name(k) for k in range(manifest["parts"]) if part_name(k) not in listing]
     if missing:
-        raise VGGEmbedError(f"{out_dir}: {len(missing)} of {manifest['parts']} parts missing (first: {missing[0]}); "
-                            "finish the run with --resume first")
-    if "recipe" not in manifest:
-        raise VGGEmbedError(f"{out_dir / MANIFEST}: written by an older vggembed without a recipe; "
-                            "run the embedding again")
+        raise VGGEmbedError(f"{display(store.where)}: {len(missing)} of {manifest['parts']} parts missing "
+                            f"(first: {missing[0]}); finish the run with --resume first")
     writer = EmbeddingWriter(output, overwrite=overwrite)
-    next_id = 0
+    expected_first = 0
     try:
         writer.begin(Recipe.from_dict(manifest["recipe"]))
         for k in range(manifest["parts"]):
-            table = pq.read_table(out_dir / part_name(k))
-            ids = table["id"].to_numpy()
-            if len(ids) and (ids[0] != next_id or not np.array_equal(ids, np.arange(next_id, next_id + len(ids)))):
-                raise VGGEmbedError(f"{out_dir / part_name(k)}: ids do not continue from {next_id}")
-            next_id += len(ids)
+            name = part_name(k)
+            try:
+                table = pq.read_table(pa.BufferReader(store.read(name)))
+                meta = json.loads((table.schema.metadata or {})[PART_META_KEY])
+            except (pa.ArrowException, KeyError, ValueError) as e:
+                raise VGGEmbedError(f"{display(store.name(name))}: not a readable part ({e})") from None
+            if meta.get("run") != manifest.get("id") or meta.get("part") != k or meta.get("first") != expected_first:
+                raise VGGEmbedError(f"{display(store.name(name))}: belongs to another run or place "
+                                    f"(part {meta.get('part')}, first input {meta.get('first')}); run again with "
+                                    "--overwrite")
+            expected_first += meta["inputs"]
             errors = table["error"].to_pylist()
-            chunk = [Item(int(i), p, error=e) for i, p, e in zip(ids, table["path"].to_pylist(), errors)]
-            ok = [e is None for e in errors]
+            chunk = [Item(i, p, error=e) for i, (p, e) in enumerate(zip(table_paths(table), errors))]
+            ok = np.array([e is None for e in errors], dtype=bool)
             vectors = None
-            if any(ok):
-                emb = table["embedding"].combine_chunks().filter(np.array(ok))
-                vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(sum(ok), -1)
+            if ok.any():
+                emb = table["embedding"].combine_chunks().filter(pa.array(ok))
+                vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(int(ok.sum()), -1)
             writer.write(chunk, vectors)
-        if next_id != manifest["inputs"]:
-            raise VGGEmbedError(f"{out_dir}: parts hold {next_id} rows, the manifest {manifest['inputs']}")
+        if expected_first != manifest["inputs"]:
+            raise VGGEmbedError(f"{display(store.where)}: parts hold {expected_first} inputs, the manifest "
+                                f"{manifest['inputs']}")
         writer.finish()
     finally:
         writer.close()
     return writer.rows, writer.failed
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -51,7 +51,7 @@ def for_run(inputs: list[str], files_from: str | None = None, *, null: bool = Fa
     if "-" in inputs:
         return expand(inputs, files_from, stdin, null=null), None
     units = list(plan(inputs, files_from, null=null))
-    if any(_is_unopened_shard(u) for u in units):
+    if any(is_unopened_shard(u) for u in units):
         return open_shards(units), None
     return iter(units), len(units)
 
@@ -80,13 +80,13 @@ def plan(inputs: Iterable[str], files_from: str | None = None, stdin=None, *, nu
 def open_shards(units: Iterable[Source]) -> Iterator[Source]:
     """The units of `plan`, each shard replaced by its image members (or its error)."""
     for unit in units:
-        if _is_unopened_shard(unit):
+        if is_unopened_shard(unit):
             yield from sources.iter_shard(unit.name)
         else:
             yield unit
 
 
-def _is_unopened_shard(unit: Source) -> bool:
+def is_unopened_shard(unit: Source) -> bool:
     return unit.error is None and unit.data is None and is_shard(unit.name)
 
 

@@ -170,11 +170,11 @@ def sources(inputs, files_from, null):
     items, total = for_run(list(inputs), files_from, null=null)
     first = next(items, None)
     if first is None:
-        _no_images(inputs, files_from)
+        no_images(inputs, files_from)
     return itertools.chain([first], items), total
 
 
-def _no_images(inputs, files_from):
+def no_images(inputs, files_from):
     given = ["stdin" if i == "-" else i for i in inputs] + ([files_from] if files_from else [])
     fail(f"no images to process: {', '.join(given)} named no image files; nothing was written")
 

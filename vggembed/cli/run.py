@@ -22,6 +22,7 @@ from .common import (
     fail,
     finish,
     load_options,
+    no_images,
     recipe_options,
     run_options,
     sources,
@@ -99,30 +100,38 @@ def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, **kw)
 
     ctx.meta[ON_INTERRUPT] = "finished parts are kept: run the same command with --resume"
     try:
-        # the driver needs the whole sorted list for its ids
-        paths = [source.name for source in sources(inputs, files_from, null)[0]]
-        with Destination(output):
-            counts = distributed.embed(paths, output, recipe, opts, log=lambda line: click.echo(line, err=True),
-                                       **kw)
+        from ..inputs import plan
+        from ..sources import is_url
+
+        if not inputs and not files_from:
+            fail("no input: give image files, folders, shards, URLs, '-' for paths on stdin, or --files-from LIST")
+        units = list(plan(list(inputs), files_from, null=null))  # names only; each tar shard stays one unit
+        if not units:
+            no_images(inputs, files_from)
+        # A local OUT is held against other runs; an object store has no such lock.
+        with contextlib.nullcontext() if is_url(str(output)) else Destination(output):
+            counts = distributed.embed(units, output, recipe, opts, log=lambda line: click.echo(line, err=True),
+                                       verbose=ctx.obj["verbose"], **kw)
     except VGGEmbedError as e:
         fail(str(e))
     if not quiet:
-        rate = counts["images"] / counts["seconds"] if counts["seconds"] else 0.0
-        click.echo(f"vggembed: embedded {counts['images'] - counts['failed']} of {counts['images']} images on Ray "
-                   f"in {counts['seconds']:.1f}s ({rate:.1f} images/s)"
-                   + (f"; {counts['failed']} failed" if counts["failed"] else "")
-                   + (f"; {counts['skipped']} already done" if counts["skipped"] else "")
+        rate = counts.images / counts.seconds if counts.seconds else 0.0
+        click.echo(f"vggembed: embedded {counts.images - counts.failed} of {counts.images} images on Ray "
+                   f"in {counts.seconds:.1f}s ({rate:.1f} images/s)"
+                   + (f"; {counts.failed} failed" if counts.failed else "")
+                   + (f"; {counts.skipped} of {counts.planned} parts already done" if counts.skipped else "")
                    + f"; parts in {output} (vggembed merge {output} -o feats.npy)", err=True)
-    ctx.exit(EXIT_SOME_FAILED if counts["failed"] else 0)
+    ctx.exit(EXIT_SOME_FAILED if counts.failed else 0)
 
 
 @click.command(context_settings=CONTEXT)
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="OUT.npy, OUT.csv or OUT.parquet, with OUT.index.csv and OUT.errors.csv.")
 @click.option("--overwrite", is_flag=True)
 def merge(run_dir, output, overwrite):
-    """Gather an --engine ray folder into one output, rows in the local engine's order.
+    """Gather an --engine ray folder (a path or a URL such as s3://bucket/run) into one output,
+    rows in the local engine's order.
 
     \b
     Example:
