@@ -42,7 +42,7 @@ def test_dedup_threshold_benchmark_has_help():
 def test_hostile_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hostile.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
-    assert "--side" in out and "peak RSS" in out
+    assert "--side" in out and "Peak RSS" in out
 
 
 def test_remote_benchmark_prints_local_beside_urls():

@@ -84,7 +84,7 @@ def _check_jpeg(data) -> Jpeg:
     while True:
         pos = data.find(b"\xff", pos)
         if pos < 0 or pos + 1 >= n:
-            raise BadStructure("ends before its end-of-image marker (a cut file)")
+            raise BadStructure("ends before its end-of-image marker (a truncated file)")
         marker = data[pos + 1]
         if marker == 0xFF or marker == 0x00:
             pos += 1
@@ -119,7 +119,7 @@ def _check_jpeg(data) -> Jpeg:
         ss, se, a = body[1 + 2 * ns: 4 + 2 * ns] if len(body) >= 4 + 2 * ns else (0, 63, 0)
         end = _END_OF_SCAN.search(data, pos)
         if end is None:
-            raise BadStructure("ends inside its image data with no end-of-image marker (a cut file)")
+            raise BadStructure("ends inside its image data with no end-of-image marker (a truncated file)")
         nbytes = end.start() - pos
         scans.append(nbytes)
         if lossless or ss == 0:
