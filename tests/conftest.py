@@ -95,3 +95,19 @@ def interruptible():
     jobs (a CI step, `pytest &`) with SIGINT ignored, and Python keeps an
     ignored SIGINT ignored, so the child would never see the signal."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def write_ray_folder(folder, names, errors, vectors, recipe, part_size):
+    """An --engine ray output folder as the engine writes it (its RunDir and write_part), without starting
+    Ray: a row per name, with its vector (its row of `vectors`) where its error is None."""
+    from vggembed.distributed import RunDir, Store, plan_parts, write_part
+    from vggembed.sources import Source
+
+    store = Store(str(folder))
+    parts = plan_parts([Source(n) for n in names], part_size)
+    run = RunDir(store, list(names), len(parts), recipe, part_size, resume=False, overwrite=False)
+    for part in parts:
+        rows = slice(part.first, part.first + len(part.sources))
+        ok = np.array([e is None for e in errors[rows]], dtype=bool)
+        write_part(store, run.manifest["id"], part, list(names[rows]), list(errors[rows]), vectors[rows][ok], recipe)
+    return folder

@@ -169,7 +169,7 @@ def test_cli_embed_and_classify_int8(tmp_path, tiny16, image_dir, m8):
     result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--precision", "int8", "--batch-size", 3)
     assert result.exit_code == 3, result.output  # one bad image, the rest embedded
     index = read_index(out)
-    assert [r["path"] for r in index] == list(expand([str(image_dir)], None))  # input order
+    assert [r["path"] for r in index] == [s.name for s in expand([str(image_dir)], None)]  # input order
     bad = [r for r in index if r["error"]]
     assert len(bad) == 1 and bad[0]["path"].endswith("broken.png")
     good = [r["path"] for r in index if not r["error"]]

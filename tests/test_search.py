@@ -17,6 +17,8 @@ from vggembed.cli import main
 from vggembed.sheets import sheet_geometry
 from vggembed.vectors import open_vectors
 
+from .conftest import write_ray_folder
+
 # With the tiny test weights (fc2 is 32-d and random) distinct photos reach a
 # cosine of 0.96 and a 3% crop falls to 0.84, so fc2 cannot tell them apart;
 # pool4 flattened (3136-d) keeps near-duplicates >= 0.84 and distinct photos
@@ -87,8 +89,6 @@ def test_dedup_finds_each_photos_near_duplicates_and_merges_no_two_photos(index,
 
 def test_every_format_gives_the_same_groups(index, collection, tiny16):
     pytest.importorskip("pyarrow")
-    from vggembed.distributed import RunDir
-
     reference = run("dedup", index, "--threshold", THRESHOLD).stdout
     for ext in (".parquet", ".csv"):
         out = collection / f"feats{ext}"
@@ -101,13 +101,9 @@ def test_every_format_gives_the_same_groups(index, collection, tiny16):
     parts = collection / "parts"
     if not parts.exists():
         all_paths = paths + ["photos/zz-broken.jpg"]
-        rundir = RunDir(parts, all_paths, recipe, 10, resume=False, overwrite=False)
         emb = np.vstack([matrix, np.zeros((1, matrix.shape[1]), np.float32)])
-        errors = [""] * len(paths) + ["cannot decode"]
-        for k in range(rundir.parts):
-            sl = slice(10 * k, 10 * (k + 1))
-            rundir.write_part(k, {"id": np.arange(len(all_paths))[sl], "path": np.array(all_paths[sl], object),
-                                  "error": np.array(errors[sl], object), "embedding": emb[sl]}, "float32")
+        errors = [None] * len(paths) + ["cannot decode"]
+        write_ray_folder(parts, all_paths, errors, emb, recipe, 10)
     assert run("dedup", parts, "--threshold", THRESHOLD).stdout == reference
 
 

@@ -13,6 +13,8 @@ from vggembed.pipeline import Item
 from vggembed.recipe import Recipe
 from vggembed.vectors import open_vectors
 
+from .conftest import write_ray_folder
+
 N, D = 3000, 24
 FAILED_EVERY = 97  # an input that failed every so often: an index line without a row
 
@@ -178,8 +180,6 @@ def test_every_format_gives_the_same_answers(tmp_path, npy, matrix):
 
 def ray_folder(folder, x, part_size=700):
     """An --engine ray output written by the real RunDir, failed rows (null embeddings) among them."""
-    from vggembed.distributed import RunDir
-
     paths, emb, errors = [], [], []
     for i, vec in enumerate(x):
         if i % FAILED_EVERY == 5:
@@ -188,14 +188,8 @@ def ray_folder(folder, x, part_size=700):
             errors.append("cannot decode")
         paths.append(name(i))
         emb.append(vec)
-        errors.append("")
-    run = RunDir(folder, paths, Recipe(weights_md5="0" * 32), part_size, resume=False, overwrite=False)
-    for k in range(run.parts):
-        sl = slice(k * part_size, (k + 1) * part_size)
-        ids = np.arange(len(paths))[sl]
-        run.write_part(k, {"id": ids, "path": np.array(paths[sl], dtype=object),
-                           "error": np.array(errors[sl], dtype=object), "embedding": np.stack(emb[sl])}, "float32")
-    return folder
+        errors.append(None)
+    return write_ray_folder(folder, paths, errors, np.stack(emb), Recipe(weights_md5="0" * 32), part_size)
 
 
 def test_float16_outputs_are_read_as_float32(tmp_path, matrix):

@@ -296,13 +296,20 @@ class PartWorker:
                 blocks.append(self.model.embed_batch(batch, self.name, self.recipe.pool, self.recipe.l2_normalize,
                                                      pad))
         vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.width), np.float32)
+        write_part(self.store, run_id, part, names, errors, vectors, self.recipe)
         failed = [(n, e) for n, e in zip(names, errors) if e is not None]
-        meta = {"version": FORMAT_VERSION, "run": run_id, "part": part.index, "first": part.first,
-                "inputs": len(part.sources), "rows": len(names), "failed": len(failed),
-                "recipe": self.recipe.to_dict()}
-        self.store.write(part_name(part.index), part_bytes(names, errors, vectors, meta))
         return {"part": part.index, "rows": len(names), "failed": len(failed), "errors": failed[:ERRORS_RETURNED],
                 "seconds": time.perf_counter() - start}
+
+
+def write_part(store: Store, run_id: str, part: Part, names: list[str], errors: list[str | None],
+               vectors: np.ndarray, recipe: Recipe) -> None:
+    """Write one finished part: a row per name (its vector, or its error), with what `merge` checks
+    (the run, the part's number and first input) in its metadata."""
+    meta = {"version": FORMAT_VERSION, "run": run_id, "part": part.index, "first": part.first,
+            "inputs": len(part.sources), "rows": len(names), "failed": sum(e is not None for e in errors),
+            "recipe": recipe.to_dict()}
+    store.write(part_name(part.index), part_bytes(names, errors, vectors, meta))
 
 
 # -------------------------------------------------------------- driver side

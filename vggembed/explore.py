@@ -223,17 +223,17 @@ def embed_queries(vectors: Vectors, sources: list[str], *, weights=None
     """
     from .inputs import expand
     from .model import load_recipe
-    from .runner import Options, Summary, batches, pad_to
+    from .runner import Options, Summary, batches
 
     recipe = query_recipe(vectors.recipe, weights, str(vectors.source))
     model = load_recipe(recipe)
     name = model.embedding_layer(recipe.layer, recipe.pool)
     opts = Options(batch_size=QUERY_BATCH, workers=2)
     ok, out, failed = [], [], []
-    for chunk, batch in batches(model, expand(sources), recipe, opts, Summary()):
+    for chunk, batch, pad in batches(model, expand(sources), recipe, opts, Summary()):
         failed += [(item.source, item.error) for item in chunk if item.error is not None]
         if batch is not None:
-            out.append(model.embed_batch(batch, name, recipe.pool, recipe.l2_normalize, pad_to(recipe, opts)))
+            out.append(model.embed_batch(batch, name, recipe.pool, recipe.l2_normalize, pad))
             ok += [item.source for item in chunk if item.error is None]
     matrix = np.concatenate(out) if out else np.zeros((0, vectors.dim), np.float32)
     if matrix.shape[1] != vectors.dim:

@@ -63,11 +63,10 @@ def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
                 source.draft("RGB", draft)
             source.load()
             return _to_rgb(ImageOps.exif_transpose(source), name)
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            data = bytes(source)
-            return _decode(io.BytesIO(data), data, name, max_pixels, draft)
-        if not isinstance(source, (str, os.PathLike)):
-            data = source.read()
+        if not isinstance(source, (str, os.PathLike)):  # bytes (a tar member, a URL's content) or a file object
+            data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else source.read()
+            if not data:
+                raise ImageError(name, "empty file (0 bytes)")
             return _decode(io.BytesIO(data), data, name, max_pixels, draft)
         with open_regular(source, "image file") as f:
             if os.fstat(f.fileno()).st_size == 0:
