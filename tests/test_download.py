@@ -148,3 +148,20 @@ def test_published_md5_is_recognised(tmp_path, monkeypatch, tiny16):
     monkeypatch.setitem(registry.PUBLISHED, "vgg16", registry.Published(
         "vgg16", "vgg16_weights.npz", "http://unused.invalid", "vgg16", md5s=(spec.md5,)))
     assert spec.known == "vgg16"
+
+
+def test_a_destination_that_cannot_be_written_is_one_line_and_two_fetches_do_not_mix(tmp_path, server):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(main, ["weights", "fetch", "vgg19", "--mirror", server.url,
+                                       "--dest", str(blocker / "sub")])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {blocker / 'sub' / 'imagenet-vgg-verydeep-19.mat'}: cannot write "
+                                     f"here: {blocker} is a file, not a folder")
+    # A fetch of the same file already under way holds it: the second says so instead of writing beside it.
+    from vggembed.destination import Destination
+
+    with Destination(tmp_path / "imagenet-vgg-verydeep-19.mat"):
+        busy = CliRunner().invoke(main, ["weights", "fetch", "vgg19", "--mirror", server.url, "--dest", str(tmp_path)])
+    assert busy.exit_code == 1 and "another vggembed run" in busy.output
+    assert not (tmp_path / "imagenet-vgg-verydeep-19.mat").exists()

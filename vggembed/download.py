@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .destination import Destination
 from .errors import DownloadError, VGGEmbedError
 from .registry import DEFAULT_FOR_ARCH, PUBLISHED, Published, file_md5
 
@@ -108,14 +109,16 @@ def fetch(name: str, *, dest: Path | None = None, mirror: str | None = None, pro
         raise VGGEmbedError(f"unknown weights {name!r}; known: {', '.join(PUBLISHED)}")
     pub = PUBLISHED[name]
     dest = Path(dest) if dest else cache_dir()
-    dest.mkdir(parents=True, exist_ok=True)
     mirror = mirror or os.environ.get("VGGEMBED_MIRROR")
-    for filename, url in pub.extras:
-        _download(_url(url, filename, mirror), dest / filename, progress=progress, timeout=timeout)
     target = dest / pub.filename
-    if target.exists() and (not pub.md5s or file_md5(target) in pub.md5s):
-        return target
-    _download(_url(pub.url, pub.filename, mirror), target, pub=pub, progress=progress, timeout=timeout)
+    # Held against a second fetch of the same file; a file-system error is one line naming the place
+    # (network errors are DownloadErrors already).
+    with Destination(target) as held, held.writing():
+        for filename, url in pub.extras:
+            _download(_url(url, filename, mirror), dest / filename, progress=progress, timeout=timeout)
+        if target.exists() and (not pub.md5s or file_md5(target) in pub.md5s):
+            return target
+        _download(_url(pub.url, pub.filename, mirror), target, pub=pub, progress=progress, timeout=timeout)
     return target
 
 
