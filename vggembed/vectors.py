@@ -238,11 +238,12 @@ def _arrow_rows(batch, where: Path) -> tuple[list[str], np.ndarray]:
     ok = pc.is_valid(emb)
     if "status" in names:
         ok = pc.and_(ok, pc.equal(batch.column("status"), "ok"))
+    exact = batch.column("path_bytes").to_pylist() if "path_bytes" in names else None  # names not UTF-8
+    paths = [os.fsdecode(b) if exact and b is not None else p
+             for p, b in zip(batch.column("path").to_pylist(), exact or [None] * batch.num_rows)]
     if not pc.all(ok).as_py():
         emb = emb.filter(ok)
-        paths = batch.column("path").filter(ok).to_pylist()
-    else:
-        paths = batch.column("path").to_pylist()
+        paths = [p for p, good in zip(paths, ok.to_pylist()) if good]
     dim = emb.type.list_size
     flat = emb.flatten().to_numpy(zero_copy_only=False)
     return paths, flat.reshape(len(paths), dim)
@@ -264,7 +265,8 @@ def _open_parquet(path: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
         raise VGGEmbedError(f"{path}: not a readable Parquet file ({e})") from None
 
     def fill(builder):
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=["path", "embedding"]):
+        wanted = [c for c in ("path", "path_bytes", "embedding") if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
             builder.add(*_arrow_rows(batch, path))
 
     vectors = _convert(path, tmp_dir, fill, None)
@@ -288,8 +290,9 @@ def _open_ray(folder: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
 
     def fill(builder):
         for part in parts:
-            for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows,
-                                                           columns=["path", "status", "embedding"]):
+            pf = pq.ParquetFile(part)
+            wanted = [c for c in ("path", "path_bytes", "status", "embedding") if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
                 builder.add(*_arrow_rows(batch, part))
 
     recipe = manifest.get("recipe")
