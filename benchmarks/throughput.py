@@ -139,7 +139,7 @@ def bench_bf16(params, m32, args, gflop, photos):
     f32 = timed(lambda b: m32.run(b, ["relu7"]), x, args.seconds)
     print(f"batch {bs}: vggembed bf16 {a:.2f} img/s ({a * gflop:.0f} GFLOP/s), keras mixed_bfloat16 {k:.2f} img/s, "
           f"ratio {a / k:.2f}; vggembed float32 {f32:.2f} img/s, bf16/float32 {a / f32:.2f}")
-    batch = photo_views(photos, per_photo=30)
+    batch = photo_views(photos, per_photo=args.int8_views)
     e32 = run_all(m32, batch, bs)
     e16 = run_all(m16, batch, bs)
     cos = cosines(e32["relu7"], e16["relu7"])
@@ -165,7 +165,9 @@ def bench_int8(params, m32, args, gflop, photos, tmp: Path):
     m8 = Int8VGG(params, m32.spec)
     start = time.perf_counter()
     m8.run(np.zeros((1, 224, 224, 3), np.float32), ["relu7", "prob"])  # converts, or reads the cache
-    print(f"int8 model ready in {time.perf_counter() - start:.1f}s (conversion, or the cached model: see above)")
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"int8 model ready in {time.perf_counter() - start:.1f}s (conversion, or the cached model: see above); "
+          f"peak RSS of the converting child {child_rss:.0f} MiB (0: read from the cache)")
     mean = np.float32(m32.spec.mean_pixel)
     kf = keras_vgg(params)
     kffn = tf.function(lambda x: kf(x, training=False))
@@ -187,7 +189,7 @@ def bench_int8(params, m32, args, gflop, photos, tmp: Path):
         ratios = ", ".join(f"{rates['int8'] / r:.2f}x {name}" for name, r in rates.items() if name != "int8")
         print(f"{bs:>6} " + " ".join(f"{c:>22}" for c in cells) + f"   {ratios}")
     del kf, kffn, fns, m16, kb, kbfn  # only the two networks compared below stay in memory
-    batch = photo_views(photos, per_photo=30)
+    batch = photo_views(photos, per_photo=args.int8_views)
     bs = args.int8_batch_sizes[-1]
     e32, e8 = run_all(m32, batch, bs), run_all(m8, batch, bs)
     cos = cosines(e32["relu7"], e8["relu7"])
@@ -443,6 +445,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="photos per end-to-end folder")
     parser.add_argument("--int8-batch-sizes", default="8,16,32", type=lambda s: [int(v) for v in s.split(",")])
     parser.add_argument("--int8-images", type=int, default=320, help="photos in the int8 end-to-end folder")
+    parser.add_argument("--int8-views", type=int, default=60, help="views per photo for int8 fidelity (8 photos)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--only", choices=SECTIONS, action="append")
     parser.add_argument("--thread-worker", help=argparse.SUPPRESS)

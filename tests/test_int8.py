@@ -94,8 +94,61 @@ def test_vectors_close_to_float32_and_reproducible(m8, tiny_model, photos):
     for name in layers:
         assert several[name].shape == ref[name].shape
         assert min(cosine(a, b) for a, b in zip(several[name], ref[name])) > 0.98, name
-    top = m8.classify(photos[0], top=3)[0]
-    assert [p.rank for p in top] == [1, 2, 3] and top[0].index == tiny_model.classify(photos[0])[0][0].index
+    # The tiny network's 32-d fc2 moves ~0.5% under int8 (full size: 0.04%, see the benchmark), enough to swap
+    # close classes: int8's top-1 is one of float32's top two, and a decisive prediction (ahead by 0.9) stays.
+    exact = tiny_model.run(batch, ["prob"])["prob"]
+    margins = np.diff(np.sort(exact, axis=1)[:, -2:], axis=1)[:, 0]
+    assert (margins > 0.9).any()
+    for photo, probs, margin in zip(photos, exact, margins):
+        top = m8.classify(photo, top=3)[0]
+        assert [p.rank for p in top] == [1, 2, 3]
+        assert top[0].index in np.argsort(probs)[-2:], photo
+        if margin > 0.9:
+            assert top[0].index == int(probs.argmax()), photo
+
+
+@needs_int8
+def test_the_converted_model_is_the_network_calibration_wrote(m8, photos):
+    """The converter takes the measured ranges, rounded weights and corrected biases as they are."""
+    import tensorflow as tf
+
+    batch = np.stack([vggembed.images.prepare(p) for p in photos]).astype(np.float32)
+    m8.run(batch[:1], ["relu7"])
+    plan = m8.calibrate(("relu7",), None)
+    interpreter = m8._interpreters[("relu7",), None]
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = [op for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+    names = [layer.name for layer in m8.layers if layer.kind in ("conv", "fc")][: len(ops)]
+    assert len(ops) == 15 and names[-1] == "fc7"
+    for name, op in zip(names, ops):
+        x, w, b = (tensors[i] for i in op["inputs"])
+        y = tensors[op["outputs"][0]]
+        relu = "relu" + name[4:] if name.startswith("conv") else "relu" + name[2:]
+        assert y["quantization"][0] == pytest.approx(plan["ranges"][relu][1] / 255, rel=1e-6), name
+        w_scales = w["quantization_parameters"]["scales"]
+        expected = np.abs(plan["weights"][name]).reshape(-1, w["shape"][0]).max(axis=0) / 127
+        np.testing.assert_allclose(w_scales, expected, rtol=1e-6, err_msg=name)
+        bias = interpreter.get_tensor(b["index"]) * b["quantization_parameters"]["scales"]
+        np.testing.assert_allclose(bias, plan["biases"][name], atol=float(b["quantization_parameters"]["scales"].max()),
+                                   err_msg=name)
+    # bias correction moved every conv and fc bias (the measured mean shift of rounding is never exactly 0)
+    for name in names:
+        assert not np.array_equal(plan["biases"][name], m8._params[name][1].numpy()), name
+    # and LiteRT's int8 network computes what the float network written with that quantization computes, but for
+    # its fixed-point requantization, whose roundings a 4-channel network amplifies (cosine 0.995 here)
+    written = m8._quantized(("relu7",), None, plan)(tf.constant(batch))["relu7"].numpy()
+    assert min(cosine(a, b) for a, b in zip(m8.run(batch, ["relu7"])["relu7"], written)) > 0.99
+
+
+@needs_int8
+def test_a_model_with_float_layers_is_refused(m8):
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: m8._function(("relu7",), None)(x)["relu7"],
+                     input_signature=[tf.TensorSpec([1, 224, 224, 3], tf.float32)])
+    float_model = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn).convert()
+    with pytest.raises(VGGEmbedError, match=r"^w\.npz: int8 conversion left CONV_2D \d+ in float32; not using it$"):
+        int8._check_int8(float_model, "w.npz")
 
 
 @needs_int8

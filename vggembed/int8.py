@@ -3,12 +3,17 @@
 CPUs with AVX512-VNNI, AVX-VNNI or AMX do four int8 multiply-adds where they
 do one float32, and XNNPACK's int8 kernels use them; no TensorFlow path does.
 
-- Static full-integer quantization: weights per output channel, activations
-  per tensor with ranges measured on a fixed calibration set (`calibration/`
-  in this package, or `--calibration DIR`), so one weight file always gives
-  the same int8 model. The converter is limited to int8 builtin ops
-  (`TFLITE_BUILTINS_INT8`): it fails rather than leave a conv or fully
-  connected layer on float kernels (dynamic-range quantization would).
+- Static full-integer quantization, written out rather than left to the
+  converter's calibrator: `Int8VGG.calibrate` runs the calibration set
+  (`calibration/` in this package, or `--calibration DIR`) through the
+  network layer by layer, rounds the weights to int8 per output channel,
+  measures each activation's range (its peak times RANGE_MARGIN) and
+  corrects each bias for the mean shift the rounding causes (bias
+  correction, measured with every earlier layer already int8). The network
+  is then written with those fake-quant ranges and the converter turns it
+  into int8 kernels; `_check_int8` refuses a model where a conv or fully
+  connected layer stayed float. One weight file and calibration set always
+  give the same int8 model.
 - One model per set of requested layers and pool, converted on first use
   (about 100 s for VGG16 on 2 cores) and cached in the weights cache
   (`$VGGEMBED_HOME/int8/`), keyed by everything that changes the result,
@@ -40,17 +45,23 @@ import numpy as np
 
 from . import __version__
 from .errors import ImageError, VGGEmbedError
-from .model import VGG
+from .model import VGG, _pooled
 from .tfimport import _silenced_stderr, tensorflow
 from .weights import WeightSpec
 
 CPUINFO = "/proc/cpuinfo"  # tests point this at a fake file
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 CALIBRATION_DIR = Path(__file__).parent / "calibration"
-# The converter's calibration holds memory per image (VGG16: 7.7 GB peak with 40 images, 10.8 GB with 64).
+# Calibration holds both streams of every image at one layer (VGG16, 40 images: 3.4 GB peak), so it is capped.
 MAX_CALIBRATION_IMAGES = 64
 # Bump when the conversion recipe changes, so older cache entries are not used.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+INPUT_RANGE = (0.0, 255.0)
+# Activation ranges are the largest values seen in calibration times this margin: photos outside the set
+# went 15-30% beyond it (measured on 240 views), and clipping the peaks that max-pooling carries on cost more
+# than the coarser step (benchmarks/throughput.py --only int8 prints the fidelity).
+RANGE_MARGIN = 1.15
+CALIBRATION_ROWS = 8
 # Fixed views of each calibration photo (fractions of width and height: left, top, right, bottom; mirrored):
 # the whole photo, its centre, and two mirrored corners, so ranges cover framings a user's photos have.
 VIEWS = ((0, 0, 1, 1, False), (0.15, 0.15, 0.85, 0.85, False), (0, 0, 0.7, 0.7, True), (0.3, 0.3, 1, 1, True))
@@ -191,14 +202,14 @@ class Int8VGG(VGG):
         return content
 
     def _convert_in_child(self, body: tuple, pool, out: Path) -> bytes:
-        """Convert in a child process: the converter's memory peaks at 7.7-10.8 GB for VGG16 (40-64
-        calibration images) and it kept 4 GB after returning; a child gives it all back when it exits."""
+        """Convert in a child process: it peaks at 12.2 GB for VGG16 (TensorFlow's converter alone: 10.1 GB
+        for the float model) and the converter keeps 4 GB after returning; a child gives it all back."""
         import subprocess
 
         source = self.calibration or "the built-in set"
         self.log(f"vggembed: converting {self.spec.path} to int8 for {', '.join(body)}"
                  f"{f' (pool {pool})' if pool else ''}, calibrating on {len(self.calibration_images())} images "
-                 f"from {source}; VGG16 takes about 2 minutes on 2 cores and 8-11 GB of memory, once")
+                 f"from {source}; VGG16 takes about 2 minutes on 2 cores and about 12 GB of memory, once")
         start = time.perf_counter()
         job = {"weights": self.spec.path, "legacy_transpose": self.spec.legacy_transpose, "layers": list(body),
                "pool": pool, "calibration": None if self.calibration is None else str(self.calibration),
@@ -218,30 +229,109 @@ class Int8VGG(VGG):
         return content
 
     def convert(self, body: tuple, pool) -> bytes:
-        """The int8 TFLite model of the layers `body` (canonical names, in output order), in this process."""
+        """The int8 TFLite model of the layers `body` (canonical names, in output order), in this process.
+
+        The network is written with its quantization made explicit (`_quantized`: weights rounded to their
+        int8 grid, every activation through a fake-quant op with the range `calibrate` measured), and the
+        converter turns exactly that into int8 kernels; `_check_int8` then refuses a model where a conv or
+        fully connected layer did not become int8.
+        """
         tf = tensorflow()
-        images = self.calibration_images()
         h, w = self.spec.input_size[1], self.spec.input_size[0]
-        forward = self._function(body, pool)
-        # Input and output stay float32: the quantize of the 0..255 input (exact: the calibrated scale is
-        # 1 when the set spans 0..255) and the dequantize of the outputs are two cheap ops inside the graph,
-        # and the network keeps VGG's interface (float32 batches in, float32 vectors out).
-        fn = tf.function(lambda x: [forward(x)[name] for name in body], input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, "x")])
+        plan = self.calibrate(body, pool)
+        _give_back_freed_memory()  # calibration's activations, before the converter's own peak
+        forward = self._quantized(body, pool, plan)
+        # Input and output stay float32: the quantize of the 0..255 input (scale 1: exact for whole values)
+        # and the dequantize of the outputs are two cheap ops inside the graph, so the network keeps VGG's
+        # interface (float32 batches in, float32 vectors out).
+        fn = tf.function(lambda x: [forward(x)[name] for name in body],
+                         input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, "x")])
         converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # fail, never fall back
-        converter.representative_dataset = lambda: ([im[None].astype(np.float32)] for im in images)
         quiet = not os.environ.get("VGGEMBED_VERBOSE")
         try:
             with _silenced_stderr() if quiet else contextlib.nullcontext(), warnings.catch_warnings():
                 # Its MLIR log goes to fd 2; it warns that float inputs have no "input stats" (none are needed:
-                # the input is quantized inside the graph with the calibrated range).
+                # the input is quantized inside the graph with its fake-quant range).
                 warnings.filterwarnings("ignore", "Statistics for quantized inputs")
                 content = converter.convert()
         except Exception as e:  # the converter raises its own kinds with multi-line messages
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise VGGEmbedError(f"{self.spec.path}: int8 conversion failed: {first}") from None
+        _check_int8(content, self.spec.path)
         return content
+
+    def calibrate(self, body: tuple, pool) -> dict:
+        """Measure what the int8 network needs, on the calibration images, layer by layer.
+
+        Returns a plan: per-channel int8 `weights` (already rounded, so the converter reproduces them
+        exactly), `ranges` of every activation that becomes an int8 tensor, and `biases` after bias
+        correction: each conv/fc bias minus the mean, over the calibration images, of what the int8
+        network (rounded weights, quantized input) adds to that channel, measured with everything before it
+        already int8. Activation ranges are the largest values seen times RANGE_MARGIN.
+        """
+        stop = max(self._index[n] for n in body)
+        plan = {"weights": {}, "biases": {}, "ranges": {}}
+        # Both streams (float32, and int8 as far as computed) of the whole set, one layer at a time, computed
+        # CALIBRATION_ROWS images at a time: 1.5 GB at the widest layer for 40 images.
+        exact = np.stack(self.calibration_images()).astype(np.float32)
+        quant = _chunked(lambda x: _fake_quant(_fake_quant(x, INPUT_RANGE) - self._mean, self._centred_range()),
+                         exact)
+        exact -= np.asarray(self.spec.mean_pixel, np.float32)
+        for layer in self.layers[: stop + 1]:
+            if layer.kind in ("conv", "fc"):
+                w, b = (p.numpy() for p in self._params[layer.name])
+                plan["weights"][layer.name] = _round_per_channel(w)
+                plan["biases"][layer.name] = b
+                exact = _chunked(lambda x: self._apply(layer, x), exact)
+                quant = _chunked(lambda x: _layer(layer, x, plan), quant)
+                total = np.zeros(b.shape, np.float64)
+                for i in range(0, len(quant), CALIBRATION_ROWS):
+                    diff = quant[i: i + CALIBRATION_ROWS] - exact[i: i + CALIBRATION_ROWS]
+                    total += diff.reshape(-1, diff.shape[-1]).sum(axis=0, dtype=np.float64)
+                shift = (total / (quant.size // quant.shape[-1])).astype(np.float32)
+                plan["biases"][layer.name] = b - shift
+                quant -= shift
+            elif layer.kind == "relu":
+                np.maximum(exact, 0, out=exact)
+                plan["ranges"][layer.name] = (0.0, RANGE_MARGIN * float(exact.max()))
+                quant = _chunked(lambda x: _layer(layer, x, plan), quant)
+            else:
+                exact = _chunked(lambda x: self._apply(layer, x), exact)
+                quant = _chunked(lambda x: self._apply(layer, x), quant)
+            if layer.name in body and layer.kind != "relu":
+                plan["ranges"][layer.name] = _spread(exact)  # a wanted conv/fc output before its ReLU
+                if layer.kind != "pool":
+                    quant = _chunked(lambda x: _fake_quant(x, plan["ranges"][layer.name]), quant)
+            if layer.name in body and pool is not None and exact.ndim == 4:
+                plan["ranges"][f"{layer.name}/{pool}"] = _spread(_chunked(lambda x: _pooled(x, pool), exact))
+        return plan
+
+    def _centred_range(self) -> tuple[float, float]:
+        """The range of the mean-subtracted 0..255 input."""
+        mean = np.asarray(self.spec.mean_pixel, np.float64)
+        return float(INPUT_RANGE[0] - mean.max()), float(INPUT_RANGE[1] - mean.min())
+
+    def _quantized(self, body: tuple, pool, plan: dict):
+        """The float network with its int8 quantization explicit: what the converter makes int8."""
+        stop = max(self._index[n] for n in body)
+        layers = self.layers[: stop + 1]
+        mean, centred = self._mean, self._centred_range()
+
+        def forward(x):
+            x = _fake_quant(_fake_quant(x, INPUT_RANGE) - mean, centred)
+            out = {}
+            for layer in layers:
+                x = _layer(layer, x, plan)
+                if layer.name in body:
+                    if layer.kind in ("conv", "fc"):  # wanted before its ReLU: an int8 tensor of its own
+                        x = _fake_quant(x, plan["ranges"][layer.name])
+                    out[layer.name] = x
+                    if pool is not None and len(x.shape) == 4:
+                        out[layer.name] = _fake_quant(_pooled(x, pool), plan["ranges"][f"{layer.name}/{pool}"])
+            return out
+
+        return forward
 
     # --------------------------------------------------------- calibration
     def calibration_images(self) -> list[np.ndarray]:
@@ -297,6 +387,76 @@ def calibration_images(folder=None, size=(224, 224)) -> list[np.ndarray]:
         except ImageError as e:
             raise VGGEmbedError(f"{e} (in the --calibration folder; remove it or fix it)") from None
     return out
+
+
+def _round_per_channel(w: np.ndarray) -> np.ndarray:
+    """`w` on its int8 grid: symmetric, one scale per output channel (the last axis), -127..127."""
+    scale = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0) / 127
+    scale = np.where(scale > 0, scale, 1).astype(np.float32)
+    return (np.clip(np.rint(w / scale), -127, 127) * scale).astype(np.float32)
+
+
+def _fake_quant(x, span):
+    """`x` rounded to 256 levels over `span` (widened to hold 0), as an int8 tensor holds it."""
+    tf = tensorflow()
+    lo, hi = min(span[0], 0.0), max(span[1], 0.0)
+    if hi - lo < 1e-6:  # a layer that is all zeros on the calibration set
+        hi = lo + 1e-6
+    return tf.quantization.fake_quant_with_min_max_args(x, min=lo, max=hi, num_bits=8)
+
+
+def _spread(x: np.ndarray) -> tuple[float, float]:
+    return RANGE_MARGIN * float(x.min()), RANGE_MARGIN * float(x.max())
+
+
+def _chunked(fn, x: np.ndarray) -> np.ndarray:
+    """fn (TensorFlow ops) over the rows of x, CALIBRATION_ROWS at a time, into one numpy array."""
+    out = None
+    for i in range(0, len(x), CALIBRATION_ROWS):
+        y = np.asarray(fn(x[i: i + CALIBRATION_ROWS]))
+        if out is None:
+            out = np.empty((len(x), *y.shape[1:]), np.float32)
+        out[i: i + len(y)] = y
+    return out
+
+
+def _layer(layer, x, plan: dict):
+    """One layer of the int8 network, written in float: rounded weights, corrected bias, quantized ReLU."""
+    tf = tensorflow()
+    if layer.kind == "conv":
+        return tf.nn.bias_add(tf.nn.conv2d(x, plan["weights"][layer.name], 1, "SAME"), plan["biases"][layer.name])
+    if layer.kind == "fc":
+        if layer.name == "fc6":
+            x = tf.reshape(x, [tf.shape(x)[0], -1])  # NHWC flatten, as in VGG
+        return tf.nn.bias_add(tf.matmul(x, plan["weights"][layer.name]), plan["biases"][layer.name])
+    if layer.kind == "relu":
+        return _fake_quant(tf.nn.relu(x), plan["ranges"][layer.name])
+    if layer.kind == "pool":
+        return tf.nn.max_pool2d(x, 2, 2, "SAME")
+    raise ValueError(layer.kind)
+
+
+def _give_back_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them for reuse otherwise); a no-op elsewhere."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _check_int8(content: bytes, where) -> None:
+    """Refuse a model in which a conv or fully connected layer would run on float kernels."""
+    Interpreter = _interpreter_class()
+    interpreter = Interpreter(model_content=content)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED"):
+            x, w = tensors[op["inputs"][0]], tensors[op["inputs"][1]]
+            if x["dtype"] != np.int8 or w["dtype"] != np.int8:
+                raise VGGEmbedError(f"{where}: int8 conversion left {op['op_name']} {op['index']} in "
+                                    f"{np.dtype(x['dtype']).name}; not using it")
 
 
 def _read_entry(path: Path, key: dict, log) -> bytes | None:
