@@ -154,3 +154,30 @@ def test_a_parquet_index_damaged_inside_is_one_line_naming_it(tmp_path):
     pq.ParquetFile(out)  # still opens: the damage shows only when the rows are read
     for result in (run("dedup", out), run("search", out, "--rows", 0), run("cluster", out, "-k", 2)):
         one_line_error(result, str(out), "not a readable Parquet file")
+
+
+# ------------------------------------------------------------------ S3
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from .servers import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+def test_a_ray_folder_in_a_bucket_is_an_index_like_a_local_one(tmp_path, s3):
+    local, _ = make_folder(tmp_path / "parts")
+    client = s3.client()
+    client.create_bucket(Bucket="runs")
+    for f in sorted(local.iterdir()):
+        client.put_object(Bucket="runs", Key=f"read/{f.name}", Body=f.read_bytes())
+    url = "s3://runs/read"
+    for args in (["dedup", "{}", "--threshold", "0.2"], ["cluster", "{}", "-k", 3], ["search", "{}", "--rows", "0,5"]):
+        at_url = run(*[url if a == "{}" else a for a in args])
+        assert at_url.exit_code == 0, at_url.output
+        assert at_url.stdout == run(*[local if a == "{}" else a for a in args]).stdout and at_url.stdout
+    one_line_error(run("dedup", "s3://runs/none"), "s3://runs/none", "no manifest.json")
+    client.put_object(Bucket="runs", Key="read/part-00000.parquet", Body=b"PAR1 cut")
+    one_line_error(run("search", url, "--rows", 0), f"{url}/part-00000.parquet", "not a readable part")

@@ -19,6 +19,7 @@ import numpy as np
 from . import similarity
 from .errors import VGGEmbedError
 from .recipe import Recipe
+from .sources import is_url
 from .vectors import Vectors, open_vectors
 
 # Near-duplicates (re-encodes, resizes, crops of a few percent) of real photos
@@ -84,8 +85,9 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
         k: hits per query.
         min_score: leave out hits with a lower cosine.
         weights: the weight file to embed query images with (default: found by the recorded MD5).
-        approximate: use a faiss PCA + IVF index (built once and saved as INDEX.faiss) instead of an
-            exact pass; hits are re-scored exactly, only recall is approximate.
+        approximate: use a faiss PCA + IVF index (built once and saved as INDEX.faiss; for an INDEX at a URL,
+            built for this search alone) instead of an exact pass; hits are re-scored exactly, only recall is
+            approximate.
         nprobe: lists an approximate search visits (more: slower, better recall).
 
     Returns:
@@ -116,8 +118,13 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
         if approximate:
             from . import ann
 
-            index_file = Path(str(vectors.source).rstrip("/\\") + ".faiss")
-            found = ann.search(ann.load_or_build(vectors, index_file), vectors, q, k, nprobe=nprobe, exclude=exclude)
+            source = str(vectors.source)
+            # saved as INDEX.faiss beside a local INDEX; built for this search alone from a URL
+            if is_url(source):
+                built = ann.build(vectors)
+            else:
+                built = ann.load_or_build(vectors, Path(source.rstrip("/\\") + ".faiss"))
+            found = ann.search(built, vectors, q, k, nprobe=nprobe, exclude=exclude)
             if min_score is not None:
                 found = [[(r, s) for r, s in hits if s >= min_score] for hits in found]
         else:
