@@ -6,8 +6,10 @@ Every format vggembed writes can be an INDEX for search, dedup and cluster:
   `row` column is filled, in that order) -- read in place;
 - `OUT.parquet` (`path`, `embedding` fixed-size list);
 - `OUT.csv` (`path`, `d0` .. `dN`);
-- an `--engine ray` folder (`manifest.json` and `part-NNNNN.parquet` with
-  `id`, `path`, `status`, `error`, `embedding`; failed rows are skipped).
+- an `--engine ray` folder, a local path or an object-store URL
+  (`manifest.json` and `part-NNNNN.parquet` with `path`, `path_bytes`,
+  `status`, `error`, `embedding`; failed rows are skipped), read through the
+  checks `vggembed merge` makes (`distributed.FinishedRun`).
 
 Parquet, CSV and Ray outputs are converted once, a bounded batch at a time,
 into a temporary `.npy` that is removed on `close()`. Rows are read back in
