@@ -26,7 +26,10 @@ from .vectors import Vectors, open_vectors
 # stay above this fc2 cosine and distinct photos below it; see the README
 # ("Using the vectors") and benchmarks/dedup_threshold.py for the figures.
 DEFAULT_THRESHOLD = 0.95
-QUERY_BATCH = 16  # the embed command's default batch size: queries are computed as index rows were
+# The embed command's default batch size. An index does not record the batch size it was made with, so
+# queries are padded to min(16, number of queries) (`runner.pad_to`), not to the index's own batch shape:
+# a query of an indexed image can differ from its row in the last bits where kernels differ per shape.
+QUERY_BATCH = 16
 
 
 class RecipeError(VGGEmbedError):
@@ -235,6 +238,10 @@ def embed_queries(vectors: Vectors, sources: list[str], *, weights=None
     recipe = query_recipe(vectors.recipe, weights, str(vectors.source))
     model = load_recipe(recipe)
     name = model.embedding_layer(recipe.layer, recipe.pool)
+    recipe = recipe.bind(model.spec, name)  # as embed binds it: the loaded file's MD5 and arch, the canonical layer
+    if vectors.recipe is not None:
+        recipe.check_same(vectors.recipe, f"{vectors.source}: its queries would not be comparable: it",
+                          f"{recipe.weights} is not the file it records")
     opts = Options(batch_size=QUERY_BATCH, workers=2)
     ok, out, failed = [], [], []
     for chunk, batch, pad in batches(model, expand(sources), recipe, opts, Summary()):
