@@ -91,6 +91,17 @@ def test_a_damaged_manifest_is_one_line_naming_it(folder, tmp_path, damage, mess
     assert not (tmp_path / "merged.npy").exists()
 
 
+def damage_a_page(path, row_group=0, column=None):
+    """Overwrite the header of one data page (of the last column by default) of a Parquet file."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    chunk = meta.row_group(row_group).column(meta.num_columns - 1 if column is None else column)
+    data = bytearray(path.read_bytes())
+    data[chunk.data_page_offset: chunk.data_page_offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+
 def test_a_part_that_is_not_parquet_is_one_line_naming_it(folder, tmp_path):
     part = folder / "part-00001.parquet"
     part.write_bytes(part.read_bytes()[: 200])  # cut short: no footer
@@ -100,6 +111,9 @@ def test_a_part_that_is_not_parquet_is_one_line_naming_it(folder, tmp_path):
     part.write_bytes(b"")
     for result in every_reader(folder, tmp_path).values():
         one_line_error(result, str(part), "not a readable part")
+    damage_a_page(folder / "part-00000.parquet")  # its footer intact
+    for result in every_reader(folder, tmp_path).values():
+        one_line_error(result, str(folder / "part-00000.parquet"), "not a readable part (OSError: ")
 
 
 def test_a_parquet_part_without_its_metadata_or_columns_is_one_line(folder, tmp_path):
@@ -147,10 +161,7 @@ def test_a_parquet_index_damaged_inside_is_one_line_naming_it(tmp_path):
     emb = pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(4000 * D).astype(np.float32)), D)
     pq.write_table(pa.table({"path": [f"{i}.jpg" for i in range(4000)], "embedding": emb}), out,
                    compression="none", row_group_size=1000)
-    data = bytearray(out.read_bytes())
-    start = pq.ParquetFile(out).metadata.row_group(2).column(1).data_page_offset
-    data[start: start + 64] = b"\xff" * 64  # a page header destroyed; the footer is intact
-    out.write_bytes(bytes(data))
+    damage_a_page(out, row_group=2, column=1)  # the footer is intact
     pq.ParquetFile(out)  # still opens: the damage shows only when the rows are read
     for result in (run("dedup", out), run("search", out, "--rows", 0), run("cluster", out, "-k", 2)):
         one_line_error(result, str(out), "not a readable Parquet file")

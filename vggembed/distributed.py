@@ -571,7 +571,7 @@ class FinishedRun:
             try:
                 table = pq.read_table(pa.BufferReader(self.store.read(name)))
                 meta = json.loads((table.schema.metadata or {})[PART_META_KEY])
-            except (pa.ArrowException, KeyError, ValueError) as e:
+            except (pa.ArrowException, OSError, KeyError, ValueError) as e:  # a damaged page is an OSError
                 raise VGGEmbedError(f"{self.name(name)}: not a readable part ({reason(e)})") from None
             if not isinstance(meta, dict) or meta.get("run") != self.manifest["id"] or meta.get("part") != k \
                     or meta.get("first") != first or not isinstance(meta.get("inputs"), int):
@@ -585,7 +585,7 @@ class FinishedRun:
                 raise VGGEmbedError(f"{self.name(name)}: not a readable part ({what})")
             first += meta["inputs"]
             yield name, table
-            del table  # one part in memory at a time
+            del table  # the reader holds no part past its turn
         if first != self.manifest["inputs"]:
             raise VGGEmbedError(f"{display(self.store.where)}: parts hold {first} inputs, the manifest "
                                 f"{self.manifest['inputs']}")
