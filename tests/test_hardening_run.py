@@ -146,7 +146,8 @@ def test_every_writer_takes_the_same_lock(tmp_path, image_dir, tiny16, photos, c
                 "merge": ["merge", tmp_path, "-o", out],
                 "ray": ["embed", image_dir, "-o", out, "--engine", "ray", "--weights", tiny16]}[command]
         if command == "merge":  # a finished Ray folder is not needed to reach the lock: it comes first
-            (tmp_path / "manifest.json").write_text(json.dumps({"version": 3, "parts": 0, "inputs": 0, "recipe": {}}))
+            manifest = {"version": 3, "id": "x", "parts": 0, "inputs": 0, "recipe": {}}
+            (tmp_path / "manifest.json").write_text(json.dumps(manifest))
         busy = cli(*args)
         assert busy.returncode == 1
         one_line_error(busy.stderr, str(out), f"PID {holder.pid}")

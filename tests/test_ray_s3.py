@@ -78,4 +78,4 @@ def test_a_ray_run_from_a_bucket_into_a_bucket_merges_from_its_url(tmp_path, s3,
 
     nothing = run("merge", f"s3://{BUCKET}/runs/none", "-o", tmp_path / "x.npy")
     assert nothing.exit_code == 1
-    assert f"s3://{BUCKET}/runs/none: no manifest.json; not a folder written by --engine ray" in nothing.stderr
+    assert f"s3://{BUCKET}/runs/none: no manifest.json; not an --engine ray output folder" in nothing.stderr

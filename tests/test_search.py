@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 
@@ -170,6 +171,18 @@ def test_other_weights_are_refused_and_old_indexes_need_weights(index, collectio
     given = run("search", old, query, "-k", 1, "--weights", tiny["vgg16", "frossard"])
     assert "records no recipe" in given.stderr and "embed defaults" in given.stderr
     assert given.exit_code == 1 and "holds 3136-d vectors but" in given.stderr
+
+    # the query recipe is bound to the loaded file, as embed binds it, and checked against the recorded one
+    odd = tmp_path / "odd.npy"
+    shutil.copy(index, odd)
+    shutil.copy(f"{index}.index.csv", f"{odd}.index.csv")
+    meta = json.loads(open(f"{index}.meta.json").read())
+    meta["recipe"]["arch"] = "vgg19"  # the file with this MD5 is a VGG16
+    open(f"{odd}.meta.json", "w").write(json.dumps(meta))
+    mismatch = run("search", odd, query, "--weights", tiny["vgg16", "frossard"])
+    assert mismatch.exit_code == 1 and len(mismatch.stderr.strip().splitlines()) == 1, mismatch.stderr
+    assert f"{odd}: its queries would not be comparable" in mismatch.stderr and "arch: 'vgg16' vs 'vgg19'" in \
+        mismatch.stderr
 
 
 def test_cluster_is_deterministic_and_finds_the_photos(index, collection, photos, tmp_path):

@@ -1,7 +1,9 @@
 """An output's place on disk: owned by one run at a time, and every OS failure there said in one line.
 
-Every writer (`output.EmbeddingWriter`, `classify -o`, the pictures, the Ray
-run folder) holds a `Destination` while it writes:
+Every local writer (`output.EmbeddingWriter`, `classify -o`, the pictures)
+holds a `Destination` while it writes; the `--engine ray` driver claims one
+for a local run folder (its `OUT.lock` beside the folder), while the parts
+in it are written through `distributed.Store`:
 
 - `claim()` takes an exclusive `flock` on `OUT.lock` beside the output and
   writes this process's PID into it. A second run on the same output fails

@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import VGGEmbedError, display
+from .errors import VGGEmbedError, display, reason
 from .inputs import is_unopened_shard, open_shards
 from .output import path_columns, table_paths
 from .recipe import Recipe
@@ -105,8 +105,8 @@ class Store:
     def _fail(self, rel: str, what: str, e: Exception) -> VGGEmbedError:
         if isinstance(e, VGGEmbedError):
             return e
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-        return VGGEmbedError(f"{display(self.name(rel))}: cannot {what} ({reason})")
+        why = e.strerror if isinstance(e, OSError) and e.strerror else reason(e)
+        return VGGEmbedError(f"{display(self.name(rel))}: cannot {what} ({why})")
 
     def list(self) -> list[str]:
         """The names directly in the folder (none when it does not exist)."""
@@ -356,7 +356,7 @@ def read_manifest(store: Store) -> dict:
     try:
         doc = json.loads(store.read(MANIFEST))
     except ValueError as e:
-        raise VGGEmbedError(f"{display(store.name(MANIFEST))}: not a readable manifest ({e})") from None
+        raise VGGEmbedError(f"{display(store.name(MANIFEST))}: not a readable manifest ({reason(e)})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("parts"), int):
         raise VGGEmbedError(f"{display(store.name(MANIFEST))}: not a vggembed manifest")
     return doc
@@ -524,44 +524,87 @@ def _schedule(ray, pool, todo: list[Part], args: tuple, counts: Counts, log) -> 
         feed(actor)
 
 
+# ------------------------------------------------------- reading a run
+class FinishedRun:
+    """A finished run folder (a path or URL) opened for reading: its checked manifest, then its parts one at a
+    time (`parts()`), each checked against the manifest. The one reader behind `merge` and behind
+    search/dedup/cluster on a Ray folder; any damage is a `VGGEmbedError` of one line naming the file.
+
+    Attributes:
+        store: the folder's `Store`.
+        manifest: the manifest, with its keys checked.
+        recipe: the run's `Recipe`.
+    """
+
+    def __init__(self, out):
+        self.store = store = Store(out)
+        listing = store.list()
+        if MANIFEST not in listing:
+            raise VGGEmbedError(f"{display(store.where)}: no {MANIFEST}; not an --engine ray output folder")
+        manifest = read_manifest(store)
+        where = display(store.name(MANIFEST))
+        if manifest.get("version", 0) < FORMAT_VERSION or "recipe" not in manifest:
+            raise VGGEmbedError(f"{where}: written by an older vggembed; run the embedding again")
+        if (not isinstance(manifest.get("inputs"), int) or not isinstance(manifest.get("id"), str)
+                or not isinstance(manifest["recipe"], dict)):
+            raise VGGEmbedError(f"{where}: not a vggembed manifest (its inputs, id or recipe is missing)")
+        missing = [part_name(k) for k in range(manifest["parts"]) if part_name(k) not in listing]
+        if missing:
+            raise VGGEmbedError(f"{display(store.where)}: {len(missing)} of {manifest['parts']} parts missing "
+                                f"(first: {missing[0]}); finish the run with --resume first")
+        self.manifest = manifest
+        self.recipe = Recipe.from_dict(manifest["recipe"])
+
+    def name(self, rel: str) -> str:
+        """A file of the run as messages show it."""
+        return display(self.store.name(rel))
+
+    def parts(self):
+        """(file name, pyarrow Table) of each part in order, one in memory at a time; every part is checked
+        to belong to this run at its place, and the parts together to hold the manifest's inputs."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        first = 0
+        for k in range(self.manifest["parts"]):
+            name = part_name(k)
+            try:
+                table = pq.read_table(pa.BufferReader(self.store.read(name)))
+                meta = json.loads((table.schema.metadata or {})[PART_META_KEY])
+            except (pa.ArrowException, OSError, KeyError, ValueError) as e:  # a damaged page is an OSError
+                raise VGGEmbedError(f"{self.name(name)}: not a readable part ({reason(e)})") from None
+            if not isinstance(meta, dict) or meta.get("run") != self.manifest["id"] or meta.get("part") != k \
+                    or meta.get("first") != first or not isinstance(meta.get("inputs"), int):
+                got = meta if isinstance(meta, dict) else {}
+                raise VGGEmbedError(f"{self.name(name)}: belongs to another run or place (part {got.get('part')}, "
+                                    f"first input {got.get('first')}); run again with --overwrite")
+            columns = table.schema.names
+            lacking = [c for c in ("path", "status", "error", "embedding") if c not in columns]
+            if lacking or not pa.types.is_fixed_size_list(table.schema.field("embedding").type):
+                what = f"no {', '.join(lacking)} column" if lacking else "an embedding column of another type"
+                raise VGGEmbedError(f"{self.name(name)}: not a readable part ({what})")
+            first += meta["inputs"]
+            yield name, table
+            del table  # the reader holds no part past its turn
+        if first != self.manifest["inputs"]:
+            raise VGGEmbedError(f"{display(self.store.where)}: parts hold {first} inputs, the manifest "
+                                f"{self.manifest['inputs']}")
+
+
 # -------------------------------------------------------------------- merge
 def merge(out, output, *, overwrite=False) -> tuple[int, int]:
     """Gather OUT's parts (a folder or URL) into the local engine's outputs (OUT, OUT.index.csv, OUT.errors.csv),
     carrying the run's recipe; one part in memory at a time."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from .output import EmbeddingWriter
     from .pipeline import Item
 
-    store = Store(out)
-    listing = store.list()
-    if MANIFEST not in listing:
-        raise VGGEmbedError(f"{display(store.where)}: no {MANIFEST}; not a folder written by --engine ray")
-    manifest = read_manifest(store)
-    if "recipe" not in manifest or manifest.get("version", 0) < FORMAT_VERSION:
-        raise VGGEmbedError(f"{display(store.name(MANIFEST))}: written by an older vggembed; run the embedding "
-                            "again")
-    missing = [part_name(k) for k in range(manifest["parts"]) if part_name(k) not in listing]
-    if missing:
-        raise VGGEmbedError(f"{display(store.where)}: {len(missing)} of {manifest['parts']} parts missing "
-                            f"(first: {missing[0]}); finish the run with --resume first")
+    run = FinishedRun(out)
     writer = EmbeddingWriter(output, overwrite=overwrite)
-    expected_first = 0
     try:
-        writer.begin(Recipe.from_dict(manifest["recipe"]))
-        for k in range(manifest["parts"]):
-            name = part_name(k)
-            try:
-                table = pq.read_table(pa.BufferReader(store.read(name)))
-                meta = json.loads((table.schema.metadata or {})[PART_META_KEY])
-            except (pa.ArrowException, KeyError, ValueError) as e:
-                raise VGGEmbedError(f"{display(store.name(name))}: not a readable part ({e})") from None
-            if meta.get("run") != manifest.get("id") or meta.get("part") != k or meta.get("first") != expected_first:
-                raise VGGEmbedError(f"{display(store.name(name))}: belongs to another run or place "
-                                    f"(part {meta.get('part')}, first input {meta.get('first')}); run again with "
-                                    "--overwrite")
-            expected_first += meta["inputs"]
+        writer.begin(run.recipe)
+        for _, table in run.parts():
             errors = table["error"].to_pylist()
             chunk = [Item(i, p, error=e) for i, (p, e) in enumerate(zip(table_paths(table), errors))]
             ok = np.array([e is None for e in errors], dtype=bool)
@@ -570,10 +613,10 @@ def merge(out, output, *, overwrite=False) -> tuple[int, int]:
                 emb = table["embedding"].combine_chunks().filter(pa.array(ok))
                 vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(int(ok.sum()), -1)
             writer.write(chunk, vectors)
-        if expected_first != manifest["inputs"]:
-            raise VGGEmbedError(f"{display(store.where)}: parts hold {expected_first} inputs, the manifest "
-                                f"{manifest['inputs']}")
         writer.finish()
+    except BaseException:
+        writer.discard()  # nothing half-merged is left: the parts are kept, and merge is simply run again
+        raise
     finally:
         writer.close()
     return writer.rows, writer.failed

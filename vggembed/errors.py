@@ -8,6 +8,14 @@ def display(name) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def reason(e: BaseException) -> str:
+    """A foreign exception (pyarrow's, a file system's) as one line for a message: its type and its text,
+    line breaks and runs of spaces as one space, other control characters as \\xNN."""
+    text = " ".join(str(e).split())
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class VGGEmbedError(Exception):
     """Base class: a problem the user can act on, described in one line."""
 

@@ -19,13 +19,17 @@ import numpy as np
 from . import similarity
 from .errors import VGGEmbedError
 from .recipe import Recipe
+from .sources import is_url
 from .vectors import Vectors, open_vectors
 
 # Near-duplicates (re-encodes, resizes, crops of a few percent) of real photos
 # stay above this fc2 cosine and distinct photos below it; see the README
 # ("Using the vectors") and benchmarks/dedup_threshold.py for the figures.
 DEFAULT_THRESHOLD = 0.95
-QUERY_BATCH = 16  # the embed command's default batch size: queries are computed as index rows were
+# The embed command's default batch size. An index does not record the batch size it was made with, so
+# queries are padded to min(16, number of queries) (`runner.pad_to`), not to the index's own batch shape:
+# a query of an indexed image can differ from its row in the last bits where kernels differ per shape.
+QUERY_BATCH = 16
 
 
 class RecipeError(VGGEmbedError):
@@ -84,8 +88,9 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
         k: hits per query.
         min_score: leave out hits with a lower cosine.
         weights: the weight file to embed query images with (default: found by the recorded MD5).
-        approximate: use a faiss PCA + IVF index (built once and saved as INDEX.faiss) instead of an
-            exact pass; hits are re-scored exactly, only recall is approximate.
+        approximate: use a faiss PCA + IVF index (built once and saved as INDEX.faiss; for an INDEX at a URL,
+            built for this search alone) instead of an exact pass; hits are re-scored exactly, only recall is
+            approximate.
         nprobe: lists an approximate search visits (more: slower, better recall).
 
     Returns:
@@ -116,8 +121,13 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
         if approximate:
             from . import ann
 
-            index_file = Path(str(vectors.source).rstrip("/\\") + ".faiss")
-            found = ann.search(ann.load_or_build(vectors, index_file), vectors, q, k, nprobe=nprobe, exclude=exclude)
+            source = str(vectors.source)
+            # saved as INDEX.faiss beside a local INDEX; built for this search alone from a URL
+            if is_url(source):
+                built = ann.build(vectors)
+            else:
+                built = ann.load_or_build(vectors, Path(source.rstrip("/\\") + ".faiss"))
+            found = ann.search(built, vectors, q, k, nprobe=nprobe, exclude=exclude)
             if min_score is not None:
                 found = [[(r, s) for r, s in hits if s >= min_score] for hits in found]
         else:
@@ -228,6 +238,10 @@ def embed_queries(vectors: Vectors, sources: list[str], *, weights=None
     recipe = query_recipe(vectors.recipe, weights, str(vectors.source))
     model = load_recipe(recipe)
     name = model.embedding_layer(recipe.layer, recipe.pool)
+    recipe = recipe.bind(model.spec, name)  # as embed binds it: the loaded file's MD5 and arch, the canonical layer
+    if vectors.recipe is not None:
+        recipe.check_same(vectors.recipe, f"{vectors.source}: its queries would not be comparable: it",
+                          f"{recipe.weights} is not the file it records")
     opts = Options(batch_size=QUERY_BATCH, workers=2)
     ok, out, failed = [], [], []
     for chunk, batch, pad in batches(model, expand(sources), recipe, opts, Summary()):

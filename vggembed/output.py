@@ -28,6 +28,7 @@ valid UTF-8, as `path_columns` describes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import importlib.util
@@ -261,14 +262,26 @@ class EmbeddingWriter:
         self._index.flush()
         self.done += len(chunk)
 
-    def close(self) -> None:
-        """Flush and close the partial files, leaving them resumable, and release the output."""
+    def _close_files(self) -> None:
         for f in (self._data, self._index):
             if f is not None and not f.closed:
                 try:
                     f.close()
                 except OSError:
                     pass  # after a failed write (disk full): --resume keeps only whole rows anyway
+
+    def close(self) -> None:
+        """Flush and close the partial files, leaving them resumable, and release the output."""
+        self._close_files()
+        self.dest.release()
+
+    def discard(self) -> None:
+        """Remove the staged files and release the output, for a run that is redone rather than resumed
+        (`merge`)."""
+        self._close_files()
+        for key in ("data_partial", "index_partial", "meta_partial"):
+            with contextlib.suppress(OSError):
+                self.paths[key].unlink()
         self.dest.release()
 
     @_guarded

@@ -6,8 +6,10 @@ Every format vggembed writes can be an INDEX for search, dedup and cluster:
   `row` column is filled, in that order) -- read in place;
 - `OUT.parquet` (`path`, `embedding` fixed-size list);
 - `OUT.csv` (`path`, `d0` .. `dN`);
-- an `--engine ray` folder (`manifest.json` and `part-NNNNN.parquet` with
-  `id`, `path`, `status`, `error`, `embedding`; failed rows are skipped).
+- an `--engine ray` folder, a local path or an object-store URL
+  (`manifest.json` and `part-NNNNN.parquet` with `path`, `path_bytes`,
+  `status`, `error`, `embedding`; failed rows are skipped), read through the
+  checks `vggembed merge` makes (`distributed.FinishedRun`).
 
 Parquet, CSV and Ray outputs are converted once, a bounded batch at a time,
 into a temporary `.npy` that is removed on `close()`. Rows are read back in
@@ -23,28 +25,28 @@ manifest's `recipe`; outputs written before recipes existed give None.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .errors import VGGEmbedError
+from .errors import VGGEmbedError, reason
 from .recipe import Recipe
+from .sources import is_url
 
 
 class Vectors:
     """An embedding output opened for reading. Use as a context manager, or call `close()`.
 
     Attributes:
-        source: the INDEX the user named.
+        source: the INDEX the user named (a str for a URL).
         paths: the image path of each row (str as os.fsdecode gives it).
         recipe: the recorded `Recipe`, or None for outputs written before recipes were recorded.
         rows, dim, dtype: the matrix's shape and stored type (float32 or float16).
     """
 
-    def __init__(self, source: Path, npy: Path, paths: list[str], recipe: Recipe | None, *, temporary: bool):
+    def __init__(self, source: Path | str, npy: Path, paths: list[str], recipe: Recipe | None, *, temporary: bool):
         self.source = source
         self.npy = npy
         self.paths = paths
@@ -119,7 +121,10 @@ def open_vectors(index, *, tmp_dir=None) -> Vectors:
     Raises:
         VGGEmbedError: the path is missing or not an embedding output; the message says which and why.
     """
-    index = Path(os.fsdecode(index))
+    index = os.fsdecode(index)
+    if is_url(index) and not index.startswith("file://"):
+        return _open_ray(index.rstrip("/"), tmp_dir)  # other outputs are read from local files
+    index = Path(index.removeprefix("file://"))
     if index.is_dir():
         return _open_ray(index, tmp_dir)
     if not index.exists():
@@ -145,7 +150,7 @@ def _recorded(out: Path, rows: int) -> Recipe | None:
     except VGGEmbedError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged Parquet footer or JSON: one line naming the file
-        raise VGGEmbedError(f"{out}: its recorded recipe is unreadable ({e})") from None
+        raise VGGEmbedError(f"{out}: its recorded recipe is unreadable ({reason(e)})") from None
     if meta is None:
         return None
     if meta.get("rows") is not None and meta["rows"] != rows:
@@ -262,11 +267,18 @@ def _open_parquet(path: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow's errors have no common base worth naming
-        raise VGGEmbedError(f"{path}: not a readable Parquet file ({e})") from None
+        raise VGGEmbedError(f"{path}: not a readable Parquet file ({reason(e)})") from None
 
     def fill(builder):
         wanted = [c for c in ("path", "path_bytes", "embedding") if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
+        batches = pf.iter_batches(batch_size=batch_rows, columns=wanted)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # noqa: BLE001 - a damaged page deep in the file (pyarrow's or Thrift's errors)
+                raise VGGEmbedError(f"{path}: not a readable Parquet file ({reason(e)})") from None
+            if batch is None:
+                break
             builder.add(*_arrow_rows(batch, path))
 
     vectors = _convert(path, tmp_dir, fill, None)
@@ -274,29 +286,20 @@ def _open_parquet(path: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
     return vectors
 
 
-def _open_ray(folder: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
-    from .distributed import MANIFEST, part_name
+def _open_ray(where, tmp_dir, batch_rows: int = 4096) -> Vectors:
+    """A finished --engine ray folder (a path or an object-store URL), read part by part through the checks
+    `vggembed merge` makes (`distributed.FinishedRun`)."""
+    from .distributed import FinishedRun
 
-    manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
-        raise VGGEmbedError(f"{folder}: a folder without {MANIFEST}; not an --engine ray output")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    parts = [folder / part_name(k) for k in range(manifest["parts"])]
-    missing = [p.name for p in parts if not p.exists()]
-    if missing:
-        raise VGGEmbedError(f"{folder}: {len(missing)} of {len(parts)} parts missing (first: {missing[0]}); "
-                            "finish the run with --resume first")
-    pq = _need_pyarrow(folder)
+    _need_pyarrow(where)
+    run = FinishedRun(where)
 
     def fill(builder):
-        for part in parts:
-            pf = pq.ParquetFile(part)
-            wanted = [c for c in ("path", "path_bytes", "status", "embedding") if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
-                builder.add(*_arrow_rows(batch, part))
+        for name, table in run.parts():
+            for batch in table.to_batches(max_chunksize=batch_rows):
+                builder.add(*_arrow_rows(batch, run.name(name)))
 
-    recipe = manifest.get("recipe")
-    return _convert(folder, tmp_dir, fill, Recipe.from_dict(recipe) if recipe else None)
+    return _convert(where, tmp_dir, fill, run.recipe)
 
 
 def _open_csv(path: Path, tmp_dir, batch_rows: int = 1024) -> Vectors:

@@ -132,7 +132,9 @@ def run_options(f):
     decorators = [
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
         click.option("--workers", type=click.IntRange(1), default=min(8, os.cpu_count() or 2),
-                     show_default="CPU count, at most 8", help="Decoding threads."),
+                     show_default="CPU count, at most 8",
+                     help="Decoding threads. With embed --engine ray: the number of model actors (default 1), "
+                          "each decoding with threads of its own (its node's CPU count, at most 8)."),
         click.option("--fetch-ahead", type=click.IntRange(1), default=32, show_default=True,
                      help="URLs read at once, ahead of decoding; to keep the model fed, at least its images/s "
                           "times the store's seconds per request."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 import click
@@ -65,6 +66,18 @@ def _parse_rows(value: str | None) -> list[int]:
             from None
 
 
+class IndexPath(click.Path):
+    """INDEX: an output file or folder that exists, or the URL of an --engine ray folder (read when opened)."""
+
+    def __init__(self):
+        super().__init__(exists=True)
+
+    def convert(self, value, param, ctx):
+        from ..sources import is_url
+
+        return value if is_url(os.fsdecode(value)) else super().convert(value, param, ctx)
+
+
 sheet_option = click.option("--sheet", type=click.Path(dir_okay=False),
                             help="Also draw a contact sheet (PNG) of the results.")
 tile_option = click.option("--tile", type=click.IntRange(32, 512), default=128, show_default=True,
@@ -75,7 +88,7 @@ output_option = click.option("-o", "--output", type=click.Path(dir_okay=False),
 
 # ------------------------------------------------------------------ search
 @click.command(context_settings=CONTEXT)
-@click.argument("index", type=click.Path(exists=True))
+@click.argument("index", type=IndexPath())
 @click.argument("queries", nargs=-1)
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Hits per query.")
 @click.option("--min-score", type=click.FloatRange(-1, 1), help="Leave out hits with a lower cosine.")
@@ -84,7 +97,8 @@ output_option = click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Weights for query images (default: the file whose MD5 INDEX records, in $VGGEMBED_WEIGHTS, "
                    "./weights/ or the cache). Other weights are refused.")
 @click.option("--approximate", is_flag=True,
-              help='Approximate search with a faiss PCA + IVF index, saved as INDEX.faiss (pip install "vggembed[ann]").')
+              help='Approximate search with a faiss PCA + IVF index, saved as INDEX.faiss (built anew for an INDEX '
+                   'at a URL) (pip install "vggembed[ann]").')
 @click.option("--nprobe", type=click.IntRange(1), default=32, show_default=True,
               help="With --approximate: lists visited per query (more: slower, better recall).")
 @output_option
@@ -94,8 +108,9 @@ output_option = click.option("-o", "--output", type=click.Path(dir_okay=False),
 def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe, output, sheet, tile):
     """The indexed images most similar to each query, by cosine.
 
-    QUERY is an image file or folder, embedded on the fly exactly as INDEX was
-    made. Output (CSV): query, rank, path, score; best first, ties by row.
+    INDEX is a .npy, .parquet or .csv output, or an --engine ray folder (a
+    path or a URL). QUERY is an image file or folder, embedded on the fly
+    exactly as INDEX was made. Output (CSV): query, rank, path, score; best first, ties by row.
     A query image that cannot be decoded is reported and skipped (exit 3).
 
     \b
@@ -133,7 +148,7 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
 
 # ------------------------------------------------------------------- dedup
 @click.command(context_settings=CONTEXT)
-@click.argument("index", type=click.Path(exists=True))
+@click.argument("index", type=IndexPath())
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=DEFAULT_THRESHOLD, show_default=True,
               help="Cosine at or above which two images are near-duplicates.")
 @click.option("--list-redundant", is_flag=True,
@@ -148,6 +163,8 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
 def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile):
     """Groups of near-duplicate images: every pair with cosine >= threshold, joined.
 
+    INDEX is a .npy, .parquet or .csv output, or an --engine ray folder (a
+    path or a URL).
     Output (CSV): group, path, score (cosine to the group's first member,
     in input order). --list-redundant prints the paths a clean-up would
     remove instead: every member but the first.
@@ -180,7 +197,7 @@ def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile)
 
 # ----------------------------------------------------------------- cluster
 @click.command(context_settings=CONTEXT)
-@click.argument("index", type=click.Path(exists=True))
+@click.argument("index", type=IndexPath())
 @click.option("-k", "k", type=click.IntRange(1), required=True, help="Number of clusters.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same clusters.")
 @output_option
@@ -190,6 +207,8 @@ def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile)
 def cluster(ctx, index, k, seed, output, sheet, tile):
     """k-means clusters of the (unit-length) vectors.
 
+    INDEX is a .npy, .parquet or .csv output, or an --engine ray folder (a
+    path or a URL).
     Output (CSV), one line per image in input order: path, cluster,
     distance to the cluster's centre. Needs scikit-learn
     (pip install "vggembed[cluster]").
