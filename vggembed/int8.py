@@ -299,10 +299,9 @@ class Int8VGG(VGG):
             else:
                 exact = _chunked(lambda x: self._apply(layer, x), exact)
                 quant = _chunked(lambda x: self._apply(layer, x), quant)
-            if layer.name in body and layer.kind != "relu":
-                plan["ranges"][layer.name] = _spread(exact)  # a wanted conv/fc output before its ReLU
-                if layer.kind != "pool":
-                    quant = _chunked(lambda x: _fake_quant(x, plan["ranges"][layer.name]), quant)
+            if layer.name in body and layer.kind in ("conv", "fc"):  # wanted before its ReLU: an int8 tensor
+                plan["ranges"][layer.name] = _spread(exact)
+                quant = _chunked(lambda x: _fake_quant(x, plan["ranges"][layer.name]), quant)
             if layer.name in body and pool is not None and exact.ndim == 4:
                 plan["ranges"][f"{layer.name}/{pool}"] = _spread(_chunked(lambda x: _pooled(x, pool), exact))
         return plan
