@@ -308,3 +308,15 @@ def test_ray_engine_int8_equals_local_int8(tmp_path, tiny16, photos, int8_cache,
     assert run("merge", parts, "-o", merged).exit_code == 0
     np.testing.assert_array_equal(np.load(merged), np.load(local))
     assert read_index(merged) == read_index(local)
+
+
+@needs_int8
+@pytest.mark.parametrize("layout", ["matconvnet", "matconvnet-beta16"])
+def test_vgg19_from_both_mat_layouts_runs_int8(tiny, layout, photos):
+    """VGG19's 16 convolutions all become int8, and its vectors stay close to float32's, from either .mat layout."""
+    path = tiny["vgg19", layout]
+    m8, m32 = vggembed.load(path, precision="int8"), vggembed.load(path)
+    ours, exact = m8.embed(photos, layer="fc2", batch_size=4), m32.embed(photos, layer="fc2", batch_size=4)
+    assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
+    names = [op["op_name"] for op in m8._interpreters[("relu7",), None]._get_ops_details()]
+    assert names.count("CONV_2D") == 16 and names.count("FULLY_CONNECTED") == 2
