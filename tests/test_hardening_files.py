@@ -353,6 +353,91 @@ def test_mat_with_an_extra_huge_variable_loads_without_reading_it(tmp_path, tiny
     assert grown < 100, f"{grown} MB"
 
 
+def _compressed_bomb(name: bytes, cells: int, cell_bytes: int, endian: str = "<") -> bytes:
+    """A MATLAB v5 miCOMPRESSED element (byte order `endian`): variable `name`, a 1 x `cells` cell of double arrays of `cell_bytes`
+    zeros each. Built in milliseconds: once deflate's window holds only zeros, each further MiB of zeros
+    (sync-flushed) compresses to the same bytes, so they are repeated; the Adler-32 is worked out by hand."""
+    import zlib
+
+    tag = endian + "II"
+
+    def matrix(mxclass, dims, label, content_bytes):
+        body = (struct.pack(tag, 6, 8) + struct.pack(tag, mxclass, 0)
+                + struct.pack(tag, 5, 4 * len(dims)) + struct.pack(f"{endian}{len(dims)}i", *dims).ljust(8, b"\0")
+                + struct.pack(tag, 1, len(label)) + label.ljust(-(-len(label) // 8) * 8, b"\0"))
+        return struct.pack(tag, 14, (len(body) + content_bytes) & 0xFFFFFFFF) + body
+
+    mib = 1 << 20
+    assert cell_bytes % mib == 0
+    cell = matrix(6, (cell_bytes // 8, 1), b"", 8 + cell_bytes) + struct.pack(tag, 9, cell_bytes)
+    z, adler = zlib.compressobj(9), 1
+    parts = [z.compress(matrix(1, (1, cells), name, cells * (len(cell) + cell_bytes)))]
+    adler = zlib.adler32(matrix(1, (1, cells), name, cells * (len(cell) + cell_bytes)), adler)
+    zeros = bytes(mib)
+    for _ in range(cells):
+        parts.append(z.compress(cell))
+        adler = zlib.adler32(cell, adler)
+        for _ in range(2):  # the second MiB of zeros compresses as every later one does
+            steady = z.compress(zeros) + z.flush(zlib.Z_SYNC_FLUSH)
+            parts.append(steady)
+        parts += [steady] * (cell_bytes // mib - 2)
+        a, b = adler & 0xFFFF, adler >> 16
+        adler = ((b + cell_bytes * a) % 65521) << 16 | a  # Adler-32 over zeros: a stays, b grows by a per byte
+    data = b"".join(parts) + z.flush()[:-4] + struct.pack(">I", adler)
+    return struct.pack(tag, 15, len(data)) + data
+
+
+@pytest.mark.parametrize("bombed", ["layers", "meta"])
+def test_mat_deflate_bomb_is_refused_with_little_memory(tmp_path, tiny_params, bombed):
+    import scipy.io.matlab
+
+    real = synthetic.write_mat(tiny_params["vgg16"], tmp_path / "real.mat")
+    with open(real, "rb") as f:
+        header, variables = real.read_bytes()[:128], dict(scipy.io.matlab.varmats_from_mat(f))
+    path = tmp_path / "bomb.mat"
+    path.write_bytes(header + b"".join(v.getvalue()[128:] for k, v in variables.items() if k != bombed)
+                     + _compressed_bomb(bombed.encode(), 4, 2 << 30))  # inflates to 8 GiB
+    assert path.stat().st_size < 12_000_000
+    out, grown = peak_growth_mb(LOAD, f"load_weights({str(path)!r})")
+    assert out.startswith(f"WeightFileError: {path}: variable {bombed} would inflate from ") \
+        and out.endswith("(a deflate bomb or a forged file)") and "\n" not in out, out
+    assert grown < 100, f"{grown} MB"
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_mat_array_declaring_more_bytes_than_its_variable_holds_is_one_line(tmp_path, tiny_params, compressed):
+    import zlib
+
+    import scipy.io.matlab
+
+    def matrix(mxclass, dims, label, content):
+        body = (struct.pack("<II", 6, 8) + struct.pack("<II", mxclass, 0) + struct.pack("<II", 5, 8)
+                + struct.pack("<2i", *dims) + struct.pack("<II", 1, len(label)) + label + bytes(-len(label) % 8))
+        return struct.pack("<II", 14, len(body) + len(content)) + body + content
+
+    real = synthetic.write_mat(tiny_params["vgg16"], tmp_path / "real.mat")
+    with open(real, "rb") as f:
+        header, variables = real.read_bytes()[:128], dict(scipy.io.matlab.varmats_from_mat(f))
+    n = (4 << 30) - 16  # a 4 GB array of which 64 bytes are there
+    layers = matrix(1, (1, 1), b"layers", matrix(6, (n // 8, 1), b"", struct.pack("<II", 9, n) + bytes(64)))
+    if compressed:
+        layers = zlib.compress(layers)
+        layers = struct.pack("<II", 15, len(layers)) + layers
+    path = tmp_path / "short.mat"
+    path.write_bytes(header + layers + variables["meta"].getvalue()[128:])
+    out, grown = peak_growth_mb(LOAD, f"load_weights({str(path)!r})")
+    assert out == f"WeightFileError: {path}: not a readable MATLAB .mat file (truncated or corrupt?): could not read bytes"
+    assert grown < 100, f"{grown} MB"
+
+
+def test_big_endian_mat_deflate_bomb_is_refused_too(tmp_path):
+    path = tmp_path / "bomb.mat"
+    header = b"MATLAB 5.0 MAT-file, big-endian".ljust(116) + bytes(8) + b"\x01\x00MI"  # MI: written big-endian
+    path.write_bytes(header + _compressed_bomb(b"layers", 1, 1 << 30, endian=">"))
+    with pytest.raises(WeightFileError, match=r"bomb\.mat: variable layers would inflate from \d+ to more than "):
+        load_weights(path)
+
+
 @pytest.mark.parametrize("flag", ["weights", "labels"])
 def test_fifo_socket_or_device_as_weights_or_labels_is_a_one_line_error(tmp_path, tiny16, flag):
     os.mkfifo(tmp_path / "fifo")

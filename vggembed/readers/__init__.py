@@ -11,6 +11,14 @@ from ..errors import WeightFileError
 # allocate weights this way so the network can use them in place.
 ALIGN = 64
 
+# Trained weights are noise-like floats that deflate shrinks by under 10%;
+# a compressed member (.npz) or variable (.mat) that inflates to far more
+# than that is a deflate bomb (deflate itself allows up to 1032:1). Small
+# ones (biases of zeros, a .mat's class names and struct headers) are let
+# through by the allowance.
+MAX_INFLATE_RATIO = 16
+INFLATE_ALLOWANCE = 1 << 20
+
 
 def aligned_empty(shape, dtype, order: str = "C") -> np.ndarray:
     """An uninitialised array whose data starts on an ALIGN-byte boundary."""

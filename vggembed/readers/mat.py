@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import zlib
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .. import arch as arch_mod
 from ..errors import WeightFileError
 from ..safeio import open_regular
 from ..spec import WeightSpec
-from . import aligned_float32
+from . import INFLATE_ALLOWANCE, MAX_INFLATE_RATIO, aligned_float32
 
 
 # The top-level variables each layout needs; anything else in the file
@@ -41,6 +42,10 @@ MAX_LAYERS = 1000
 def read(path: Path, *, legacy_transpose: bool = False):
     try:
         with open_regular(path, "weight file") as f:
+            # Before scipy reads a compressed variable: even listing one
+            # inflates a whole 128 KiB block of it at once (up to 132 MB).
+            _check_inflated_sizes(f, path, {n for need in LAYOUTS.values() for n in need})
+            f.seek(0)
             listed = {name: shape for name, shape, _ in scipy.io.whosmat(f)}
             # whosmat seeks past each variable, so it stops past the end of
             # a file whose last variable was cut (and on the last byte of a whole one).
@@ -124,6 +129,87 @@ def read(path: Path, *, legacy_transpose: bool = False):
         legacy_transpose=legacy_transpose,
     )
     return params, spec
+
+
+MI_MATRIX, MI_COMPRESSED = 14, 15
+_CHUNK = 1 << 20
+
+
+def _check_inflated_sizes(f, path, names) -> None:
+    """Refuse a compressed variable named in `names` that inflates to far more than its compressed size.
+
+    loadmat inflates a compressed (miCOMPRESSED) variable as its nested
+    headers ask, into memory, before anything can be checked; a few MB of
+    zlib can ask for gigabytes. Here each needed one is inflated a chunk at
+    a time and only counted. The bound is relative (MAX_INFLATE_RATIO, as for
+    .npz) rather than absolute: real weights barely compress (the published
+    VGG19's 548 MB of float32 `layers` shrink by a few percent), and it keeps
+    what loadmat may then allocate to 16x the variable's own bytes in the
+    file, where a fixed bound such as 2 GiB would still let a 2 MB file take
+    2 GiB. Uncompressed variables need no check: whosmat's walk already
+    refuses one that runs past the end of the file, and loadmat reads them
+    from the file itself. MAT v4 files have no compression.
+    """
+    f.seek(0)
+    header = f.read(128)
+    endian = {b"IM": "<", b"MI": ">"}.get(header[126:128])
+    if endian is None:
+        return
+    tag = struct.Struct(endian + "II")
+    size, pos = os.fstat(f.fileno()).st_size, 128
+    while pos + 8 <= size:
+        f.seek(pos)
+        mdtype, nbytes = tag.unpack(f.read(8))
+        if mdtype >> 16:  # small data element: type and 1..4 bytes of data in 8 bytes
+            pos += 8
+            continue
+        pos += 8 + nbytes  # as loadmat steps: top-level elements are not padded
+        if mdtype != MI_COMPRESSED:
+            continue
+        bound = MAX_INFLATE_RATIO * nbytes + INFLATE_ALLOWANCE
+        inflate, data, head, name, total, left = zlib.decompressobj(), b"", b"", None, 0, nbytes
+        while not inflate.eof:
+            if not data:
+                if not left:
+                    break  # cut short: loadmat says so
+                data = f.read(min(_CHUNK, left))
+                if not data:
+                    break
+                left -= len(data)
+            out = inflate.decompress(data, _CHUNK)
+            data = inflate.unconsumed_tail
+            total += len(out)
+            if name is None:
+                head += out[: 4096 - len(head)]
+                name = _element_name(head, endian, final=len(head) >= 4096 or inflate.eof)
+                if name is not None and name not in names:
+                    break
+            if total > bound:
+                raise WeightFileError(
+                    path, f"variable {name} would inflate from {nbytes} to more than {bound} bytes, far more "
+                          "than weights ever compress (a deflate bomb or a forged file)")
+
+
+def _element_name(head: bytes, endian: str, final: bool):
+    """The variable name in the first inflated bytes of a compressed variable, "" if it has none
+    (or is not a matrix); None while more bytes are needed to tell."""
+    tag = struct.Struct(endian + "II")
+    try:
+        mdtype, _ = tag.unpack_from(head, 0)
+        if mdtype != MI_MATRIX:
+            return ""
+        at = 8
+        for _ in range(3):  # array flags, dimensions, name
+            mdtype, n = tag.unpack_from(head, at)
+            if mdtype >> 16:
+                n, start, at = mdtype >> 16, at + 4, at + 8
+            else:
+                start, at = at + 8, at + 8 + -(-n // 8) * 8
+        if start + n > len(head):
+            raise struct.error("short")
+    except struct.error:
+        return "" if final else None
+    return head[start: start + n].decode("latin1")
 
 
 def _conv_layers(path, layers):

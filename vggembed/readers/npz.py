@@ -17,16 +17,9 @@ from .. import arch as arch_mod
 from ..errors import WeightFileError
 from ..spec import IMAGENET_MEAN_RGB, WeightSpec
 from ..safeio import open_regular
-from . import aligned_empty, aligned_float32, check_params
+from . import INFLATE_ALLOWANCE, MAX_INFLATE_RATIO, aligned_empty, aligned_float32, check_params
 
 _CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
-
-
-# Trained weights are noise-like floats that deflate shrinks by under 10%;
-# a member that claims to inflate far more is a deflate bomb (deflate itself
-# allows up to 1032:1). Small members (biases of zeros) are let through.
-MAX_INFLATE_RATIO = 16
-INFLATE_ALLOWANCE = 1 << 20
 
 
 class _Header(NamedTuple):
