@@ -23,8 +23,11 @@ class FileServer:
       /cutonce/P    sends half the body of the first response, then closes the connection
       /cut/P        always does that
       /denied/P     answers 403
+      /chunked/P    sends the body with chunked transfer encoding, no Content-Length
     Anything else not in `files` is a 404. `latency` delays every response
-    (a remote store's round trip). `requests` counts requests per path.
+    (a remote store's round trip). `requests` counts requests per path, `sent`
+    the body bytes written per path (in 64 KiB writes, so a client that
+    hangs up stops it, give or take what the sockets buffer).
     """
 
     def __init__(self, files: dict[str, bytes], latency: float = 0.0, slow_seconds: float = 0.5):
@@ -32,6 +35,7 @@ class FileServer:
         self.latency = latency
         self.slow_seconds = slow_seconds
         self.requests: collections.Counter = collections.Counter()
+        self.sent: collections.Counter = collections.Counter()
         self.lock = threading.Lock()
         server = self
 
@@ -54,7 +58,7 @@ class FileServer:
                     count = server.requests[self.path]
                 if server.latency:
                     time.sleep(server.latency)
-                m = re.match(r"^/(slow|fail500|busy|cutonce|cut|denied)(/.*)$", self.path)
+                m = re.match(r"^/(slow|fail500|busy|cutonce|cut|denied|chunked)(/.*)$", self.path)
                 kind, path = (m.group(1), m.group(2)) if m else (None, self.path)
                 if kind == "slow":
                     time.sleep(server.slow_seconds)
@@ -73,7 +77,10 @@ class FileServer:
                     start = int(rng.group(1))
                     end = min(end, int(rng.group(2)) + 1) if rng.group(2) else end
                 self.send_response(206 if rng else 200)
-                self.send_header("Content-Length", str(end - start))
+                if kind == "chunked":
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(end - start))
                 self.send_header("Accept-Ranges", "bytes")
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
@@ -86,7 +93,16 @@ class FileServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(part)
+                try:
+                    for i in range(0, len(part), 1 << 16):
+                        piece = part[i: i + (1 << 16)]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if kind == "chunked" else piece)
+                        with server.lock:
+                            server.sent[self.path] += len(piece)
+                    if kind == "chunked":
+                        self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):  # the client hung up: stop sending
+                    self.close_connection = True
 
             def status(self, code, headers=None):
                 self.send_response(code)

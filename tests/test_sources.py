@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from vggembed import images, inputs, sources
-from vggembed.errors import display
+from vggembed.errors import ImageError, display
 from vggembed.cli import main
 
 from .servers import FileServer, S3Server
@@ -328,7 +328,7 @@ def test_a_truncated_shard_keeps_the_rows_before_the_damage_and_says_so(tmp_path
 def test_a_member_larger_than_an_image_may_be_is_refused_unread(tmp_path, members, monkeypatch):
     import tracemalloc
 
-    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 4 << 20)
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 4 << 20)
     big = [(members[0][0], members[0][1]), ("big.png", np.random.default_rng(0).bytes(64 << 20)),
            (members[1][0], members[1][1])]
     shard = make_shard(tmp_path / "big.tar", big)
@@ -445,6 +445,48 @@ def test_without_the_remote_extra_a_url_names_the_install_command(tmp_path, tiny
     assert 'pip install "vggembed[remote]"' in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_input_larger_than_an_image_may_be_is_a_failed_row_and_read_no_further(tmp_path, members, tiny16,
+                                                                                 monkeypatch):
+    cap = 1 << 20
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", cap)
+    big = np.random.default_rng(0).bytes(32 << 20)
+    local_big = tmp_path / "big.jpg"
+    with open(local_big, "wb") as f:
+        f.truncate(64 << 20)  # sparse: no disk spent
+    files = {"/big.jpg": big, **{f"/{n}": d for n, d in members[:2]}}
+    with FileServer(files) as srv:
+        args = [srv.url("/" + members[0][0]),
+                srv.url("/big.jpg"),  # refused at its Content-Length
+                local_big,  # refused at its size, before it is mapped
+                srv.url("/chunked/big.jpg"),  # no Content-Length: refused once past the limit
+                srv.url("/chunked/" + members[1][0])]
+        out = tmp_path / "x.npy"
+        result = run("embed", *args, "-o", out, "--weights", tiny16, "--batch-size", 2)
+        assert result.exit_code == 3, result.stderr
+        sent = dict(srv.sent)
+    too_big = {srv.url("/big.jpg"): f"{32 << 20} bytes: larger than an image may be (1 MiB)",
+               str(local_big): f"{64 << 20} bytes: larger than an image may be (1 MiB)",
+               srv.url("/chunked/big.jpg"): "more than 1 MiB: larger than an image may be"}
+    assert index(out) == [(str(a), "", too_big[str(a)]) if str(a) in too_big else (str(a), row, "")
+                          for a, row in zip(args, ["0", None, None, None, "1"])]
+    for name, problem in too_big.items():
+        assert f"{name}: {problem}\n" in result.stderr
+    assert "Traceback" not in result.stderr
+    # the client hangs up: what the server got to send is the limit and what the sockets buffer, not 32 MiB
+    assert sent["/big.jpg"] < 16 << 20 and sent["/chunked/big.jpg"] < 16 << 20, sent
+    local = write_local(tmp_path / "local", members[:2])
+    assert np.array_equal(np.load(out), reference(tmp_path, local, tiny16))
+
+
+def test_a_local_file_over_1_gib_is_refused_by_its_size_unread(tmp_path):
+    path = tmp_path / "huge.jpg"
+    with open(path, "wb") as f:
+        f.truncate((1 << 30) + 1)  # sparse
+    with pytest.raises(ImageError) as e:
+        images.load_rgb(str(path))
+    assert str(e.value) == f"{path}: {(1 << 30) + 1} bytes: larger than an image may be (1024 MiB)"
+
+
 # --------------------------------------------------------------------- S3
 @pytest.fixture(scope="module")
 def s3():
@@ -477,6 +519,24 @@ def test_an_s3_bucket_of_images_and_shards(tmp_path, s3, members, tiny16, fast_r
     assert rows[-2][2] == "not found" and rows[-1][2].startswith("cannot list this folder")
     ref = reference(tmp_path, [Path(p) for p in local] + write_local(tmp_path / "m", members[:2]), tiny16)
     assert np.array_equal(np.load(out), ref)
+
+
+def test_an_s3_object_larger_than_an_image_may_be_is_refused_by_its_size(tmp_path, s3, members, tiny16,
+                                                                        monkeypatch):
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 1 << 20)
+    client = s3.client()
+    client.create_bucket(Bucket="large")
+    client.put_object(Bucket="large", Key="big.jpg", Body=bytes(4 << 20))
+    for name, data in members[:2]:
+        client.put_object(Bucket="large", Key=name, Body=data)
+    out = tmp_path / "x.npy"
+    result = embed(out, f"s3://large/{members[0][0]}", "s3://large/big.jpg", f"s3://large/{members[1][0]}",
+                   tiny16=tiny16)
+    assert result.exit_code == 3, result.stderr
+    assert index(out) == [(f"s3://large/{members[0][0]}", "0", ""),
+                          ("s3://large/big.jpg", "", f"{4 << 20} bytes: larger than an image may be (1 MiB)"),
+                          (f"s3://large/{members[1][0]}", "1", "")]
+    assert np.array_equal(np.load(out), reference(tmp_path, write_local(tmp_path / "l", members[:2]), tiny16))
 
 
 # ------------------------------------------------------------------ resume

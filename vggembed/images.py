@@ -64,13 +64,21 @@ def load_rgb(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, 
             source.load()
             return _to_rgb(ImageOps.exif_transpose(source), name)
         if not isinstance(source, (str, os.PathLike)):  # bytes (a tar member, a URL's content) or a file object
-            data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else source.read()
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                data = bytes(source)
+            else:  # a file object: never more read than an image may be
+                data = source.read(sources.MAX_IMAGE_BYTES + 1)
+                if len(data) > sources.MAX_IMAGE_BYTES:
+                    raise ImageError(name, sources.too_large(None))
             if not data:
                 raise ImageError(name, "empty file (0 bytes)")
             return _decode(io.BytesIO(data), data, name, max_pixels, draft)
         with open_regular(source, "image file") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
                 raise ImageError(name, "empty file (0 bytes)")
+            if size > sources.MAX_IMAGE_BYTES:  # before it is mapped or read: Pillow and the checks would walk it
+                raise ImageError(name, sources.too_large(size))
             try:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except OSError:  # a file system without mmap (some FUSE mounts)

@@ -15,6 +15,10 @@ there is one place that decides how each kind is read:
   for transient failures (timeouts, resets, 5xx, throttling); a 404 or an
   access refusal is that image's failure, never the run's end.
 
+No input is read past `MAX_IMAGE_BYTES` (1 GiB): a local file, URL or tar
+member larger than an image may be is a failed row, found by its size
+before reading where the size is known, else after reading one byte past.
+
 Credentials come from each protocol's usual places (environment, config
 files, ~/.netrc). A URL with a password in it is recorded with the password
 replaced by `***` and is refused when read, so no credential reaches an
@@ -46,9 +50,10 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .ico .tga".split()
 )
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-# A tar member is read into memory whole: refuse one larger than any image
-# Pillow would accept (89.5 million pixels, uncompressed 16-bit RGBA) before reading it.
-MAX_MEMBER_BYTES = 1 << 30
+# An image's bytes are read into memory (or mapped) whole: refuse any input, a local
+# file, a URL or a tar member, larger than any image Pillow would accept (89.5 million
+# pixels, uncompressed 16-bit RGBA) before reading it, or when reading gets past it.
+MAX_IMAGE_BYTES = 1 << 30
 REMOTE_EXTRA = 'pip install "vggembed[remote]"'
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -144,23 +149,63 @@ def resolve(source) -> bytes | str | os.PathLike:
 
 
 def read_bytes(name: str, stop: threading.Event | None = None) -> bytes:
-    """The whole content of a local file or a URL (retried when the failure is transient).
+    """The content of a URL (retried when the failure is transient), at most
+    `MAX_IMAGE_BYTES`: a larger one is refused having read no more than that.
 
     Args:
-        name: a local path or a URL.
+        name: a URL.
         stop: once set, a failing remote read is not retried again.
 
     Raises:
         ImageError: naming the input and why it cannot be read.
     """
-    if _is_remote(name):
-        fs, path = filesystem(name)
-        return retrying(name, lambda: fs.cat_file(path), stop)
-    with _open_local(name, "image file") as f:
-        try:
-            return f.read()
-        except OSError as e:
-            raise ImageError(name, f"cannot read: {e.strerror or e}") from None
+    fs, path = filesystem(name)
+    read = _read_http if name.split("://", 1)[0].lower() in ("http", "https") else _read_file
+    return retrying(name, lambda: read(name, fs, path), stop)
+
+
+def too_large(size: int | None) -> str:
+    """Why an input of `size` bytes (None: not known, only that it is over the limit) is refused."""
+    limit = f"{MAX_IMAGE_BYTES >> 20} MiB"
+    return f"{size} bytes: larger than an image may be ({limit})" if size is not None else \
+        f"more than {limit}: larger than an image may be"
+
+
+def _read_file(name: str, fs, path: str) -> bytes:
+    """Any protocol: its size, then at most one byte past the limit."""
+    with fs.open(path, "rb") as f:
+        size = getattr(f, "size", None)
+        if isinstance(size, int) and size > MAX_IMAGE_BYTES:
+            raise ImageError(name, too_large(size))
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(name, too_large(None))
+    return data
+
+
+def _read_http(name: str, fs, path: str) -> bytes:
+    """One GET, as fsspec's `cat_file` sends it, streamed: refused at its
+    Content-Length, or once the body passes the limit. (`fs.open` would first
+    spend a HEAD request per image on the size.)"""
+    from fsspec.asyn import sync
+
+    async def get():
+        session = await fs.set_session()
+        async with session.get(fs.encode_url(path), **fs.kwargs) as r:
+            if r.status == 404:
+                raise FileNotFoundError(path)
+            r.raise_for_status()
+            if r.content_length is not None and r.content_length > MAX_IMAGE_BYTES:
+                raise ImageError(name, too_large(r.content_length))
+            chunks, size = [], 0
+            async for chunk in r.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > MAX_IMAGE_BYTES:
+                    raise ImageError(name, too_large(None))
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    return sync(fs.loop, get)
 
 
 def _open_local(name: str, what: str) -> BinaryIO:
@@ -253,9 +298,8 @@ def iter_shard(name: str) -> Iterator[Source]:
                 del tar.members[:]  # a streamed archive needs no memory of past members
                 if not (member.isreg() and is_image_name(member.name)):
                     continue
-                if member.size > MAX_MEMBER_BYTES:  # skipped unread: the next header is found by seeking
-                    yield Source(f"{name}/{member.name}", error=f"{member.size} bytes: larger than an image "
-                                                                f"may be ({MAX_MEMBER_BYTES >> 20} MiB)")
+                if member.size > MAX_IMAGE_BYTES:  # skipped unread: the next header is found by seeking
+                    yield Source(f"{name}/{member.name}", error=too_large(member.size))
                     continue
                 current = member.name
                 data = tar.extractfile(member).read()
