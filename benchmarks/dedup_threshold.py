@@ -56,7 +56,7 @@ def variants(img: Image.Image) -> dict[str, Image.Image]:
 
 def measure(weights: Path, images: dict[str, list[Image.Image]]) -> None:
     import vggembed
-    from vggembed.similarity import normalize
+    from vggembed.use.similarity import normalize
 
     model = vggembed.load(weights)
     names = list(images)
@@ -82,8 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, action="append", help="weight files (default: tiny and full random)")
     args = ap.parse_args()
-    from vggembed import synthetic
-    from vggembed.images import load_rgb
+    from vggembed.net import synthetic
+    from vggembed.images.decode import load_rgb
 
     images = {}
     for p in photos():

@@ -54,7 +54,7 @@ def best_ms(fn, paths, repeat: int) -> float:
 
 
 def bench_decode(tmp: Path, side: int, repeat: int) -> None:
-    from vggembed.images import load_rgb
+    from vggembed.images.decode import load_rgb
 
     kinds = {"baseline JPEG": ("jpg", {"quality": 90}), "progressive JPEG": ("jpg", {"quality": 90, "progressive": True}),
              "PNG": ("png", {})}
@@ -81,8 +81,8 @@ def growth(code: str) -> tuple[int, str]:
     """Peak RSS growth (MiB) of running `code` after vggembed's imports, and its last line."""
     script = textwrap.dedent(f"""
         import resource
-        from vggembed.images import load_rgb
-        from vggembed.weights import load_weights
+        from vggembed.images.decode import load_rgb
+        from vggembed.net.weights import load_weights
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
             {code}
@@ -100,7 +100,7 @@ def bench_memory(tmp: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from tests.test_hardening_files import (  # the same hostile files the tests use
         _append_compressed_zeros_variable, _members, with_declared_size, write_npz)
-    from vggembed import synthetic
+    from vggembed.net import synthetic
 
     params = {"vgg16": synthetic.make_params("vgg16", (4, 8, 8, 16, 16), 32, 10, seed=1)}
     members = _members(params)

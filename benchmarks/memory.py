@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vggembed import synthetic
+from vggembed.net import synthetic
 
 
 def main() -> None:

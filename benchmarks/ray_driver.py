@@ -44,15 +44,15 @@ def child(args) -> None:
     """One case, in this process: print a JSON line of figures."""
     import ray
 
-    from vggembed import distributed
-    from vggembed.recipe import Recipe
-    from vggembed.runner import Options
+    from vggembed.engines import ray as ray_engine
+    from vggembed.store.recipe import Recipe
+    from vggembed.engines.local import Options
 
     paths = sorted(str(p) for p in Path(args.images_dir).iterdir())[: args.n]
     received = {"bytes": 0}
     if args.engine == "ray":
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        if hasattr(distributed, "PartWorker"):  # parts written by the actors: the driver gets statuses
+        if hasattr(ray_engine, "PartWorker"):  # parts written by the actors: the driver gets statuses
             real_get = ray.get
 
             def counted_get(refs, *a, **kw):
@@ -73,13 +73,13 @@ def child(args) -> None:
     rchar0 = _rchar()
     start = time.perf_counter()
     if args.engine == "ray":
-        counts = distributed.embed(paths, args.out, Recipe(weights=args.weights), Options(batch_size=16, workers=1),
+        counts = ray_engine.embed(paths, args.out, Recipe(weights=args.weights), Options(batch_size=16, workers=1),
                                    part_size=args.part_size, log=lambda line: None)
         images = counts["images"] if isinstance(counts, dict) else counts.images
     else:
         import vggembed
-        from vggembed import runner
-        from vggembed.output import EmbeddingWriter
+        from vggembed.engines import local as runner
+        from vggembed.store.writer import EmbeddingWriter
 
         recipe = Recipe(weights=args.weights)
         summary = runner.embed(vggembed.load(args.weights), iter(paths), EmbeddingWriter(args.out), recipe,
@@ -131,7 +131,7 @@ def main() -> None:
         return child(args)
 
     sys.path.insert(0, str(HERE))
-    from vggembed import synthetic
+    from vggembed.net import synthetic
 
     photo = next(Path(__import__("matplotlib").get_data_path()).glob("sample_data/grace_hopper.jpg"))
     codes = [("now", HERE)] + ([("before", args.before.resolve())] if args.before else [])

@@ -32,11 +32,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from tests.servers import FileServer  # noqa: E402
 from throughput import make_jpegs  # noqa: E402
-from vggembed import images, inputs, runner, synthetic  # noqa: E402
-from vggembed.output import EmbeddingWriter  # noqa: E402
-from vggembed.pipeline import decode_stream  # noqa: E402
-from vggembed.recipe import Recipe  # noqa: E402
-from vggembed.sources import Source, fetch_ahead  # noqa: E402
+from vggembed.images import decode as images  # noqa: E402
+from vggembed.images import inputs  # noqa: E402
+from vggembed.engines import local as runner  # noqa: E402
+from vggembed.net import synthetic  # noqa: E402
+from vggembed.store.writer import EmbeddingWriter  # noqa: E402
+from vggembed.images.pipeline import decode_stream  # noqa: E402
+from vggembed.store.recipe import Recipe  # noqa: E402
+from vggembed.images.sources import Source, fetch_ahead  # noqa: E402
 
 
 def feed_rate(names, workers, concurrency) -> float:

@@ -51,7 +51,7 @@ GIB = 1 << 30
 # -------------------------------------------------------------- the data
 def generate(path: Path, rows: int, dim: int, block: int = 8192, seed: int = 0) -> None:
     """Structured vectors, written a block at a time with their index (the first rows of every size agree)."""
-    from vggembed.output import npy_header
+    from vggembed.store.writer import npy_header
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((2000, 64)).astype(np.float32)
@@ -73,8 +73,8 @@ def generate(path: Path, rows: int, dim: int, block: int = 8192, seed: int = 0) 
 def child(kind: str, args: dict) -> dict:
     if kind == "matmul":
         return matmul_rates(args.get("tf", True))
-    from vggembed import similarity
-    from vggembed.vectors import open_vectors
+    from vggembed.use import similarity
+    from vggembed.store.vectors import open_vectors
 
     if kind == "search":
         with open_vectors(args["index"]) as v:
@@ -84,7 +84,7 @@ def child(kind: str, args: dict) -> dict:
             return {"seconds": time.perf_counter() - t}
     if kind == "pairs":
         if args["precision"] == "bf16":
-            from vggembed.tfimport import tensorflow
+            from vggembed.net.tfimport import tensorflow
 
             tensorflow()  # its import is start-up, not the pass
         with open_vectors(args["index"]) as v:
@@ -128,7 +128,7 @@ def matmul_rates(with_tf: bool) -> dict:
     blas = [f"{i['internal_api']} {i.get('architecture')}" for i in threadpool_info() if i["user_api"] == "blas"]
     out = {"numpy": best(lambda: a @ b.T), "blas": ", ".join(blas)}
     if with_tf:
-        from vggembed.tfimport import tensorflow
+        from vggembed.net.tfimport import tensorflow
 
         tf = tensorflow()
         ta, tb = tf.constant(a), tf.constant(b)
@@ -139,8 +139,9 @@ def matmul_rates(with_tf: bool) -> dict:
 
 
 def faiss_recall(index: str, queries: int = 1000, k: int = 10) -> dict:
-    from vggembed import ann, similarity
-    from vggembed.vectors import open_vectors
+    from vggembed.use import ann
+    from vggembed.use import similarity
+    from vggembed.store.vectors import open_vectors
 
     with open_vectors(index) as v:
         rng = np.random.default_rng(1)

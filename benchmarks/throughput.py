@@ -32,9 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vggembed  # noqa: E402
-from vggembed import arch, synthetic  # noqa: E402
-from vggembed.int8 import cpu_has_int8_dot  # noqa: E402
-from vggembed.model import cpu_has_native_bf16  # noqa: E402
+from vggembed.net import arch  # noqa: E402
+from vggembed.net import synthetic  # noqa: E402
+from vggembed.net.int8 import cpu_has_int8_dot  # noqa: E402
+from vggembed.net.tfimport import cpu_has_native_bf16  # noqa: E402
 
 
 def gflop_per_image(spec, h=224, w=224) -> float:
@@ -155,7 +156,7 @@ def bench_int8(params, m32, args, gflop, photos, tmp: Path):
     """int8 (LiteRT + XNNPACK) beside vggembed float32/bf16 and Keras float32/mixed_bfloat16, in turn."""
     import tensorflow as tf
 
-    from vggembed.int8 import Int8VGG
+    from vggembed.net.int8 import Int8VGG
 
     print("\n## int8 (LiteRT, XNNPACK) against vggembed float32/bf16 and Keras float32/mixed_bfloat16, "
           f"median of {args.rounds} rounds in turn; GFLOP/s counts VGG16's {gflop:.1f} float32 GFLOP/image")
@@ -257,7 +258,7 @@ THREAD_SETTINGS = {
 
 def thread_worker(weights: str, intra: int, inter: int) -> None:
     """Serve `BATCH SECONDS` requests on stdin with images/s on stdout."""
-    from vggembed.tfimport import tensorflow
+    from vggembed.net.tfimport import tensorflow
 
     tf = tensorflow()
     tf.config.threading.set_intra_op_parallelism_threads(intra)
@@ -328,7 +329,7 @@ def make_jpegs(folder: Path, n: int, size) -> list[Path]:
 
 def decode_ms(paths, fast: bool) -> float:
     """Milliseconds of one core to decode and resize one of `paths`."""
-    from vggembed import images
+    from vggembed.images import decode as images
 
     start = time.process_time()
     for p in paths:
@@ -340,9 +341,9 @@ E2E_SIZES = (("500x375", (500, 375)), ("4000x3000", (4000, 3000)))
 
 
 def bench_e2e(m, args, tmp: Path, sizes=E2E_SIZES, images=None, title="float32"):
-    from vggembed import runner
-    from vggembed.output import EmbeddingWriter
-    from vggembed.recipe import Recipe
+    from vggembed.engines import local as runner
+    from vggembed.store.writer import EmbeddingWriter
+    from vggembed.store.recipe import Recipe
 
     bs = args.batch_sizes[-1]
     cpus = os.cpu_count() or 1
@@ -391,7 +392,7 @@ def startup(weights):
     """Time start-up by phase; the weight load is compared with reading the
     file's bytes into fresh memory, alternated five times (both vary by 5x
     on a busy machine whose page cache drops the file, hence median and best)."""
-    from vggembed.tfimport import tensorflow
+    from vggembed.net.tfimport import tensorflow
 
     t = time.perf_counter()
     tensorflow()
@@ -426,7 +427,7 @@ SECTIONS = ["model", "bf16", "int8", "e2e", "xla", "threads"]
 
 def random_weights() -> Path:
     """Full-size random VGG16 weights, written once into the cache and reused (a stable MD5)."""
-    from vggembed.download import cache_dir
+    from vggembed.net.cache import cache_dir
 
     path = cache_dir() / "benchmark" / "vgg16-random-seed0.npz"
     if not path.exists():

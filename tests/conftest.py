@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vggembed import synthetic
+from vggembed.net import synthetic
 
 TINY_WIDTHS = (4, 8, 8, 16, 16)
 TINY_FC = 32
@@ -100,8 +100,9 @@ def interruptible():
 def write_ray_folder(folder, names, errors, vectors, recipe, part_size):
     """An --engine ray output folder as the engine writes it (its RunDir and write_part), without starting
     Ray: a row per name, with its vector (its row of `vectors`) where its error is None."""
-    from vggembed.distributed import RunDir, Store, plan_parts, write_part
-    from vggembed.sources import Source
+    from vggembed.engines.ray import plan_parts
+    from vggembed.store.runfolder import RunDir, Store, write_part
+    from vggembed.images.sources import Source
 
     store = Store(str(folder))
     parts = plan_parts([Source(n) for n in names], part_size)

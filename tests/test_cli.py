@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import vggembed
-from vggembed import synthetic
+from vggembed.net import synthetic
 from vggembed.cli import main
 
 from .conftest import interruptible
@@ -306,7 +306,7 @@ def test_resume_never_keeps_index_lines_whose_rows_are_missing(tmp_path, image_d
         w = csv.writer(f)
         w.writerow(["path", "row", "error"])
         w.writerows([r["path"], r["row"], ""] for r in index[:3])
-    from vggembed.output import npy_header
+    from vggembed.store.writer import npy_header
 
     data = np.load(full)
     with open(str(out) + ".partial", "wb") as f:
@@ -332,7 +332,7 @@ def test_native_size_needs_a_conv_layer(tmp_path, image_dir, tiny16, tiny_model)
 
 
 def test_an_unexpected_decoder_exception_is_one_failed_row(tmp_path, image_dir, tiny16, monkeypatch):
-    from vggembed import images
+    from vggembed.images import decode as images
 
     real = images.load_rgb
 

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from vggembed import registry
+from vggembed.net import registry
 from vggembed.cli import main
-from vggembed.download import fetch
+from vggembed.net.download import fetch
 from vggembed.errors import DownloadError
 
 
@@ -141,7 +141,7 @@ def test_http_error_and_unknown_name(tmp_path, server):
 
 
 def test_published_md5_is_recognised(tmp_path, monkeypatch, tiny16):
-    from vggembed.weights import load_weights
+    from vggembed.net.weights import load_weights
 
     _, spec = load_weights(tiny16)
     assert spec.known is None
@@ -159,7 +159,7 @@ def test_a_destination_that_cannot_be_written_is_one_line_and_two_fetches_do_not
     assert result.output.strip() == (f"Error: {blocker / 'sub' / 'imagenet-vgg-verydeep-19.mat'}: cannot write "
                                      f"here: {blocker} is a file, not a folder")
     # A fetch of the same file already under way holds it: the second says so instead of writing beside it.
-    from vggembed.destination import Destination
+    from vggembed.store.destination import Destination
 
     with Destination(tmp_path / "imagenet-vgg-verydeep-19.mat"):
         busy = CliRunner().invoke(main, ["weights", "fetch", "vgg19", "--mirror", server.url, "--dest", str(tmp_path)])

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from vggembed.errors import ImageError
-from vggembed.images import load_rgb, prepare
+from vggembed.images.decode import load_rgb, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +126,7 @@ def test_small_jpeg_declaring_a_huge_size_is_refused_before_decoding(tmp_path, g
     result = run_python(f"""
         import resource
         from vggembed.errors import ImageError
-        from vggembed.images import load_rgb
+        from vggembed.images.decode import load_rgb
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
             load_rgb({str(path)!r})
@@ -167,7 +167,7 @@ def test_fifo_socket_and_device_are_failed_rows_not_hangs(tmp_path):
     try:
         result = run_python(f"""
             from vggembed.errors import ImageError
-            from vggembed.images import load_rgb
+            from vggembed.images.decode import load_rgb
             for p in ["pipe.jpg", "sock.jpg", "/dev/zero", "."]:
                 try:
                     load_rgb(p if p.startswith("/") else {str(tmp_path)!r} + "/" + p)
@@ -231,10 +231,10 @@ def test_float_array_with_nan_is_refused():
 
 # --- weight files that lie about their sizes -------------------------------------------------------
 
-from vggembed import synthetic  # noqa: E402
+from vggembed.net import synthetic  # noqa: E402
 from vggembed.errors import WeightFileError  # noqa: E402
-from vggembed.labels import LabelFileError, read_labels  # noqa: E402
-from vggembed.weights import load_weights  # noqa: E402
+from vggembed.net.labels import LabelFileError, read_labels  # noqa: E402
+from vggembed.net.weights import load_weights  # noqa: E402
 
 from .conftest import TINY_FC, TINY_WIDTHS  # noqa: E402
 
@@ -281,7 +281,7 @@ def peak_growth_mb(code_before: str, code: str) -> tuple[str, int]:
     return "\n".join(out), int(grown)
 
 
-LOAD = "from vggembed.weights import load_weights"
+LOAD = "from vggembed.net.weights import load_weights"
 
 
 def test_npz_member_declaring_an_enormous_shape_is_refused_before_allocating(tmp_path, tiny_params):
@@ -512,9 +512,9 @@ def test_binary_and_huge_label_files(tmp_path, monkeypatch):
     path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(LabelFileError, match=r"is not UTF-8 text \(bad byte at offset 0\)"):
         read_labels(path)
-    import vggembed.labels
+    import vggembed.net.labels
 
-    monkeypatch.setattr(vggembed.labels, "MAX_BYTES", 10)
+    monkeypatch.setattr(vggembed.net.labels, "MAX_BYTES", 10)
     path.write_text("n01440764 tench\nn01443537 goldfish\n")
     with pytest.raises(LabelFileError, match="a label file holds one short name per class"):
         read_labels(path)
@@ -524,7 +524,7 @@ def test_binary_and_huge_label_files(tmp_path, monkeypatch):
 
 
 def test_cache_honours_xdg_cache_home(tmp_path, monkeypatch):
-    from vggembed.download import cache_dir
+    from vggembed.net.cache import cache_dir
 
     monkeypatch.delenv("VGGEMBED_HOME", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

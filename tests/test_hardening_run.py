@@ -131,7 +131,7 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path, image_dir, tiny16, photos):
     assert len(index_rows(out)) == 4
 
 
-HOLD = ("import sys; from vggembed.destination import Destination; d = Destination(sys.argv[1]).claim(); "
+HOLD = ("import sys; from vggembed.store.destination import Destination; d = Destination(sys.argv[1]).claim(); "
         "print('held', flush=True); sys.stdin.read()")
 
 
@@ -345,7 +345,7 @@ def test_empty_input_is_an_error_and_writes_nothing(tmp_path, tiny16, how):
 
 # -------------------------------------------------------------------- short runs
 def test_a_run_shorter_than_a_batch_computes_only_its_images(tmp_path, image_dir, tiny16, photos, monkeypatch):
-    from vggembed.model import VGG
+    from vggembed.net.model import VGG
 
     shapes = []
     original = VGG.run
@@ -388,7 +388,7 @@ def odd_dir(tmp_path, photos):
 def test_names_that_are_not_utf8_round_trip_through_every_output(tmp_path, odd_dir, tiny16, tiny_model, photos):
     import pyarrow.parquet as pq
 
-    from vggembed.output import table_paths
+    from vggembed.store.writer import table_paths
 
     truth = {os.path.join(os.fsencode(odd_dir), n): tiny_model.embed([p], "fc2")[0]
              for n, p in ((ODD, photos[0]), (PLAIN, photos[1]), (b"ok.png", photos[2]))}

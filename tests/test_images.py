@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vggembed.errors import ImageError
-from vggembed.images import load_rgb, prepare
+from vggembed.images.decode import load_rgb, prepare
 
 
 def _save(img: Image.Image, path, **kw):

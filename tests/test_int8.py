@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 import vggembed
-from vggembed import int8, synthetic
+from vggembed.net import int8
+from vggembed.net import synthetic
 from vggembed.cli import main
 from vggembed.errors import VGGEmbedError
-from vggembed.inputs import expand
+from vggembed.images.inputs import expand
 
 from .conftest import cosine
 

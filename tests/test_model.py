@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 import vggembed
-from vggembed import arch, synthetic
+from vggembed.net import arch
+from vggembed.net import synthetic
 from vggembed.errors import LayerError
-from vggembed.images import prepare
-from vggembed.model import cpu_has_native_bf16
+from vggembed.images.decode import prepare
+from vggembed.net.tfimport import cpu_has_native_bf16
 
 
 def numpy_vgg(params, spec, x):
@@ -251,8 +252,9 @@ def test_full_size_parity_with_keras_and_across_formats(tmp_path, photos, which)
 
 def test_precision_and_device_choices(tiny, tiny_params, photos):
     from vggembed.errors import VGGEmbedError
-    from vggembed.model import VGG, cpu_has_native_bf16
-    from vggembed.weights import load_weights
+    from vggembed.net.model import VGG
+    from vggembed.net.tfimport import cpu_has_native_bf16
+    from vggembed.net.weights import load_weights
 
     params, spec = load_weights(tiny["vgg16", "frossard"])
     with pytest.raises(VGGEmbedError, match="fp16 runs on GPUs only"):

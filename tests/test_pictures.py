@@ -10,7 +10,7 @@ from PIL import Image
 
 import vggembed
 from vggembed.cli import main
-from vggembed.pictures import grid_geometry, panel_size
+from vggembed.use.pictures import grid_geometry, panel_size
 
 SEED_VGG19 = (
     "conv1_1 relu1_1 conv1_2 relu1_2 pool1 conv2_1 relu2_1 conv2_2 relu2_2 pool2 "
@@ -24,7 +24,7 @@ def run(*args):
 
 
 def panels(img: Image.Image, count, cols, size):
-    from vggembed.pictures import GAP, TITLE_HEIGHT
+    from vggembed.use.pictures import GAP, TITLE_HEIGHT
 
     arr = np.asarray(img)
     out = []

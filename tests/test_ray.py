@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from vggembed import synthetic
+from vggembed.net import synthetic
 from vggembed.cli import main
 
 from .conftest import env_without_tf_noise, interruptible
@@ -151,17 +151,17 @@ def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path,
     import os
     import threading
 
-    from vggembed import distributed
-    from vggembed.inputs import expand
-    from vggembed.recipe import Recipe
-    from vggembed.runner import Options
+    from vggembed.engines import ray as ray_engine
+    from vggembed.images.inputs import expand
+    from vggembed.store.recipe import Recipe
+    from vggembed.engines.local import Options
 
     parts = tmp_path / "parts"
     paths = [source.name for source in expand([str(folder)])]
     result = {}
 
     def job():
-        result["counts"] = distributed.embed(paths, parts, Recipe(weights=str(tiny16)), Options(batch_size=8, workers=1),
+        result["counts"] = ray_engine.embed(paths, parts, Recipe(weights=str(tiny16)), Options(batch_size=8, workers=1),
                                              part_size=20, log=lambda line: None)
 
     thread = threading.Thread(target=job)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from vggembed import synthetic
+from vggembed.net import synthetic
 
 from .conftest import env_without_tf_noise
 from .test_ray import assert_same_outputs, run
@@ -89,16 +89,16 @@ def _local(tmp_path, folder, tiny16):
 
 
 def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path, cluster, folder, tiny16):
-    from vggembed import distributed
-    from vggembed.inputs import expand
-    from vggembed.recipe import Recipe
-    from vggembed.runner import Options
+    from vggembed.engines import ray as ray_engine
+    from vggembed.images.inputs import expand
+    from vggembed.store.recipe import Recipe
+    from vggembed.engines.local import Options
 
     parts = tmp_path / "parts"
     result = {}
 
     def job():
-        result["counts"] = distributed.embed(list(expand([str(folder)])), parts, Recipe(weights=str(tiny16)),
+        result["counts"] = ray_engine.embed(list(expand([str(folder)])), parts, Recipe(weights=str(tiny16)),
                                              Options(batch_size=4, workers=1), part_size=8, log=lambda line: None)
 
     thread = threading.Thread(target=job)

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from vggembed.cli import main
-from vggembed.recipe import Recipe
+from vggembed.store.recipe import Recipe
 
 from .conftest import write_ray_folder
 

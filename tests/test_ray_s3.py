@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from vggembed import synthetic
+from vggembed.net import synthetic
 
 from .conftest import env_without_tf_noise
 from .test_ray import read_csv, run

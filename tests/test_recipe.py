@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 import vggembed
 from vggembed.cli import main
-from vggembed.output import recorded_meta
-from vggembed.recipe import Recipe
+from vggembed.store.writer import recorded_meta
+from vggembed.store.recipe import Recipe
 
 
 def run(*args):
@@ -51,7 +51,7 @@ def test_resume_refuses_another_recipe_and_accepts_the_same(tmp_path, image_dir,
     out = tmp_path / "f.npy"
     staged = tmp_path / "f.npy.meta.json.partial"
     # An interrupted run leaves its recipe staged beside its partial files.
-    from vggembed.output import EmbeddingWriter
+    from vggembed.store.writer import EmbeddingWriter
 
     writer = EmbeddingWriter(out)
     spec = vggembed.load_weights(tiny16)[1]

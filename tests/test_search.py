@@ -15,8 +15,8 @@ from PIL import Image
 
 import vggembed
 from vggembed.cli import main
-from vggembed.sheets import sheet_geometry
-from vggembed.vectors import open_vectors
+from vggembed.use.sheets import sheet_geometry
+from vggembed.store.vectors import open_vectors
 
 from .conftest import write_ray_folder
 
@@ -109,7 +109,7 @@ def test_every_format_gives_the_same_groups(index, collection, tiny16):
 
 
 def test_a_query_embedded_on_the_fly_equals_its_row(index, collection, tiny16, monkeypatch, tmp_path):
-    from vggembed.explore import embed_queries
+    from vggembed.use.explore import embed_queries
 
     query = collection / "photos" / "coffee" / "2-jpeg70.jpg"
     monkeypatch.setenv("VGGEMBED_HOME", str(tmp_path / "cache"))

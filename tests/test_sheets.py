@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from vggembed import sheets
-from vggembed.explore import Assignment, Hit, Member
-from vggembed.sheets import LABEL_HEIGHT, MISSING, Tile, contact_sheet, sheet_geometry, tile_box
+from vggembed.use import sheets
+from vggembed.use.explore import Assignment, Hit, Member
+from vggembed.use.sheets import LABEL_HEIGHT, MISSING, Tile, contact_sheet, sheet_geometry, tile_box
 
 TILE = 64
 

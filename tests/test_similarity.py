@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import vggembed
-from vggembed import similarity
+from vggembed.use import similarity
 from vggembed.errors import VGGEmbedError
-from vggembed.output import EmbeddingWriter
-from vggembed.pipeline import Item
-from vggembed.recipe import Recipe
-from vggembed.vectors import open_vectors
+from vggembed.store.writer import EmbeddingWriter
+from vggembed.images.pipeline import Item
+from vggembed.store.recipe import Recipe
+from vggembed.store.vectors import open_vectors
 
 from .conftest import write_ray_folder
 
@@ -243,7 +243,7 @@ def test_approximate_search_reaches_exact_hits_when_it_visits_every_list(tmp_pat
     pytest.importorskip("faiss")
     import shutil
 
-    from vggembed import ann
+    from vggembed.use import ann
 
     index = shutil.copy(npy, tmp_path / "f.npy")
     shutil.copy(f"{npy}.index.csv", tmp_path / "f.npy.index.csv")

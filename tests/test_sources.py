@@ -22,7 +22,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from vggembed import images, inputs, sources
+from vggembed.images import decode as images
+
+from vggembed.images import inputs
+
+from vggembed.images import sources
 from vggembed.errors import ImageError, display
 from vggembed.cli import main
 

@@ -7,11 +7,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from vggembed import synthetic
+from vggembed.net import synthetic
 from vggembed.errors import LayerError, WeightFileError
-from vggembed.labels import LabelFileError, read_labels
-from vggembed.readers import ALIGN
-from vggembed.weights import load_weights
+from vggembed.net.labels import LabelFileError, read_labels
+from vggembed.net.readers import ALIGN
+from vggembed.net.weights import load_weights
 
 from .conftest import LABELS, TINY_CLASSES
 

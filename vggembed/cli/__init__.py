@@ -26,7 +26,7 @@ import signal
 
 import click
 
-from .. import __version__
+from ..store.recipe import __version__
 from . import pictures, process, run, search, weights
 from .common import CONTEXT, ON_INTERRUPT
 

@@ -3,7 +3,7 @@ arrive in a command as one value each.
 
 `recipe_options` gathers the options that decide what the vectors mean into a
 `Recipe`; `load_options` gathers where and how the network is loaded into a
-`Setup`; `run_options` gathers how a run goes into `runner.Options`. A command
+`Setup`; `run_options` gathers how a run goes into `local.Options`. A command
 then hands those values on, instead of long lists of parameters.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import click
 
-from ..recipe import Recipe
+from ..store.recipe import Recipe
 
 EXIT_SOME_FAILED = 3
 ON_INTERRUPT = "vggembed.on_interrupt"  # ctx.meta key: what the interrupted line adds (how to resume)
@@ -104,7 +104,7 @@ class Setup:
 
     def load(self, recipe: Recipe):
         """The network for `recipe`; with -v, how long each start-up phase took."""
-        from ..model import load_recipe
+        from ..net.load import load_recipe
 
         t: dict = {}
         vgg = load_recipe(recipe, labels=self.labels, device=self.device, timings=t)
@@ -144,8 +144,8 @@ def run_options(f):
     ]
 
     def build(ctx, max_pixels, **kw):
-        from ..images import DEFAULT_MAX_PIXELS
-        from ..runner import Options
+        from ..engines.local import Options
+        from ..images.decode import DEFAULT_MAX_PIXELS
 
         quiet = ctx.params.get("quiet", False)
         return Options(max_pixels=max_pixels or DEFAULT_MAX_PIXELS, progress=not quiet and sys.stderr.isatty(),
@@ -165,7 +165,7 @@ def sources(inputs, files_from, null):
 
     Inputs that name no image at all (an empty folder, shard, list or stdin)
     are an error, before any output is made."""
-    from ..inputs import for_run
+    from ..images.inputs import for_run
 
     if not inputs and not files_from:
         fail("no input: give image files, folders, shards, URLs, '-' for paths on stdin, or --files-from LIST")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..destination import Destination, replacing
 from ..errors import VGGEmbedError
+from ..store.destination import Destination, replacing
 from .common import CONTEXT, POOLS, RESIZES, fail, load_options, recipe_options
 
 
@@ -23,7 +23,7 @@ def _native_image(path, max_side, max_pixels):
     import numpy as np
     from PIL import Image
 
-    from ..images import DEFAULT_MAX_PIXELS, load_rgb
+    from ..images.decode import DEFAULT_MAX_PIXELS, load_rgb
 
     img = load_rgb(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     if max_side and max(img.size) > max_side:
@@ -59,7 +59,7 @@ def maps(image, output, layers, channel, layer, channels, save_npy, panel_width,
       vggembed maps cat.jpg -o maps.png --layers relu1_1,relu2_1,relu3_1 --channel strongest
       vggembed maps cat.jpg --layer conv3_1 --channels 64 -o grid.png
     """
-    from .. import pictures
+    from ..use import pictures
 
     if channel not in pictures.CHANNEL_MODES and not channel.isdigit():
         raise click.BadParameter("a channel number, mean or strongest", param_hint="--channel")
@@ -95,7 +95,7 @@ def plot(image, output, layer, pool, resize, recipe, setup):
     Example:
       vggembed plot laska.png -o fc2.png
     """
-    from ..pictures import bar_chart
+    from ..use.pictures import bar_chart
 
     try:
         vgg = setup.load(recipe)

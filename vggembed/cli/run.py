@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from ..destination import Destination, is_stream
 from ..errors import VGGEmbedError, display
+from ..store.destination import Destination, is_stream
 from .common import (
     CONTEXT,
     EXIT_SOME_FAILED,
@@ -68,8 +68,8 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
       find . -type f -print0 | vggembed embed -0 - -o feats.npy
       vggembed embed shard-00000.tar s3://bucket/photos/ -o feats.npy
     """
-    from .. import runner
-    from ..output import EmbeddingWriter
+    from ..engines import local as runner
+    from ..store.writer import EmbeddingWriter
 
     if engine == "ray":
         if ctx.get_parameter_source("workers") == click.core.ParameterSource.DEFAULT:
@@ -96,12 +96,12 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
 
 
 def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, **kw):
-    from .. import distributed
+    from ..engines import ray as distributed
 
     ctx.meta[ON_INTERRUPT] = "finished parts are kept: run the same command with --resume"
     try:
-        from ..inputs import plan
-        from ..sources import is_url
+        from ..images.inputs import plan
+        from ..images.sources import is_url
 
         if not inputs and not files_from:
             fail("no input: give image files, folders, shards, URLs, '-' for paths on stdin, or --files-from LIST")
@@ -137,7 +137,7 @@ def merge(run_dir, output, overwrite):
     Example:
       vggembed merge feats_parts/ -o feats.npy
     """
-    from ..distributed import merge as merge_parts
+    from ..store.runfolder import merge as merge_parts
 
     try:
         rows, failed = merge_parts(run_dir, output, overwrite=overwrite)
@@ -170,7 +170,7 @@ def classify(ctx, inputs, top, fmt, output, recipe, files_from, null, quiet, opt
       vggembed classify laska.png
       vggembed classify photos/ --format csv -o preds.csv
     """
-    from .. import runner
+    from ..engines import local as runner
 
     try:
         paths, total = sources(inputs, files_from, null)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from ..destination import Destination, replacing
 from ..errors import VGGEmbedError, display
-from ..explore import DEFAULT_THRESHOLD
+from ..store.destination import Destination, replacing
+from ..use.explore import DEFAULT_THRESHOLD
 from .common import CONTEXT, EXIT_SOME_FAILED, fail
 from .process import data_stdout
 
@@ -40,7 +40,7 @@ def _write(output, text: str) -> None:
 
 
 def _sheet(rows, sheet, tile, what: str) -> None:
-    from ..sheets import MAX_ROWS, save
+    from ..use.sheets import MAX_ROWS, save
 
     out = Path(sheet)
     with Destination(out) as dest, dest.writing(), replacing(out, ".partial" + out.suffix) as tmp:
@@ -73,7 +73,7 @@ class IndexPath(click.Path):
         super().__init__(exists=True)
 
     def convert(self, value, param, ctx):
-        from ..sources import is_url
+        from ..images.sources import is_url
 
         return value if is_url(os.fsdecode(value)) else super().convert(value, param, ctx)
 
@@ -119,8 +119,8 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
       vggembed search feats.parquet queries/ -o hits.csv --sheet hits.png
       vggembed search feats.npy --rows 0,12 --min-score 0.9
     """
-    from ..explore import search as run_search
-    from ..vectors import open_vectors
+    from ..store.vectors import open_vectors
+    from ..use.explore import search as run_search
 
     row_list = _parse_rows(rows)
     if not queries and not row_list:
@@ -134,7 +134,7 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
             _write_csv(output, ["query", "rank", "path", "score"],
                        ([h.query, h.rank, h.path, f"{h.score:.6f}"] for h in result.hits))
             if sheet:
-                from ..sheets import search_rows
+                from ..use.sheets import search_rows
 
                 names = list(dict.fromkeys([vectors.paths[r] for r in row_list] + [h.query for h in result.hits]))
                 _sheet(search_rows(result.hits, {n: n for n in names}), sheet, tile, "queries")
@@ -174,8 +174,8 @@ def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile)
       vggembed dedup feats.npy -o groups.csv --sheet groups.png
       vggembed dedup feats.npy --list-redundant | xargs -d '\\n' rm --
     """
-    from ..explore import dedup as run_dedup
-    from ..vectors import open_vectors
+    from ..store.vectors import open_vectors
+    from ..use.explore import dedup as run_dedup
 
     try:
         with open_vectors(index) as vectors:
@@ -187,7 +187,7 @@ def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile)
     else:
         _write_csv(output, ["group", "path", "score"], ([m.group, m.path, f"{m.score:.6f}"] for g in groups for m in g))
     if sheet:
-        from ..sheets import dedup_rows
+        from ..use.sheets import dedup_rows
 
         _sheet(dedup_rows(groups), sheet, tile, "groups")
     redundant = sum(len(g) - 1 for g in groups)
@@ -217,8 +217,8 @@ def cluster(ctx, index, k, seed, output, sheet, tile):
     Example:
       vggembed cluster feats.npy -k 20 -o clusters.csv --sheet clusters.png
     """
-    from ..explore import cluster as run_cluster
-    from ..vectors import open_vectors
+    from ..store.vectors import open_vectors
+    from ..use.explore import cluster as run_cluster
 
     try:
         with open_vectors(index) as vectors:
@@ -227,7 +227,7 @@ def cluster(ctx, index, k, seed, output, sheet, tile):
         fail(str(e))
     _write_csv(output, ["path", "cluster", "distance"], ([a.path, a.cluster, f"{a.distance:.6f}"] for a in found))
     if sheet:
-        from ..sheets import cluster_rows
+        from ..use.sheets import cluster_rows
 
         _sheet(cluster_rows(found), sheet, tile, "clusters")
     sizes = sorted((sum(1 for a in found if a.cluster == c) for c in range(k)), reverse=True)

@@ -21,8 +21,8 @@ def info(weights, labels):
 
     Reads the file with numpy/scipy only; TensorFlow is not started.
     """
-    from .. import arch
-    from ..weights import load_weights
+    from ..net import arch
+    from ..net.weights import load_weights
 
     data_stdout()
     try:
@@ -61,8 +61,8 @@ def weights():
 @weights.command("list")
 def weights_list():
     """The published files `fetch` knows, and whether each is on this machine."""
-    from ..download import search_folders
-    from ..registry import PUBLISHED
+    from ..net.download import search_folders
+    from ..net.registry import PUBLISHED
 
     data_stdout()
 
@@ -84,7 +84,7 @@ def weights_fetch(names, dest, mirror, quiet):
       vggembed weights fetch vgg16
       vggembed weights fetch vgg19 --dest weights/
     """
-    from ..download import fetch
+    from ..net.download import fetch
 
     for name in names:
         try:

@@ -1,0 +1,302 @@
+"""The VGG network in TensorFlow, built from a row of `arch.CONFIGS` plus loaded weights.
+
+One compiled `tf.function` per set of requested layers runs the network once
+up to the deepest of them and returns each by name. Input is a float32 NHWC
+batch of RGB values in 0..255; the mean pixel is subtracted inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import LayerError, VGGEmbedError
+from ..images.decode import DEFAULT_MAX_PIXELS, prepare
+from . import arch as arch_mod
+from .readers import aligned_float32
+from .spec import WeightSpec
+from .tfimport import cpu_has_native_bf16, tensorflow
+
+POOLS = ("avg", "max", "flatten")
+TF_PRECISIONS = ("float32", "bf16", "fp16")  # what `VGG` itself runs
+PRECISIONS = TF_PRECISIONS + ("int8",)  # int8: `int8.Int8VGG`, through `load()`
+
+
+@dataclass(frozen=True)
+class Prediction:
+    rank: int
+    index: int
+    label: str
+    probability: float
+
+
+class VGG:
+    """A loaded VGG16/VGG19 network.
+
+    Build it with `vggembed.load(path)`. Images may be paths, encoded bytes,
+    PIL images or HxWx3 RGB arrays in 0..255.
+    """
+
+    def __init__(self, params: dict, spec: WeightSpec, *, precision: str = "float32", device: str = "auto",
+                 jit_compile: bool = False):
+        tf = tensorflow()
+
+        if precision not in TF_PRECISIONS:
+            hint = "; int8 networks come from vggembed.load(..., precision='int8')" if precision == "int8" else ""
+            raise VGGEmbedError(f"precision must be one of {TF_PRECISIONS}; received {precision!r}{hint}")
+        self.spec = spec
+        self.precision = precision
+        self.device = _pick_device(device)
+        if precision != "float32" and self.device.startswith("/CPU"):
+            if precision == "fp16":
+                raise VGGEmbedError("fp16 runs on GPUs only; on CPU use --precision bf16 (where supported) or float32")
+            if not cpu_has_native_bf16():
+                raise VGGEmbedError("this CPU lacks native bf16 (AVX512_BF16 or AMX), where bf16 is slower "
+                                    "than float32; use --precision float32")
+        self._dtype = {"float32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}[precision]
+        self.layers = [layer for layer in arch_mod.layers(spec.arch) if spec.has_fc or layer.block <= 5]
+        self._index = {layer.name: i for i, layer in enumerate(self.layers)}
+        with tf.device(self.device):
+            self._params = {name: (self._adopt(w), self._adopt(b)) for name, (w, b) in params.items()}
+            self._mean = tf.constant(np.asarray(spec.mean_pixel, np.float32).reshape(1, 1, 1, 3))
+        self._functions: dict = {}
+        # XLA: measured slower than plain TensorFlow with oneDNN on CPU (benchmarks/throughput.py --only xla).
+        self.jit_compile = jit_compile
+
+    def _adopt(self, array):
+        """A tensor of one weight array on this network's device and dtype.
+
+        On CPU in float32 the tensor uses the array's own memory (DLPack), so
+        the weights are held once, not twice, and start-up skips a 0.5 GB
+        copy; the array is then made read-only so it cannot change under the
+        network (a read-only array, e.g. one another network holds, is
+        copied). Other dtypes and GPUs get a converted copy.
+        """
+        tf = tensorflow()
+        array = aligned_float32(array)
+        tensor = tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+        if self._dtype != tf.float32:
+            return tf.cast(tensor, self._dtype)
+        if not self.device.startswith("/CPU"):
+            return tf.identity(tensor)
+        array.flags.writeable = False  # shared from here on
+        return tensor
+
+    # ----------------------------------------------------------------- names
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def resolve(self, name: str, *, embedding: bool = False) -> str:
+        """Canonical name of a layer this network can compute (aliases accepted)."""
+        canonical = arch_mod.resolve(self.spec.arch, name, embedding=embedding)
+        if canonical not in self._index:
+            raise LayerError(f"{self.spec.path} has no fully connected layers, so it cannot compute {name!r}; "
+                             f"conv/pool layers (conv1_1 .. pool5) work")
+        return canonical
+
+    def output_shape(self, name: str, height: int, width: int) -> tuple:
+        """Shape of one image's output at `name` for an input of height x width."""
+        return self.spec.output_shape(self.resolve(name), height, width)
+
+    # ------------------------------------------------------------- running
+    def run(self, batch: np.ndarray, layers, pool: str | None = None, pad_to: int | None = None
+            ) -> dict[str, np.ndarray]:
+        """Run a preprocessed batch (N, H, W, 3; RGB 0..255) once; return each requested layer.
+
+        Args:
+            batch: float32 or uint8 array.
+            layers: canonical layer names.
+            pool: reduce 4-D outputs over space with `avg`, `max` or `flatten`.
+            pad_to: pad a short (last) batch with zeros to this size, so every
+                batch has one shape: each row then comes from the same kernels
+                whatever the number of images (oneDNN picks kernels per shape).
+        """
+        n = len(batch)
+        if pad_to is not None and n < pad_to:
+            batch = np.concatenate([batch, np.zeros((pad_to - n,) + batch.shape[1:], batch.dtype)])
+        wanted = tuple(dict.fromkeys(layers))
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise VGGEmbedError(f"batch has shape {batch.shape}; expected (N, H, W, 3)")
+        head = [n for n in wanted if self.layers[self._index[n]].block > 5]
+        if head and tuple(batch.shape[1:3]) != tuple(reversed(self.spec.input_size)):
+            h, w = self.spec.input_size[1], self.spec.input_size[0]
+            raise LayerError(f"layer {head[0]} needs {w}x{h} input (the fc layers' training size); got "
+                             f"{batch.shape[2]}x{batch.shape[1]}: use resize 'squash' or 'center-crop', "
+                             "or a conv/pool layer")
+        if pool is not None and pool not in POOLS:
+            raise VGGEmbedError(f"pool must be one of {POOLS}; received {pool!r}")
+        out = self._compute(batch, wanted, pool)
+        return {name: out[name][:n] for name in wanted}
+
+    def _compute(self, batch: np.ndarray, wanted: tuple, pool) -> dict[str, np.ndarray]:
+        """Every layer in `wanted` for the whole (padded) batch, as numpy arrays."""
+        tf = tensorflow()
+        with tf.device(self.device):
+            out = self._function(wanted, pool)(tf.constant(batch, tf.float32))
+        return {name: out[name].numpy() for name in wanted}
+
+    def _function(self, wanted: tuple, pool):
+        key = (wanted, pool)
+        if key in self._functions:
+            return self._functions[key]
+        tf = tensorflow()
+
+        stop = max(self._index[n] for n in wanted)
+        layers = self.layers[: stop + 1]
+        mean, dtype = self._mean, self._dtype
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)], jit_compile=self.jit_compile)
+        def forward(x):
+            x = tf.cast(x - mean, dtype)
+            out = {}
+            for layer in layers:
+                x = self._apply(layer, x)
+                if layer.name in wanted:
+                    out[layer.name] = _pooled(tf.cast(x, tf.float32), pool)
+            return out
+
+        self._functions[key] = forward
+        return forward
+
+    def _apply(self, layer, x):
+        """One layer's TensorFlow ops (traced inside `forward`, eager inside `walk`)."""
+        tf = tensorflow()
+        if layer.kind == "conv":
+            w, b = self._params[layer.name]
+            return tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
+        if layer.kind == "relu":
+            return tf.nn.relu(x)
+        if layer.kind == "pool":
+            return tf.nn.max_pool2d(x, 2, 2, "SAME")
+        if layer.kind == "fc":
+            w, b = self._params[layer.name]
+            if layer.name == "fc6":
+                x = tf.reshape(x, [tf.shape(x)[0], -1])  # NHWC flatten, as Frossard's fc6_W rows
+            return tf.nn.bias_add(tf.matmul(x, w), b)
+        return tf.nn.softmax(tf.cast(x, tf.float32))
+
+    def walk(self, batch: np.ndarray, last: str):
+        """Yield (name, float32 tensor) layer by layer up to `last`, holding only the current one.
+
+        For very large inputs (feature maps of a whole photo): each tensor can
+        be reduced or saved and dropped before the next is computed.
+        """
+        tf = tensorflow()
+        stop = self._index[self.resolve(last)]
+        with tf.device(self.device):
+            x = tf.cast(tf.constant(batch, tf.float32) - self._mean, self._dtype)
+            for layer in self.layers[: stop + 1]:
+                x = self._apply(layer, x)
+                yield layer.name, tf.cast(x, tf.float32)
+
+    # -------------------------------------------------------- friendly API
+    def features(self, images, layers, *, resize: str = "squash") -> dict[str, np.ndarray]:
+        """Named layer outputs for one image or a list of same-sized images.
+
+        Returns:
+            {name: array with a leading batch axis}, keyed by the names asked for.
+        """
+        names = [layers] if isinstance(layers, str) else list(layers)
+        canonical = [self.resolve(n) for n in names]
+        batch = self._stack(_as_list(images), resize)
+        out = self.run(batch, canonical)
+        return {n: out[c] for n, c in zip(names, canonical)}
+
+    def embed(self, images, layer: str = "fc2", *, pool: str | None = None, resize: str = "squash",
+              batch_size: int = 32, l2_normalize: bool = False) -> np.ndarray:
+        """One vector per image, (N, D) float32, rows in input order.
+
+        `fc7` means the post-ReLU vector, equal to `fc2` (Caffe's in-place
+        ReLU); 4-D layers need `pool` (avg, max or flatten).
+        """
+        name = self.embedding_layer(layer, pool)
+        images = _as_list(images)
+        pad_to = None if resize == "none" else batch_size
+        rows = [self.embed_batch(self._stack(images[i: i + batch_size], resize), name, pool, l2_normalize, pad_to)
+                for i in range(0, len(images), batch_size)]
+        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+    def embedding_layer(self, layer: str, pool: str | None) -> str:
+        """Check an embedding request before any image is read; return the canonical layer."""
+        name = self.resolve(layer, embedding=True)
+        if self.layers[self._index[name]].block <= 5 and pool is None:
+            raise LayerError(f"layer {layer} gives a 3-D map per image; choose a pool (avg, max or flatten) "
+                             "to make it a vector")
+        return name
+
+    def embed_batch(self, batch: np.ndarray, name: str, pool: str | None, l2_normalize: bool = False,
+                    pad_to: int | None = None) -> np.ndarray:
+        """Vectors for one preprocessed batch (see `run` for `pad_to`)."""
+        vectors = self.run(batch, [name], pool, pad_to)[name]
+        if l2_normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+        return vectors
+
+    def classify(self, images, top: int = 5, *, resize: str = "squash", batch_size: int = 32) -> list[list[Prediction]]:
+        """Top-k ImageNet classes per image, most probable first."""
+        self.resolve("prob")
+        images = _as_list(images)
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = self._stack(images[i: i + batch_size], resize)
+            probs = self.run(batch, ["prob"], pad_to=batch_size)["prob"]
+            out += [self.top_k(p, top) for p in probs]
+        return out
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[Prediction]:
+        order = np.argsort(probs, kind="stable")[::-1][:k]
+        return [Prediction(r + 1, int(i), self.spec.label(int(i)), float(probs[i])) for r, i in enumerate(order)]
+
+    def _stack(self, images, resize) -> np.ndarray:
+        arrays = [prepare(im, resize_mode=resize, size=self.spec.input_size, max_pixels=DEFAULT_MAX_PIXELS)
+                  for im in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise VGGEmbedError(f"images of different sizes {sorted(shapes)} cannot share a batch with resize "
+                                "'none'; pass them one at a time")
+        return np.stack(arrays).astype(np.float32, copy=False)
+
+
+def _pooled(y, pool):
+    """Reduce a 4-D map to a vector per image (avg, max, flatten); anything else passes."""
+    tf = tensorflow()
+    if pool is None or len(y.shape) != 4:
+        return y
+    if pool == "avg":
+        return tf.reduce_mean(y, axis=[1, 2])
+    if pool == "max":
+        return tf.reduce_max(y, axis=[1, 2])
+    return tf.reshape(y, [tf.shape(y)[0], -1])
+
+
+def _pick_device(device: str) -> str:
+    tf = tensorflow()
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "cpu":
+        return "/CPU:0"
+    if device == "gpu" and not gpus:
+        raise VGGEmbedError("--device gpu: TensorFlow sees no GPU (CUDA build of TensorFlow and a driver needed)")
+    if device not in ("cpu", "gpu", "auto"):
+        raise VGGEmbedError(f"device must be cpu, gpu or auto; received {device!r}")
+    if gpus:
+        for gpu in gpus:
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:
+                pass  # already initialised: growth was set by an earlier model
+        return "/GPU:0"
+    return "/CPU:0"
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+

@@ -1,0 +1,330 @@
+"""Open any embedding output as one thing: a float matrix on disk, the path of each row, and its recipe.
+
+Every format vggembed writes can be an INDEX for search, dedup and cluster:
+
+- `OUT.npy` with `OUT.npy.index.csv` (the rows are the index lines whose
+  `row` column is filled, in that order) -- read in place;
+- `OUT.parquet` (`path`, `embedding` fixed-size list);
+- `OUT.csv` (`path`, `d0` .. `dN`);
+- an `--engine ray` folder, a local path or an object-store URL
+  (`manifest.json` and `part-NNNNN.parquet` with `path`, `path_bytes`,
+  `status`, `error`, `embedding`; failed rows are skipped), read through the
+  checks `vggembed merge` makes (`runfolder.FinishedRun`).
+
+Parquet, CSV and Ray outputs are converted once, a bounded batch at a time,
+into a temporary `.npy` that is removed on `close()`. Rows are read back in
+blocks with plain file reads into one reused buffer, not through a memory
+map whose touched pages would all count as resident memory: scanning 300k
+4096-d vectors (4.9 GB) then costs one block of memory, not the file's size.
+
+The recipe (how the vectors were made) comes from `OUT.meta.json` beside
+`.npy`/`.csv` files, the Parquet schema metadata key `vggembed`, or the Ray
+manifest's `recipe`; outputs written before recipes existed give None.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VGGEmbedError, reason
+from ..images.sources import is_url
+from .recipe import Recipe
+
+
+class Vectors:
+    """An embedding output opened for reading. Use as a context manager, or call `close()`.
+
+    Attributes:
+        source: the INDEX the user named (a str for a URL).
+        paths: the image path of each row (str as os.fsdecode gives it).
+        recipe: the recorded `Recipe`, or None for outputs written before recipes were recorded.
+        rows, dim, dtype: the matrix's shape and stored type (float32 or float16).
+    """
+
+    def __init__(self, source: Path | str, npy: Path, paths: list[str], recipe: Recipe | None, *, temporary: bool):
+        self.source = source
+        self.npy = npy
+        self.paths = paths
+        self.recipe = recipe
+        self._temporary = temporary
+        with open(npy, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            self._offset = f.tell()
+        if len(shape) != 2 or fortran or np.dtype(dtype).kind != "f":
+            raise VGGEmbedError(f"{source}: holds a {dtype} array of shape {shape}; expected rows of float vectors")
+        self.rows, self.dim = shape
+        self.dtype = np.dtype(dtype)
+        if len(paths) != self.rows:
+            raise VGGEmbedError(f"{source}: {self.rows} vectors but {len(paths)} paths in its index; "
+                                "the files do not belong together")
+        self._file = open(npy, "rb")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if self._temporary:
+            self.npy.unlink(missing_ok=True)
+
+    def matrix(self) -> np.ndarray:
+        """The whole matrix, memory-mapped read-only (stored dtype)."""
+        return np.load(self.npy, mmap_mode="r")
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) as float32, read with one file read (into `out` when given)."""
+        n = stop - start
+        raw = np.empty((n, self.dim), self.dtype)
+        self._file.seek(self._offset + start * self.dim * self.dtype.itemsize)
+        got = self._file.readinto(memoryview(raw).cast("B"))
+        if got != raw.nbytes:
+            raise VGGEmbedError(f"{self.npy}: ends before row {stop} (truncated?)")
+        if self.dtype == np.float32 and out is None:
+            return raw
+        if out is None:
+            return raw.astype(np.float32)
+        out = out[:n]
+        out[...] = raw
+        return out
+
+    def take(self, rows) -> np.ndarray:
+        """Some rows, in the given order, as float32 (touches only their pages)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            bad = rows[(rows < 0) | (rows >= self.rows)][0]
+            raise VGGEmbedError(f"{self.source}: has rows 0..{self.rows - 1}; row {bad} does not exist")
+        return np.asarray(self.matrix()[rows], dtype=np.float32)
+
+
+def open_vectors(index, *, tmp_dir=None) -> Vectors:
+    """Open an embedding output (`.npy`, `.parquet`, `.csv`, or a Ray output folder).
+
+    Args:
+        index: the output's path.
+        tmp_dir: where Parquet, CSV and Ray outputs are converted (default: the system's temp folder).
+
+    Raises:
+        VGGEmbedError: the path is missing or not an embedding output; the message says which and why.
+    """
+    index = os.fsdecode(index)
+    if is_url(index) and not index.startswith("file://"):
+        return _open_ray(index.rstrip("/"), tmp_dir)  # other outputs are read from local files
+    index = Path(index.removeprefix("file://"))
+    if index.is_dir():
+        return _open_ray(index, tmp_dir)
+    if not index.exists():
+        raise VGGEmbedError(f"{index}: no such file or folder")
+    suffix = index.suffix.lower()
+    if suffix == ".npy":
+        return _open_npy(index)
+    if suffix == ".parquet":
+        return _open_parquet(index, tmp_dir)
+    if suffix == ".csv":
+        return _open_csv(index, tmp_dir)
+    raise VGGEmbedError(f"{index}: not an embedding output; give a .npy, .parquet or .csv file, "
+                        "or a folder written by --engine ray")
+
+
+# ------------------------------------------------------------------ recipe
+def _recorded(out: Path, rows: int) -> Recipe | None:
+    """The recipe recorded with a finished output (None before recipes were recorded); checks its row count."""
+    from .writer import recorded_meta
+
+    try:
+        meta = recorded_meta(out)
+    except VGGEmbedError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged Parquet footer or JSON: one line naming the file
+        raise VGGEmbedError(f"{out}: its recorded recipe is unreadable ({reason(e)})") from None
+    if meta is None:
+        return None
+    if meta.get("rows") is not None and meta["rows"] != rows:
+        raise VGGEmbedError(f"{out}: its recipe records {meta['rows']} rows but it holds {rows}; the files do not "
+                            "belong together")
+    return Recipe.from_dict(meta["recipe"])
+
+
+# --------------------------------------------------------------------- npy
+def _open_npy(out: Path) -> Vectors:
+    index = out.with_name(out.name + ".index.csv")
+    if not index.exists():
+        raise VGGEmbedError(f"{out}: no {index.name} beside it, so its rows have no paths; keep the index that "
+                            "`vggembed embed` wrote with it")
+    paths = []
+    with open(index, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[:2] != ["path", "row"]:
+            raise VGGEmbedError(f"{index}: not a vggembed index (expected columns path,row,error)")
+        for line in reader:
+            if len(line) > 1 and line[1] != "":
+                if int(line[1]) != len(paths):
+                    raise VGGEmbedError(f"{index}: row {line[1]} where row {len(paths)} was expected")
+                paths.append(line[0])
+    vectors = Vectors(out, out, paths, None, temporary=False)
+    vectors.recipe = _recorded(out, vectors.rows)
+    return vectors
+
+
+# ------------------------------------------------- conversion into a .npy
+class _NpyBuilder:
+    """Append float32 rows to a temporary .npy, then fix its header."""
+
+    def __init__(self, source: Path, tmp_dir):
+        fd, name = tempfile.mkstemp(prefix="vggembed-vectors-", suffix=".npy", dir=tmp_dir)
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "w+b")
+        self.source = source
+        self.dim: int | None = None
+        self.rows = 0
+        self.paths: list[str] = []
+
+    def add(self, paths: list[str], block: np.ndarray) -> None:
+        from .writer import npy_header
+
+        if self.dim is None:
+            self.dim = block.shape[1]
+            self.file.write(npy_header(0, self.dim, np.float32))
+        elif block.shape[1] != self.dim:
+            raise VGGEmbedError(f"{self.source}: rows of width {block.shape[1]} after rows of width {self.dim}")
+        self.file.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+        self.rows += len(block)
+        self.paths += paths
+
+    def done(self, recipe: Recipe | None) -> Vectors:
+        from .writer import npy_header
+
+        self.file.seek(0)
+        self.file.write(npy_header(self.rows, self.dim or 0, np.float32))
+        self.file.close()
+        return Vectors(self.source, self.path, self.paths, recipe, temporary=True)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _convert(source: Path, tmp_dir, fill, recipe) -> Vectors:
+    builder = _NpyBuilder(source, tmp_dir)
+    try:
+        fill(builder)
+        return builder.done(recipe)
+    except BaseException:
+        builder.discard()
+        raise
+
+
+def _arrow_rows(batch, where: Path) -> tuple[list[str], np.ndarray]:
+    """(paths, float32 matrix) of a record batch, rows with a null embedding left out."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = batch.schema.names
+    if "path" not in names or "embedding" not in names:
+        raise VGGEmbedError(f"{where}: no path and embedding columns; not a vggembed Parquet output")
+    emb = batch.column("embedding")
+    if not pa.types.is_fixed_size_list(emb.type):
+        raise VGGEmbedError(f"{where}: embedding column is {emb.type}, not a fixed-size list")
+    ok = pc.is_valid(emb)
+    if "status" in names:
+        ok = pc.and_(ok, pc.equal(batch.column("status"), "ok"))
+    exact = batch.column("path_bytes").to_pylist() if "path_bytes" in names else None  # names not UTF-8
+    paths = [os.fsdecode(b) if exact and b is not None else p
+             for p, b in zip(batch.column("path").to_pylist(), exact or [None] * batch.num_rows)]
+    if not pc.all(ok).as_py():
+        emb = emb.filter(ok)
+        paths = [p for p, good in zip(paths, ok.to_pylist()) if good]
+    dim = emb.type.list_size
+    flat = emb.flatten().to_numpy(zero_copy_only=False)
+    return paths, flat.reshape(len(paths), dim)
+
+
+def _need_pyarrow(where: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise VGGEmbedError(f'{where}: reading Parquet needs pyarrow: pip install "vggembed[parquet]"') from None
+    return pq
+
+
+def _open_parquet(path: Path, tmp_dir, batch_rows: int = 4096) -> Vectors:
+    pq = _need_pyarrow(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors have no common base worth naming
+        raise VGGEmbedError(f"{path}: not a readable Parquet file ({reason(e)})") from None
+
+    def fill(builder):
+        wanted = [c for c in ("path", "path_bytes", "embedding") if c in pf.schema_arrow.names]
+        batches = pf.iter_batches(batch_size=batch_rows, columns=wanted)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # noqa: BLE001 - a damaged page deep in the file (pyarrow's or Thrift's errors)
+                raise VGGEmbedError(f"{path}: not a readable Parquet file ({reason(e)})") from None
+            if batch is None:
+                break
+            builder.add(*_arrow_rows(batch, path))
+
+    vectors = _convert(path, tmp_dir, fill, None)
+    vectors.recipe = _recorded(path, vectors.rows)
+    return vectors
+
+
+def _open_ray(where, tmp_dir, batch_rows: int = 4096) -> Vectors:
+    """A finished --engine ray folder (a path or an object-store URL), read part by part through the checks
+    `vggembed merge` makes (`runfolder.FinishedRun`)."""
+    from .runfolder import FinishedRun
+
+    _need_pyarrow(where)
+    run = FinishedRun(where)
+
+    def fill(builder):
+        for name, table in run.parts():
+            for batch in table.to_batches(max_chunksize=batch_rows):
+                builder.add(*_arrow_rows(batch, run.name(name)))
+
+    return _convert(where, tmp_dir, fill, run.recipe)
+
+
+def _open_csv(path: Path, tmp_dir, batch_rows: int = 1024) -> Vectors:
+    def fill(builder):
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header or header[0] != "path" or header[1:2] != ["d0"]:
+                raise VGGEmbedError(f"{path}: not a vggembed CSV output (expected columns path,d0,d1,...)")
+            dim = len(header) - 1
+            paths, rows = [], []
+            for lineno, line in enumerate(reader, start=2):
+                if len(line) != dim + 1:
+                    raise VGGEmbedError(f"{path}: line {lineno} has {len(line) - 1} values, the header {dim}")
+                try:
+                    rows.append(np.array(line[1:], dtype=np.float32))
+                except ValueError:
+                    raise VGGEmbedError(f"{path}: line {lineno} holds a value that is not a number") from None
+                paths.append(line[0])
+                if len(rows) == batch_rows:
+                    builder.add(paths, np.stack(rows))
+                    paths, rows = [], []
+            if rows or builder.dim is None:
+                builder.add(paths, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+
+    vectors = _convert(path, tmp_dir, fill, None)
+    vectors.recipe = _recorded(path, vectors.rows)
+    return vectors
