@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vggembed  # noqa: E402
+from vggembed.images import decode  # noqa: E402
 from vggembed.net import arch  # noqa: E402
 from vggembed.net import synthetic  # noqa: E402
 from vggembed.net.int8 import cpu_has_int8_dot  # noqa: E402
@@ -217,7 +218,7 @@ def photo_views(photos, per_photo: int) -> np.ndarray:
     views = []
     for path in photos:
         img = Image.open(path).convert("RGB")
-        views.append(vggembed.images.prepare(img))
+        views.append(decode.prepare(img))
         w, h = img.size
         for _ in range(per_photo - 1):
             s = rng.uniform(0.3, 0.9)
@@ -226,7 +227,7 @@ def photo_views(photos, per_photo: int) -> np.ndarray:
             crop = img.crop((x0, y0, x0 + cw, y0 + ch))
             if rng.random() < 0.5:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            views.append(vggembed.images.prepare(crop))
+            views.append(decode.prepare(crop))
     return np.stack(views).astype(np.float32)
 
 
