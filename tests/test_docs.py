@@ -114,10 +114,18 @@ def test_readme_table_options_exist():
         assert opt in options, opt
 
 
-def test_docs_links_point_at_files():
+def anchors(text):
+    """GitHub's anchors for a page's headings."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_docs_links_point_at_files_and_headings():
     for page, text in PAGES.items():
-        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", text):
-            assert ((ROOT / page).parent / target).exists(), f"{page}: link to missing {target}"
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*)(?:#([^)\s]*))?\)", text):
+            path = ((ROOT / page).parent / target).resolve() if target else ROOT / page
+            assert path.exists(), f"{page}: link to missing {target}"
+            if anchor and path.suffix == ".md":
+                assert anchor in anchors(path.read_text()), f"{page}: no heading #{anchor} in {target or page}"
 
 
 # ------------------------------------------------------------------ documented commands, run as written
