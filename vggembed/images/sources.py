@@ -392,7 +392,7 @@ def iter_shard(name: str) -> Iterator[Source]:
         try:
             tar = tarfile.open(fileobj=raw, mode="r|*", tarinfo=_TarInfo)
         except ImageError as e:  # a remote read that failed for good
-            yield Source(name, error=e.problem)
+            yield Source(name, error=f"reading the shard failed after 0 images: {e.problem}")
             return
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             yield Source(name, error=f"not a readable tar shard: {_reason(e)}")
@@ -574,6 +574,7 @@ def filesystem(url: str):
     options = {}
     if protocol in ("http", "https"):
         import aiohttp
+        import aiohttp.http_exceptions
 
         timeout = remote_settings()["timeout"]
         options["client_kwargs"] = {"trust_env": True,  # proxies and ~/.netrc, as curl
@@ -716,6 +717,9 @@ async def _retry(name: str, attempt: Callable, settings: dict, deadline: float |
 
 def _late(progress: _Progress, last: _Failure | None, deadline: float, elapsed: float) -> str:
     """Why a read passed its deadline: a body coming too slowly, or no answer."""
+    if progress.body is not None and not progress.received:
+        return f"timed out: the answer's headers came, then no data for {time.monotonic() - progress.body:.0f} s, " \
+               f"when the {deadline:g} s deadline for one read passed ($VGGEMBED_DEADLINE)"
     if progress.body is not None:
         return f"too slow: {progress.bytes()} in {elapsed:.0f} s, then the {deadline:g} s deadline for one read " \
                "passed ($VGGEMBED_DEADLINE)"
@@ -746,10 +750,11 @@ def _check_status(status: int, reason: str | None, headers) -> None:
         raise _Failure(f"access denied (HTTP {status})")
     if status == 404:
         raise _Failure("not found")
+    reason = " ".join(str(reason or "").split())[:100]  # a server's reason phrase may be anything
     if not reason:
         with contextlib.suppress(ValueError):
             reason = http.HTTPStatus(status).phrase
-    raise _Failure(f"HTTP {status} {reason or ''}".rstrip(), status in _TRANSIENT_STATUS or status >= 500,
+    raise _Failure(f"HTTP {status} {reason}".rstrip(), status in _TRANSIENT_STATUS or status >= 500,
                    _retry_after(headers))
 
 
@@ -782,6 +787,7 @@ def _describe(e: BaseException, progress: _Progress | None = None, settings: dic
     got = f" after {progress.bytes()}" if progress is not None and progress.body is not None else ""
     with contextlib.suppress(ImportError):
         import aiohttp
+        import aiohttp.http_exceptions
 
         if isinstance(e, aiohttp.ClientError):
             return _describe_aiohttp(e, aiohttp, got, progress, settings or remote_settings())
@@ -826,6 +832,9 @@ def _describe_aiohttp(e, aiohttp, got: str, progress: _Progress | None, settings
     if isinstance(e, getattr(aiohttp, "InvalidUrlClientError", ())):
         return _Failure(f"not a URL that can be read: {redact(str(e.url))}")
     if isinstance(e, aiohttp.ClientResponseError):
+        if isinstance(e.__cause__, aiohttp.http_exceptions.HttpProcessingError):  # aiohttp's own parse error
+            what = _message(e.__cause__.message).split(":")[0]
+            return _Failure(f"the server's answer is not valid HTTP{got} ({what})", True)
         if e.status >= 400:
             try:
                 _check_status(e.status, e.message, e.headers)
@@ -837,7 +846,8 @@ def _describe_aiohttp(e, aiohttp, got: str, progress: _Progress | None, settings
     if isinstance(e, (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError)):
         where = f" with {e.host}:{e.port}" if isinstance(e, aiohttp.ClientConnectorError) else ""
         ssl_error = e.os_error if isinstance(e, aiohttp.ClientConnectorError) else e
-        return _Failure(f"TLS error{where}: {getattr(ssl_error, 'reason', None) or _message(ssl_error)}")
+        reason = getattr(ssl_error, "reason", None)
+        return _Failure(f"TLS error{where}: {reason.replace('_', ' ').lower() if reason else _message(ssl_error)}")
     if isinstance(e, aiohttp.ClientConnectorError):
         if isinstance(e, getattr(aiohttp, "ClientConnectorDNSError", ())) or isinstance(e.os_error, socket.gaierror):
             return _Failure(f"name not resolved: {e.host}")
@@ -853,6 +863,8 @@ def _describe_aiohttp(e, aiohttp, got: str, progress: _Progress | None, settings
     if isinstance(e, aiohttp.ServerDisconnectedError):
         return _Failure(f"the server closed the connection{got or ' without an answer'}", True)
     if isinstance(e, aiohttp.ClientPayloadError):
+        if "ConnectionResetError" in str(e):  # aiohttp names the reset only in its message
+            return _Failure(f"connection reset by the server{got}", True)
         if progress is not None and progress.expected is not None and progress.received < progress.expected:
             return _Failure(f"cut short: {progress.bytes()}, then the connection closed", True)
         return _Failure(f"the body was cut{got}: {_message(e).split(':')[0]}", True)
