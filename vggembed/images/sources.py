@@ -11,9 +11,13 @@ there is one place that decides how each kind is read:
   (never extracted, never seeked), each image member becoming a Source named
   `SHARD/MEMBER` whose bytes the listing already read;
 - a URL (`http://`, `https://`, `s3://`, `gs://`, `az://`, `hf://`, ... any
-  protocol fsspec knows) is read through fsspec with retries and backoff
-  for transient failures (timeouts, resets, 5xx, throttling); a 404 or an
-  access refusal is that image's failure, never the run's end.
+  protocol fsspec knows) is read through fsspec, in one request where the
+  protocol allows, on fsspec's IO loop: retried with backoff for transient
+  failures (timeouts, resets, 5xx, throttling), within one deadline for the
+  whole read and a minimum rate for its body (`remote_settings`), and
+  abandoned at once when the run stops. Every failure is that image's row,
+  said in words (`_describe`), never the run's end. docs/remote.md lists
+  the settings and what each failure says.
 
 No input is read past `MAX_IMAGE_BYTES` (1 GiB): a local file, URL or tar
 member larger than an image may be is a failed row, found by its size
@@ -341,7 +345,7 @@ def fetch_ahead(sources: Iterable, concurrency: int = 32) -> Iterator:
                     pending.append(Source(name, error=e.problem))
             else:
                 pending.append(source)
-            while pending and (len(pending) > concurrency or not isinstance(pending[0], Future)):
+            while pending and (len(pending) >= concurrency or not isinstance(pending[0], Future)):
                 yield _done(pending.popleft())
         while pending:
             yield _done(pending.popleft())
