@@ -157,7 +157,9 @@ def test_shards_over_http_resume_a_cut_and_give_up_on_a_stall(tmp_path, members,
     assert np.array_equal(np.load(out), reference(tmp_path, write_local(tmp_path / "l", members[:2]), tiny16))
 
 
-def test_sigterm_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path, members, tiny16):
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGHUP", "Ctrl-C"])
+def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path, members, tiny16, signum, code):
     local = write_local(tmp_path / "local", members)
     with FileServer({"/a.png": members[1][1]}, trickle_seconds=0.5) as srv:
         trickle = srv.url("/trickle/a.png")
@@ -173,16 +175,19 @@ def test_sigterm_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path,
                 assert proc.poll() is None and time.monotonic() < limit, "the run never reached the trickle"
                 time.sleep(0.1)
             signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             _, stderr = proc.communicate(timeout=HANG_GUARD)
             stopped = time.monotonic() - signalled
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        assert proc.returncode == 143, stderr
+        assert proc.returncode == code, stderr
         assert stopped < 30  # a hang guard: the run does not wait for the read
-        assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+        said = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        assert f"vggembed: {said}" in stderr and "--resume" in stderr and "Traceback" not in stderr
+        if signum != signal.SIGTERM:
+            return
         # the interrupted read is not done: --resume reads it again (now under a short deadline)
         env["VGGEMBED_DEADLINE"] = "2"
         resumed = subprocess.run(cmd[:-1] + ["--resume"], env=env, capture_output=True, text=True, timeout=300)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import datetime
 import email.utils
@@ -158,7 +157,7 @@ def resolve(source) -> bytes | str | os.PathLike:
     return source.removeprefix("file://") if isinstance(source, str) else source
 
 
-def read_bytes(name: str, stop: threading.Event | None = None) -> bytes:
+def read_bytes(name: str) -> bytes:
     """The content of a URL, read as `remote_settings` say: retried while the
     failure is transient, within one deadline for the whole read (all its
     attempts and waits), refused when its body comes slower than the minimum
@@ -168,15 +167,11 @@ def read_bytes(name: str, stop: threading.Event | None = None) -> bytes:
     interrupt here (Ctrl-C, SIGTERM) abandons it at once and closes its
     connection.
 
-    Args:
-        name: a URL.
-        stop: once set, the read is abandoned (an ImageError saying so).
-
     Raises:
-        ImageError: naming the input and why it cannot be read.
+        ImageError: naming the URL and why it cannot be read.
     """
     fs, path = filesystem(name)
-    return _wait(name, _read(name, fs, path), stop)
+    return _wait(_read(name, fs, path))
 
 
 def too_large(size: int | None) -> str:
@@ -264,7 +259,7 @@ async def _body(name: str, read, size: int | None, progress: _Progress, settings
     return b"".join(parts)
 
 
-def _wait(name: str, coro, stop: threading.Event | None = None):
+def _wait(coro):
     """Run `coro` on fsspec's IO loop and wait for its result in this thread.
 
     The wait is where an interrupt lands (Ctrl-C, or SIGTERM raised as one in
@@ -275,12 +270,7 @@ def _wait(name: str, coro, stop: threading.Event | None = None):
 
     future = asyncio.run_coroutine_threadsafe(coro, get_loop())
     try:
-        if stop is None:
-            return future.result()
-        while not stop.is_set():
-            if concurrent.futures.wait([future], timeout=0.2).done:
-                return future.result()
-        raise ImageError(name, "abandoned: the run is ending")
+        return future.result()
     finally:
         future.cancel()
 
@@ -496,7 +486,7 @@ class _RemoteReader(io.RawIOBase):
         else:
             async def attempt(progress):
                 return await _in_thread(lambda: self._read_file(n))
-        data = _wait(self.name_, _retry(self.name_, attempt, self.settings, self.settings["deadline"]))
+        data = _wait(_retry(self.name_, attempt, self.settings, self.settings["deadline"]))
         b[: len(data)] = data
         self.pos += len(data)
         return len(data)
@@ -731,9 +721,9 @@ def _late(progress: _Progress, last: _Failure | None, deadline: float, elapsed: 
     return f"timed out: no answer within the {deadline:g} s deadline for one read ($VGGEMBED_DEADLINE){earlier}"
 
 
-def retrying(name: str, fn: Callable[[], _T], stop: threading.Event | None = None) -> _T:
+def retrying(name: str, fn: Callable[[], _T]) -> _T:
     """fn() (a blocking call, such as a listing) on a thread, retried as a remote read is, with no
-    deadline but its attempts (a listing may take long); an interrupt or `stop` abandons it.
+    deadline but its attempts (a listing may take long); an interrupt abandons it.
 
     Raises:
         ImageError: for a permanent failure at once, or the last transient one.
@@ -743,7 +733,7 @@ def retrying(name: str, fn: Callable[[], _T], stop: threading.Event | None = Non
     async def attempt(progress):
         return await _in_thread(fn)
 
-    return _wait(name, _retry(name, attempt, settings, None), stop)
+    return _wait(_retry(name, attempt, settings, None))
 
 
 def _check_status(status: int, reason: str | None, headers) -> None:
