@@ -201,6 +201,15 @@ def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path
     assert np.array_equal(np.load(out), np.load(ref))
 
 
+def test_local_files_need_no_remote_extra(tmp_path, members, tiny16):
+    photo = write_local(tmp_path / "l", members[:1])[0]
+    code = ("import sys; sys.modules['fsspec'] = sys.modules['aiohttp'] = None; from vggembed.cli import main; "
+            f"main(['embed', {str(photo)!r}, '-o', {str(tmp_path / 'x.npy')!r}, '--weights', {str(tiny16)!r}, '-q'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "x.npy").shape[0] == 1
+
+
 @pytest.fixture(scope="module")
 def s3():
     with S3Server() as server:

@@ -320,8 +320,6 @@ def fetch_ahead(sources: Iterable, concurrency: int = 32) -> Iterator:
     bounded. When the caller stops (Ctrl-C, SIGTERM, an error), the reads in
     flight are cancelled, not waited for: their images are simply not done.
     """
-    from fsspec.asyn import get_loop
-
     pending: collections.deque = collections.deque()
     try:
         for source in sources:
@@ -330,9 +328,12 @@ def fetch_ahead(sources: Iterable, concurrency: int = 32) -> Iterator:
                                          and (source.data is not None or source.error is not None)):
                 try:
                     fs, path = filesystem(name)
-                    pending.append(asyncio.run_coroutine_threadsafe(_fetch(name, fs, path), get_loop()))
                 except ImageError as e:
                     pending.append(Source(name, error=e.problem))
+                else:
+                    from fsspec.asyn import get_loop  # here: a run of local files needs no fsspec
+
+                    pending.append(asyncio.run_coroutine_threadsafe(_fetch(name, fs, path), get_loop()))
             else:
                 pending.append(source)
             while pending and (len(pending) >= concurrency or not isinstance(pending[0], Future)):
