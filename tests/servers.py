@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -51,7 +52,8 @@ class FileServer:
     """
 
     def __init__(self, files: dict[str, bytes], latency: float = 0.0, slow_seconds: float = 0.5,
-                 trickle_seconds: float = 0.2, retry_after: str = "3600", away: str = "", host: str = "127.0.0.1"):
+                 trickle_seconds: float = 0.2, retry_after: str = "3600", away: str = "", host: str = "127.0.0.1",
+                 tls: tuple[str, str] | None = None):
         self.files = files
         self.latency = latency
         self.slow_seconds = slow_seconds
@@ -198,13 +200,19 @@ class FileServer:
             request_queue_size = 256  # the default backlog of 5 drops concurrent connections (1 s SYN retries)
 
         self.httpd = Server((host, 0), Handler)
+        self.scheme = "http"
+        if tls is not None:  # (certificate file, key file): HTTPS
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def base(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -217,6 +225,33 @@ class FileServer:
         self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def self_signed(folder) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by itself (so no client trusts it), and its key: files in `folder`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    with open(cert_file, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_file, key_file
 
 
 class S3Server:

@@ -20,7 +20,7 @@ import pytest
 from vggembed.errors import ImageError
 from vggembed.images import sources
 
-from .servers import FileServer, S3Server
+from .servers import FileServer, S3Server, self_signed
 from .test_sources import embed, index, members, reference, write_local  # noqa: F401 - members is a fixture
 
 HANG_GUARD = 90  # seconds: far above the 3 s deadline these tests set, far below a read left unbounded
@@ -101,6 +101,14 @@ def test_each_misbehaving_server_is_its_rows_failure_in_words_and_holds_nothing(
     local_of = {**{srv.url(f"/{n}"): p for (n, _), p in zip(members, local)}, srv.url(f"/away/{jpeg[0]}"): local[0]}
     expected = [local_of[a] for a in args if a not in bad]
     assert np.array_equal(np.load(out), reference(tmp_path, expected, tiny16))
+
+
+def test_an_untrusted_certificate_is_a_tls_error_naming_the_host(tmp_path, members, deadline):
+    with FileServer({"/a.png": members[1][1]}, tls=self_signed(tmp_path)) as srv:
+        with pytest.raises(ImageError) as e:
+            sources.read_bytes(srv.url("/a.png"))
+        assert srv.requests == {}  # nothing was sent over it
+    assert e.value.problem == "TLS error: the certificate of 127.0.0.1 is not trusted (self-signed certificate)"
 
 
 def test_retry_after_is_honoured_within_the_deadline(tmp_path, members, deadline):

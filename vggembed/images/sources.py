@@ -837,7 +837,8 @@ def _describe_aiohttp(e, aiohttp, got: str, progress: _Progress | None, settings
                 return failure
         return _Failure(f"the server's answer is not valid HTTP{got}: {_message(e)}", True)
     if isinstance(e, aiohttp.ClientConnectorCertificateError):
-        return _Failure(f"TLS error: the certificate of {e.host} is not trusted ({_message(e.certificate_error)})")
+        why = getattr(e.certificate_error, "verify_message", None) or _message(e.certificate_error)
+        return _Failure(f"TLS error: the certificate of {e.host} is not trusted ({why})")
     if isinstance(e, (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError)):
         where = f" with {e.host}:{e.port}" if isinstance(e, aiohttp.ClientConnectorError) else ""
         ssl_error = e.os_error if isinstance(e, aiohttp.ClientConnectorError) else e
