@@ -21,7 +21,7 @@ from vggembed.errors import ImageError
 from vggembed.images import sources
 
 from .servers import FileServer, S3Server, self_signed
-from .test_sources import embed, index, members, reference, write_local  # noqa: F401 - members is a fixture
+from .test_sources import embed, index, reference, write_local
 
 HANG_GUARD = 90  # seconds: far above the 3 s deadline these tests set, far below a read left unbounded
 

@@ -56,22 +56,6 @@ def reference(tmp_path, files: list[Path], tiny16, name="reference.npy") -> np.n
     return np.load(out)
 
 
-@pytest.fixture
-def members(tmp_path, photos) -> list[tuple[str, bytes]]:
-    """Real photos as encoded files: a JPEG, PNGs, and the original JPEG."""
-    from PIL import Image
-
-    out = []
-    for i, p in enumerate(photos):
-        if i == 0:
-            buf = io.BytesIO()
-            Image.open(p).convert("RGB").save(buf, "JPEG", quality=90)
-            out.append((f"{i:03d}.jpg", buf.getvalue()))
-        else:
-            out.append((f"{i:03d}{p.suffix}", p.read_bytes()))
-    return out
-
-
 def write_local(folder: Path, files: list[tuple[str, bytes]]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -769,12 +769,6 @@ def _retry_after(headers) -> float | None:
         return None
 
 
-def classify_error(e: BaseException) -> tuple[bool, str]:
-    """(transient?, reason in words) for an exception from a remote read."""
-    failure = _describe(e)
-    return failure.transient, failure.reason
-
-
 def _describe(e: BaseException, progress: _Progress | None = None, settings: dict | None = None) -> _Failure:
     """A failed attempt in words, never a library's repr."""
     if isinstance(e, _Failure):
