@@ -7,7 +7,9 @@ seconds (an object store's round trip). Printed side by side, in one run:
    files, then URLs with 1, 4, 16, 32, 64 remote reads in flight
    (`runner.Options.fetch_ahead`), then the same images as one tar shard
    streamed over HTTP;
-2. end to end (`runner.embed`, the model included): local files against
+2. requests per image, as the servers count them: the HTTP server, and
+   moto's S3 server (its request recorder) for the same images in a bucket;
+3. end to end (`runner.embed`, the model included): local files against
    URLs at the default number of reads in flight, as a ratio.
 
     python benchmarks/remote.py                       # full-size random VGG16
@@ -17,6 +19,8 @@ seconds (an object store's round trip). Printed side by side, in one run:
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import functools
 import io
 import sys
@@ -30,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from tests.servers import FileServer  # noqa: E402
+from tests.servers import FileServer, S3Server  # noqa: E402
 from throughput import make_jpegs  # noqa: E402
 from vggembed.images import decode as images  # noqa: E402
 from vggembed.images import inputs  # noqa: E402
@@ -52,6 +56,18 @@ def feed_rate(names, workers, concurrency) -> float:
         assert item.error is None, item.error
         n += 1
     return n / (time.perf_counter() - start)
+
+
+def requests_per_image(srv, s3, paths, tmp) -> tuple[collections.Counter, collections.Counter | None]:
+    """Requests each server answered for reading every image once (fetch_ahead, as a run reads them)."""
+    before = collections.Counter(srv.requests)
+    list(fetch_ahead([Source(srv.url(f"/{p.name}")) for p in paths], 32))
+    http_counts = collections.Counter({"any method": sum((srv.requests - before).values())})  # counted by path
+    if s3 is None:
+        return http_counts, None
+    with s3.recording(tmp) as recorded:
+        list(fetch_ahead([Source(f"s3://bench/{p.name}") for p in paths], 32))
+    return http_counts, collections.Counter(method for method, _ in recorded)
 
 
 def embed_rate(model, names, tmp, opts, label) -> tuple[float, np.ndarray]:
@@ -98,6 +114,24 @@ def main() -> None:
                 print(f"{f'URLs, {c} reads in flight':>34} {rate:>9.1f} {rate / base:>9.2f}")
             rate = feed_rate([Source(srv.url("/photos.tar"))], args.workers, 16)
             print(f"{'one tar shard over HTTP':>34} {rate:>9.1f} {rate / base:>9.2f}")
+
+            with contextlib.ExitStack() as stack:
+                try:
+                    s3 = stack.enter_context(S3Server())
+                    client = s3.client()
+                    client.create_bucket(Bucket="bench")
+                    for p in paths:
+                        client.put_object(Bucket="bench", Key=p.name, Body=files[f"/{p.name}"])
+                except ImportError:  # moto and s3fs come with the test extra
+                    s3 = None
+                http_counts, s3_counts = requests_per_image(srv, s3, paths, tmp)
+            print(f"\n## Requests per image, as the servers count them ({len(paths)} images)")
+            for label, counts in (("HTTP server", http_counts), ("S3 (moto)", s3_counts)):
+                if counts is None:
+                    print(f"{label:>34} (moto/s3fs not installed)")
+                    continue
+                per = ", ".join(f"{n / len(paths):.2f} {method}" for method, n in sorted(counts.items()))
+                print(f"{label:>34} {sum(counts.values()) / len(paths):>9.2f}  ({per})")
 
             if args.tiny:
                 weights = synthetic.write_npz(synthetic.make_params("vgg16", (4, 8, 8, 16, 16), 32, 10, seed=1),

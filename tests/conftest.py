@@ -112,3 +112,21 @@ def write_ray_folder(folder, names, errors, vectors, recipe, part_size):
         ok = np.array([e is None for e in errors[rows]], dtype=bool)
         write_part(store, run.manifest["id"], part, list(names[rows]), list(errors[rows]), vectors[rows][ok], recipe)
     return folder
+
+
+@pytest.fixture
+def members(tmp_path, photos) -> list[tuple[str, bytes]]:
+    """Real photos as encoded files: a JPEG, PNGs, and the original JPEG."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for i, p in enumerate(photos):
+        if i == 0:
+            buf = io.BytesIO()
+            Image.open(p).convert("RGB").save(buf, "JPEG", quality=90)
+            out.append((f"{i:03d}.jpg", buf.getvalue()))
+        else:
+            out.append((f"{i:03d}{p.suffix}", p.read_bytes()))
+    return out

@@ -13,6 +13,9 @@
 - SIGTERM and SIGHUP (`timeout`, systemd, Kubernetes, Ray, a closed terminal)
   end a command as Ctrl-C does: its `finally` blocks run, staged output is
   kept, one line says how to resume, exit 128 + the signal (143, 129).
+  Remote reads never hold this up: they run on fsspec's IO loop, and the
+  main thread only waits for them, so the interrupt lands in that wait and
+  cancels them (`images.sources.fetch_ahead`); their images are not done.
 - A reader that goes away (`vggembed classify dir/ | head -1`) ends the
   command quietly with 141, the status a shell gives a program killed by
   SIGPIPE, so `set -o pipefail` scripts see the usual code.
