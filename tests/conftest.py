@@ -112,3 +112,64 @@ def write_ray_folder(folder, names, errors, vectors, recipe, part_size):
         ok = np.array([e is None for e in errors[rows]], dtype=bool)
         write_part(store, run.manifest["id"], part, list(names[rows]), list(errors[rows]), vectors[rows][ok], recipe)
     return folder
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...), from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return [p for p in found if _alive(p)]
+
+
+def part_workers(pid: int) -> list[int]:
+    """The Ray engine's model actors (`ray::PartWorker` processes) below `pid` (a raylet, or a driver that
+    started its own runtime), and no other process on the machine."""
+    found = []
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"ray::PartWorker" in f.read():
+                    found.append(p)
+        except OSError:
+            pass
+    return found
+
+
+def wait_until_gone(pids, timeout: float = 120) -> None:
+    """Wait until every process in `pids` has ended; the bound only guards against a hang."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(map(_alive, pids)):
+        assert time.monotonic() < deadline, f"processes {[p for p in pids if _alive(p)]} still alive after {timeout}s"
+        time.sleep(0.05)
+
+
+def wait_held(server, alive, timeout: float = 600) -> None:
+    """Wait until a reader asks `server` for a /hold/ path, while `alive()`; the bound only guards a hang."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not server.held.wait(0.2):
+        assert alive(), "the run ended before it reached the held input"
+        assert time.monotonic() < deadline, f"no reader reached the held input in {timeout}s"

@@ -8,6 +8,7 @@ import http.server
 import logging
 import os
 import re
+import sys
 import threading
 import time
 
@@ -24,6 +25,8 @@ class FileServer:
       /cut/P        always does that
       /denied/P     answers 403
       /chunked/P    sends the body with chunked transfer encoding, no Content-Length
+      /hold/P       sets `held`, then answers only once `release` is set: a test knows that a reader
+                    is waiting on P, and lets it go on when it chooses (a handshake, not a sleep)
     Anything else not in `files` is a 404. `latency` delays every response
     (a remote store's round trip). `requests` counts requests per path, `sent`
     the body bytes written per path (in 64 KiB writes, so a client that
@@ -37,6 +40,8 @@ class FileServer:
         self.requests: collections.Counter = collections.Counter()
         self.sent: collections.Counter = collections.Counter()
         self.lock = threading.Lock()
+        self.held = threading.Event()
+        self.release = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -58,8 +63,12 @@ class FileServer:
                     count = server.requests[self.path]
                 if server.latency:
                     time.sleep(server.latency)
-                m = re.match(r"^/(slow|fail500|busy|cutonce|cut|denied|chunked)(/.*)$", self.path)
+                m = re.match(r"^/(slow|fail500|busy|cutonce|cut|denied|chunked|hold)(/.*)$", self.path)
                 kind, path = (m.group(1), m.group(2)) if m else (None, self.path)
+                if kind == "hold":
+                    server.held.set()
+                    if not server.release.wait(timeout=600):  # only a guard against a test that hangs
+                        return self.status(504)
                 if kind == "slow":
                     time.sleep(server.slow_seconds)
                 if kind == "denied":
@@ -113,6 +122,10 @@ class FileServer:
 
         class Server(http.server.ThreadingHTTPServer):
             request_queue_size = 256  # the default backlog of 5 drops concurrent connections (1 s SYN retries)
+
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # a client killed mid-request: no news
+                    super().handle_error(request, client_address)
 
         self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
