@@ -16,6 +16,9 @@ TINY_WIDTHS = (4, 8, 8, 16, 16)
 TINY_FC = 32
 TINY_CLASSES = 10
 LABELS = [f"label {i}" for i in range(TINY_CLASSES)]
+# Seconds after which a subprocess or a wait is taken to hang. Never a speed target: a loaded 2-core CI box
+# may be many times slower than a desk, and a bound that a slow but working run can reach makes a flaky test.
+HANG = 600
 
 
 def _photo_dir() -> Path:
@@ -155,21 +158,26 @@ def part_workers(pid: int) -> list[int]:
     return found
 
 
-def wait_until_gone(pids, timeout: float = 120) -> None:
-    """Wait until every process in `pids` has ended; the bound only guards against a hang."""
+def wait_for(predicate, what: str) -> None:
+    """Poll `predicate` until it holds (a readiness probe); the bound only guards against a hang, and
+    running into it fails the test naming `what` rather than going on as if it had happened."""
     import time
 
-    deadline = time.monotonic() + timeout
-    while any(map(_alive, pids)):
-        assert time.monotonic() < deadline, f"processes {[p for p in pids if _alive(p)]} still alive after {timeout}s"
-        time.sleep(0.05)
+    deadline = time.monotonic() + HANG
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not so after {HANG} s"
+        time.sleep(0.02)
 
 
-def wait_held(server, alive, timeout: float = 600) -> None:
-    """Wait until a reader asks `server` for a /hold/ path, while `alive()`; the bound only guards a hang."""
-    import time
+def wait_until_gone(pids) -> None:
+    """Wait until every process in `pids` has ended."""
+    wait_for(lambda: not any(map(_alive, pids)), f"processes {list(pids)} ending")
 
-    deadline = time.monotonic() + timeout
-    while not server.held.wait(0.2):
+
+def wait_held(server, alive) -> None:
+    """Wait until a reader asks `server` for a /hold/ path (see servers.FileServer), while `alive()`."""
+    def reached():
         assert alive(), "the run ended before it reached the held input"
-        assert time.monotonic() < deadline, f"no reader reached the held input in {timeout}s"
+        return server.held.wait(0.2)
+
+    wait_for(reached, "a reader reaching the held input")

@@ -24,17 +24,19 @@ from PIL import Image, ImageFile
 from vggembed.errors import ImageError
 from vggembed.images.decode import load_rgb, prepare
 
+from .conftest import HANG
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_python(code: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (vggembed importable); a hang fails the test."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
         return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=HANG, env=env)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"hung for {timeout} s")
+        pytest.fail(f"hung for {HANG} s")
 
 
 def jpeg_bytes(img: Image.Image, **kw) -> bytes:
@@ -173,7 +175,7 @@ def test_fifo_socket_and_device_are_failed_rows_not_hangs(tmp_path):
                     load_rgb(p if p.startswith("/") else {str(tmp_path)!r} + "/" + p)
                 except ImageError as e:
                     print(e)
-        """, timeout=30)
+        """)
     finally:
         sock.close()
     assert result.stdout.splitlines() == [
@@ -275,7 +277,7 @@ def peak_growth_mb(code_before: str, code: str) -> tuple[str, int]:
         except Exception as e:
             print(type(e).__name__ + ": " + str(e))
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
-    """, timeout=120)
+    """)
     assert result.returncode == 0, result.stderr
     *out, grown = result.stdout.splitlines()
     return "\n".join(out), int(grown)
@@ -467,7 +469,7 @@ def test_a_mat_file_that_crashes_scipy_is_one_line_not_a_dead_process(tmp_path, 
 
     for _ in range(2):  # the verdict is remembered: the second time it comes from the cache
         cli = subprocess.run([sys.executable, "-m", "vggembed", "info", str(path)], capture_output=True, text=True,
-                             timeout=120, env=env)
+                             timeout=HANG, env=env)
         assert (cli.returncode, cli.stderr.splitlines()) == (1, [f"Error: {line}"])
     entries = list((tmp_path / "home" / "mat-parse").iterdir())
     assert len(entries) == 1 and entries[0].read_text().endswith(" SIGSEGV")
@@ -513,7 +515,7 @@ def test_fifo_socket_or_device_as_weights_or_labels_is_a_one_line_error(tmp_path
             args = [str(special)] if flag == "weights" else [str(tiny16), "--labels", str(special)]
             try:
                 result = subprocess.run([sys.executable, "-m", "vggembed", "info", *args], capture_output=True,
-                                        text=True, timeout=60, env=env)
+                                        text=True, timeout=HANG, env=env)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"--{flag} {special} hung")
             assert result.returncode == 1

@@ -16,6 +16,7 @@ from vggembed.net import int8
 from vggembed.net import synthetic
 from vggembed.cli import main
 from vggembed.errors import VGGEmbedError
+from vggembed.images.decode import prepare
 from vggembed.images.inputs import expand
 
 from .conftest import cosine
@@ -89,7 +90,7 @@ def test_vectors_close_to_float32_and_reproducible(m8, tiny_model, photos):
     assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
     np.testing.assert_array_equal(m8.embed(photos, layer="fc2", batch_size=4), ours)  # bit for bit
     # several layers (fc and pooled conv maps) in one converted model come back under their own names
-    batch = np.stack([vggembed.images.prepare(p) for p in photos]).astype(np.float32)
+    batch = np.stack([prepare(p) for p in photos]).astype(np.float32)
     layers = ["relu6", "relu7", "pool5", "conv5_3"]
     several, ref = m8.run(batch, layers, pool="avg"), tiny_model.run(batch, layers, pool="avg")
     for name in layers:
@@ -113,7 +114,7 @@ def test_the_converted_model_is_the_network_calibration_wrote(m8, photos):
     """The converter takes the measured ranges, rounded weights and corrected biases as they are."""
     import tensorflow as tf
 
-    batch = np.stack([vggembed.images.prepare(p) for p in photos]).astype(np.float32)
+    batch = np.stack([prepare(p) for p in photos]).astype(np.float32)
     m8.run(batch[:1], ["relu7"])
     plan = m8.calibrate(("relu7",), None)
     interpreter = m8._interpreters[("relu7",), None]
@@ -301,7 +302,7 @@ def test_ray_engine_int8_equals_local_int8(tmp_path, tiny16, photos, int8_cache,
     try:
         parts = tmp_path / "parts"
         result = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--precision", "int8",
-                     "--batch-size", 4, "--part-size", 5)
+                     "--batch-size", 4, "--part-size", 5, "--workers", 2)
         assert result.exit_code == 3, result.output
     finally:
         ray.shutdown()

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from vggembed.net import synthetic
 from vggembed.cli import main
 
-from .conftest import env_without_tf_noise, interruptible, part_workers, wait_held, wait_until_gone
+from .conftest import HANG, env_without_tf_noise, interruptible, part_workers, wait_held, wait_until_gone
 from .servers import FileServer
 
 ray = pytest.importorskip("ray")
@@ -24,6 +24,8 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_runtime():
+    """A runtime of 2 CPUs, whatever the machine: in-process runs on it pass --workers 2 (or fewer), since the
+    default (one actor per core, up to 8) would not fit on a bigger machine."""
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -75,7 +77,7 @@ def assert_same_outputs(merged: Path, local: Path):
 def test_ray_engine_equals_local_engine(tmp_path, ray_runtime, folder, tiny16):
     parts = tmp_path / "parts"
     result = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8,
-                 "--part-size", 50)
+                 "--part-size", 50, "--workers", 2)
     assert result.exit_code == 3, result.output  # two bad images: completed with failures
     assert "embedded 238 of 240 images on Ray" in result.stderr
     manifest = json.loads((parts / "manifest.json").read_text())
@@ -98,7 +100,8 @@ def test_ray_engine_equals_local_engine(tmp_path, ray_runtime, folder, tiny16):
     assert run("merge", parts, "-o", merged).exit_code == 0
     assert_same_outputs(merged, local_reference(tmp_path, [folder], tiny16))
 
-    again = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8)
+    again = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8,
+                "--workers", 2)
     assert again.exit_code == 1 and "pass --resume" in again.stderr
 
 
@@ -111,7 +114,7 @@ def test_interrupted_ray_run_resumes_to_the_same_result(tmp_path, ray_runtime, g
     wait_held(server, lambda: proc.poll() is None)  # its actor is inside part 1, part 0 is written
     actors = part_workers(proc.pid)  # of the runtime this run started, and no other
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    proc.communicate(timeout=HANG)
     wait_until_gone(actors)  # none may write during what follows
     server.release.set()
     assert sorted(p.name for p in parts.glob("part-*.parquet")) == ["part-00000.parquet"], "interrupted part way"
@@ -152,10 +155,10 @@ def test_an_output_that_is_a_file_is_one_line_before_ray_starts(tmp_path, folder
 def test_resume_with_other_options_is_refused(tmp_path, ray_runtime, folder, tiny16):
     parts = tmp_path / "parts"
     files = sorted(folder.iterdir())[:10]
-    assert run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4
-               ).exit_code == 3
+    assert run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
+               "--workers", 2).exit_code == 3
     other = run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
-                "--layer", "fc1", "--resume")
+                "--layer", "fc1", "--resume", "--workers", 2)
     assert other.exit_code == 1
     assert f"{parts}: the earlier run was made with another recipe (layer: 'relu6' vs 'relu7')" in other.stderr
 
@@ -184,7 +187,7 @@ def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path,
     os.kill(actors[0], signal.SIGKILL)
     wait_until_gone(actors)
     server.release.set()
-    thread.join(timeout=600)  # a guard against a hang only
+    thread.join(timeout=HANG)
     assert not thread.is_alive() and "counts" in result
     assert sorted(p.name for p in parts.glob("part-*.parquet")) == [f"part-{k:05d}.parquet" for k in range(13)]
     assert (result["counts"].images, result["counts"].failed) == (241, 2)
@@ -203,7 +206,7 @@ def test_batches_and_parts_where_every_image_failed_are_rows_like_any_other(tmp_
     parts = tmp_path / "parts"
     proc = subprocess.run([sys.executable, "-m", "vggembed", "-v", "embed", str(folder), "-o", str(parts), "--engine",
                            "ray", "--weights", str(tiny16), "--batch-size", "4", "--part-size", "8"],
-                          capture_output=True, text=True, timeout=300, env=env_without_tf_noise())
+                          capture_output=True, text=True, timeout=HANG, env=env_without_tf_noise())
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "embedded 20 of 30 images on Ray" in proc.stderr and "; 10 failed" in proc.stderr
     assert "constructor arguments in the object store" not in proc.stderr
@@ -242,7 +245,7 @@ def test_parts_follow_tar_shards_and_resume_redoes_only_the_missing_shard(tmp_pa
     inputs = [a, *files[10:15], b, c]
     parts = tmp_path / "parts"
     args = ["embed", *inputs, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
-            "--part-size", 4]
+            "--part-size", 4, "--workers", 2]
     first = run(*args)
     assert first.exit_code == 3, first.output
     names = [f"part-0000{k}.parquet" for k in range(5)]  # a.tar | 4 files | 1 file | b.tar | c.tar

@@ -13,7 +13,7 @@ import threading
 import pytest
 from vggembed.net import synthetic
 
-from .conftest import env_without_tf_noise, part_workers, wait_held, wait_until_gone
+from .conftest import HANG, env_without_tf_noise, part_workers, wait_held, wait_until_gone
 from .servers import FileServer
 from .test_ray import assert_same_outputs, run
 
@@ -99,7 +99,7 @@ def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path, cluster, gated, ti
     torn = parts / ".part-00002.parquet.0123456789ab.tmp"
     torn.write_bytes((parts / "part-00000.parquet").read_bytes()[:500])
     server.release.set()
-    thread.join(timeout=600)  # a guard against a hang only
+    thread.join(timeout=HANG)
     assert not thread.is_alive() and "counts" in result
     assert sorted(p.name for p in parts.glob("part-*.parquet")) == PARTS
     assert (result["counts"].images, result["counts"].failed) == (81, 1)
@@ -125,13 +125,13 @@ def test_a_driver_killed_mid_run_resumes_redoing_only_the_missing_parts(tmp_path
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_without_tf_noise())
     wait_held(server, lambda: proc.poll() is None)  # the actor is inside part 2, parts 0 and 1 are written
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait(timeout=HANG)
     _no_model_actor_left(cluster)  # the cluster ends a dead driver's actors; none may write during the re-run
     server.release.set()
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("part-*.parquet")}
     assert sorted(kept) == PARTS[:2], "killed part way"
 
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=600,
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=HANG,
                              env=env_without_tf_noise())
     assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
     assert "; 2 of 11 parts already done" in resumed.stderr

@@ -9,6 +9,9 @@ Struct fields are read by name, never by position: their order differs
 between files. Kernels are stored HWIO for RGB input (MatConvNet's Caffe
 importer reverses the blob's axes and swaps the first two), so they are used
 as stored; fc6..fc8 are stored as convolutions and become matrices here.
+
+scipy's parser can crash on a forged file, so each file version is parsed
+first in a child process (`check_survivable`); see the section below.
 """
 
 from __future__ import annotations
