@@ -16,6 +16,9 @@ TINY_WIDTHS = (4, 8, 8, 16, 16)
 TINY_FC = 32
 TINY_CLASSES = 10
 LABELS = [f"label {i}" for i in range(TINY_CLASSES)]
+# Seconds after which a subprocess or a wait is taken to hang. Never a speed target: a loaded 2-core CI box
+# may be many times slower than a desk, and a bound that a slow but working run can reach makes a flaky test.
+HANG = 600
 
 
 def _photo_dir() -> Path:
@@ -130,3 +133,69 @@ def members(tmp_path, photos) -> list[tuple[str, bytes]]:
         else:
             out.append((f"{i:03d}{p.suffix}", p.read_bytes()))
     return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...), from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return [p for p in found if _alive(p)]
+
+
+def part_workers(pid: int) -> list[int]:
+    """The Ray engine's model actors (`ray::PartWorker` processes) below `pid` (a raylet, or a driver that
+    started its own runtime), and no other process on the machine."""
+    found = []
+    for p in descendants(pid):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"ray::PartWorker" in f.read():
+                    found.append(p)
+        except OSError:
+            pass
+    return found
+
+
+def wait_for(predicate, what: str) -> None:
+    """Poll `predicate` until it holds (a readiness probe); the bound only guards against a hang, and
+    running into it fails the test naming `what` rather than going on as if it had happened."""
+    import time
+
+    deadline = time.monotonic() + HANG
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not so after {HANG} s"
+        time.sleep(0.02)
+
+
+def wait_until_gone(pids) -> None:
+    """Wait until every process in `pids` has ended."""
+    wait_for(lambda: not any(map(_alive, pids)), f"processes {list(pids)} ending")
+
+
+def wait_held(server, alive) -> None:
+    """Wait until a reader asks `server` for a /hold/ path (see servers.FileServer), while `alive()`."""
+    def reached():
+        assert alive(), "the run ended before it reached the held input"
+        return server.held.wait(0.2)
+
+    wait_for(reached, "a reader reaching the held input")

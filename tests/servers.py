@@ -13,6 +13,7 @@ import re
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -43,6 +44,8 @@ class FileServer:
       /throttleonce/P  does that to the first request only, then serves the file
       /reset/P      sends half the body, then resets the connection (RST)
       /status/N/P   answers HTTP status N
+      /hold/P       sets `held`, then answers only once `release` is set: a test knows that a reader
+                    is waiting on P, and lets it go on when it chooses (a handshake, not a sleep)
     Anything else not in `files` is a 404. `latency` delays every response
     (a remote store's round trip). `requests` counts requests per path, `sent`
     the body bytes written per path (in 64 KiB writes, so a client that
@@ -65,6 +68,8 @@ class FileServer:
         self.times: collections.defaultdict = collections.defaultdict(list)
         self.lock = threading.Lock()
         self.closing = threading.Event()
+        self.held = threading.Event()
+        self.release = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -87,9 +92,13 @@ class FileServer:
                     count = server.requests[self.path]
                 if server.latency:
                     time.sleep(server.latency)
-                m = re.match(r"^/(slow|fail500|busy|cutonce|cut|denied|chunked|trickle|silent|endless|loop|away|longer"
+                m = re.match(r"^/(slow|fail500|busy|cutonce|cut|denied|chunked|hold|trickle|silent|endless|loop|away|longer"
                              r"|shorter|throttleonce|throttle|reset|status/\d+)(/.*)$", self.path)
                 kind, path = (m.group(1), m.group(2)) if m else (None, self.path)
+                if kind == "hold":
+                    server.held.set()
+                    if not server.release.wait(timeout=600):  # only a guard against a test that hangs
+                        return self.status(504)
                 if kind == "slow":
                     time.sleep(server.slow_seconds)
                 if kind == "denied":
@@ -198,6 +207,10 @@ class FileServer:
 
         class Server(http.server.ThreadingHTTPServer):
             request_queue_size = 256  # the default backlog of 5 drops concurrent connections (1 s SYN retries)
+
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], ConnectionError):  # a client killed mid-request: no news
+                    super().handle_error(request, client_address)
 
         self.httpd = Server((host, 0), Handler)
         self.scheme = "http"

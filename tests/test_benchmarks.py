@@ -51,3 +51,12 @@ def test_remote_benchmark_prints_local_beside_urls():
                          capture_output=True, text=True, check=True, timeout=300).stdout
     assert "local files" in out and "URLs, 4 reads in flight" in out and "one tar shard over HTTP" in out
     assert out.rstrip().endswith("True")  # the same vectors from URLs as from the files
+
+
+def test_mat_check_benchmark_prints_first_and_cached_loads():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mat_check.py"), "--tiny", "--repeat", "1"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout.splitlines()
+    rows = {line[:40].strip(): float(line[40:]) for line in out[2:]}
+    assert list(rows) == ["first load (child check, then read)", "later load (verdict cached)",
+                          "the check, first time (the child)", "the check, verdict cached"]
+    assert all(seconds > 0 for seconds in rows.values())

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import vggembed
 from vggembed.net import synthetic
 from vggembed.cli import main
 
-from .conftest import interruptible
+from .conftest import HANG, interruptible, wait_for
 
 VGGEMBED = [sys.executable, "-m", "vggembed"]
 
@@ -273,11 +272,9 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, many_images, tiny1
     proc.stdin.write("".join(p + "\n" for p in paths[:150]).encode())
     proc.stdin.flush()
     index = Path(str(out) + ".index.csv.partial")
-    deadline = time.time() + 120
-    while time.time() < deadline and not (index.exists() and index.read_text().count("\n") > 40):
-        time.sleep(0.02)
+    wait_for(lambda: index.exists() and index.read_text().count("\n") > 40, "40 rows staged")
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG)
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 130), err
     assert not out.exists(), "an interrupted run must not leave a file that looks complete"
     if sig == signal.SIGINT:

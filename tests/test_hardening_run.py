@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from PIL import Image
 
 from vggembed.cli import main
 
-from .conftest import interruptible
+from .conftest import HANG, interruptible, wait_for
 
 VGGEMBED = [sys.executable, "-m", "vggembed"]
 TEXT = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
@@ -32,7 +31,7 @@ def run(*args, input=None):
                               input=input, catch_exceptions=False)
 
 
-def cli(*args, timeout=120, **kw):
+def cli(*args, timeout=HANG, **kw):
     """The real command in a subprocess; returns CompletedProcess with bytes."""
     return subprocess.run(VGGEMBED + [os.fsdecode(a) if isinstance(a, Path) else a for a in args],
                           capture_output=True, timeout=timeout, **kw)
@@ -79,15 +78,6 @@ def mounts():
 
 
 # ------------------------------------------------------------ one run per output
-def wait_for(predicate, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting")
-
-
 def test_a_second_run_on_the_same_output_fails_at_once_naming_the_first(tmp_path, image_dir, tiny16, photos):
     out = tmp_path / "feats.npy"
     first = subprocess.Popen(VGGEMBED + ["embed", "-", "-o", str(out), "--weights", str(tiny16), "--batch-size", "1"],
@@ -96,18 +86,18 @@ def test_a_second_run_on_the_same_output_fails_at_once_naming_the_first(tmp_path
         first.stdin.write(f"{photos[0]}\n".encode())
         first.stdin.flush()
         lock = Path(str(out) + ".lock")
-        wait_for(lambda: lock.exists() and lock.read_text().strip())
+        wait_for(lambda: lock.exists() and lock.read_text().strip(), "the first run's lock")
         assert lock.read_text().strip() == str(first.pid)
 
-        started = time.time()
+        # The first run waits for more input until the test gives it: a second run that waited for the lock
+        # would hang (and time out) instead of failing.
         second = cli("embed", image_dir, "-o", out, "--weights", tiny16)
         assert second.returncode == 1
         one_line_error(second.stderr, str(out), f"PID {first.pid}")
-        assert time.time() - started < 60  # at once: it never waits for the first run
 
         first.stdin.write(f"{photos[1]}\n".encode())
         first.stdin.close()
-        assert first.wait(timeout=120) == 0, first.stderr.read()
+        assert first.wait(timeout=HANG) == 0, first.stderr.read()
     finally:
         first.kill()
     # The first run's output holds its own images only.
@@ -122,9 +112,10 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path, image_dir, tiny16, photos):
                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     holder.stdin.write(f"{photos[0]}\n".encode())
     holder.stdin.flush()
-    wait_for(lambda: Path(str(out) + ".lock").exists() and Path(str(out) + ".lock").read_text().strip())
+    wait_for(lambda: Path(str(out) + ".lock").exists() and Path(str(out) + ".lock").read_text().strip(),
+             "the run's lock")
     holder.kill()
-    holder.wait(timeout=30)
+    holder.wait(timeout=HANG)
     assert Path(str(out) + ".lock").exists()  # the file stays, but no process holds its lock
     again = cli("embed", image_dir, "-o", out, "--weights", tiny16, "--overwrite")
     assert again.returncode == 0, again.stderr
@@ -182,7 +173,7 @@ def test_a_folder_without_write_permission_is_one_line(tmp_path, image_dir, tiny
     for command in (["embed", str(image_dir), "-o", str(locked / "feats.npy")],
                     ["classify", str(image_dir), "-o", str(locked / "preds.csv")]):
         result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search"] + VGGEMBED + command
-                                + ["--weights", str(tiny16)], capture_output=True, timeout=120)
+                                + ["--weights", str(tiny16)], capture_output=True, timeout=HANG)
         assert result.returncode == 1
         one_line_error(result.stderr, str(locked), "permission denied")
     assert not list(locked.iterdir())
@@ -245,7 +236,7 @@ def test_stderr_closed_the_run_works_and_the_exit_code_tells(tmp_path, image_dir
     # -v: TensorFlow's start-up log goes to fd 2, which must not be the output file
     done = subprocess.run(VGGEMBED + ["-v", "embed", str(image_dir), "-o", str(out), "--weights", str(tiny16)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=closing(1, 2),
-                          timeout=120)
+                          timeout=HANG)
     assert done.returncode == 3  # some images failed
     with open(out, **TEXT) as f:
         rows = list(csv.reader(f))
@@ -257,14 +248,14 @@ def test_stderr_closed_the_run_works_and_the_exit_code_tells(tmp_path, image_dir
 def test_stdout_closed_a_data_command_fails_with_the_reason(tmp_path, photos, tiny16, command):
     args = {"classify": ["classify", str(photos[0]), "--weights", str(tiny16)], "info": ["info", str(tiny16)]}
     done = subprocess.run(VGGEMBED + args[command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          preexec_fn=closing(1), timeout=120)
+                          preexec_fn=closing(1), timeout=HANG)
     assert done.returncode == 1
     one_line_error(done.stderr, "standard output is closed")
 
 
 def test_stdin_closed_is_an_empty_input(tmp_path, tiny16):
     done = subprocess.run(VGGEMBED + ["embed", "-", "-o", str(tmp_path / "f.npy"), "--weights", str(tiny16)],
-                          stdin=subprocess.DEVNULL, capture_output=True, preexec_fn=closing(0), timeout=120)
+                          stdin=subprocess.DEVNULL, capture_output=True, preexec_fn=closing(0), timeout=HANG)
     assert done.returncode == 1
     one_line_error(done.stderr, "no images to process", "stdin")
     assert list(tmp_path.iterdir()) == []
@@ -285,7 +276,7 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path, small_images, ti
     except BrokenPipeError:
         pass
     err = proc.stderr.read()
-    proc.wait(timeout=120)
+    proc.wait(timeout=HANG)
     assert first.startswith(b"path\trank")
     assert proc.returncode == 141, err
     assert b"Traceback" not in err and b"Exception ignored" not in err and b"BrokenPipe" not in err
@@ -305,9 +296,9 @@ def test_sigterm_keeps_the_staged_output_and_says_how_to_resume(tmp_path, small_
     proc.stdin.write("".join(p + "\n" for p in paths[:30]).encode())
     proc.stdin.flush()
     index = Path(str(out) + ".index.csv.partial")
-    wait_for(lambda: index.exists() and index.read_text().count("\n") > 10)
+    wait_for(lambda: index.exists() and index.read_text().count("\n") > 10, "10 rows staged")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=HANG)
     assert proc.returncode == 143, err
     assert b"SIGTERM" in err and b"--resume" in err and b"Traceback" not in err
     assert not out.exists() and not Path(str(out) + ".lock").exists()

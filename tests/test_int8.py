@@ -302,7 +302,7 @@ def test_ray_engine_int8_equals_local_int8(tmp_path, tiny16, photos, int8_cache,
     try:
         parts = tmp_path / "parts"
         result = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--precision", "int8",
-                     "--batch-size", 4, "--part-size", 5)
+                     "--batch-size", 4, "--part-size", 5, "--workers", 2)
         assert result.exit_code == 3, result.output
     finally:
         ray.shutdown()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +16,16 @@ from click.testing import CliRunner
 from vggembed.net import synthetic
 from vggembed.cli import main
 
-from .conftest import env_without_tf_noise, interruptible
+from .conftest import HANG, env_without_tf_noise, interruptible, part_workers, wait_held, wait_until_gone
+from .servers import FileServer
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def ray_runtime():
+    """A runtime of 2 CPUs, whatever the machine: in-process runs on it pass --workers 2 (or fewer), since the
+    default (one actor per core, up to 8) would not fit on a bigger machine."""
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -47,11 +50,22 @@ def read_csv(path):
         return list(csv.reader(f))
 
 
-def local_reference(tmp_path, folder, weights):
+def local_reference(tmp_path, inputs, weights):
     out = tmp_path / "local.npy"
-    result = run("embed", folder, "-o", out, "--weights", weights, "--batch-size", 8)
+    result = run("embed", *inputs, "-o", out, "--weights", weights, "--batch-size", 8)
     assert result.exit_code == 3
     return out
+
+
+@pytest.fixture
+def gated(folder, photos):
+    """The folder's 240 images with, as input 20 (the first of part 1 with parts of 20), a URL that the
+    loopback server holds until the test releases it: when the server sees that request, a run's single
+    model actor has written part 0 and no other, whatever the machine's load."""
+    images = [str(p) for p in sorted(folder.iterdir())]
+    with FileServer({"/gate.jpg": photos[3].read_bytes()}) as server:
+        yield server, images[:20] + [server.url("/hold/gate.jpg")] + images[20:]
+        server.release.set()
 
 
 def assert_same_outputs(merged: Path, local: Path):
@@ -63,7 +77,7 @@ def assert_same_outputs(merged: Path, local: Path):
 def test_ray_engine_equals_local_engine(tmp_path, ray_runtime, folder, tiny16):
     parts = tmp_path / "parts"
     result = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8,
-                 "--part-size", 50)
+                 "--part-size", 50, "--workers", 2)
     assert result.exit_code == 3, result.output  # two bad images: completed with failures
     assert "embedded 238 of 240 images on Ray" in result.stderr
     manifest = json.loads((parts / "manifest.json").read_text())
@@ -84,24 +98,26 @@ def test_ray_engine_equals_local_engine(tmp_path, ray_runtime, folder, tiny16):
 
     merged = tmp_path / "merged.npy"
     assert run("merge", parts, "-o", merged).exit_code == 0
-    assert_same_outputs(merged, local_reference(tmp_path, folder, tiny16))
+    assert_same_outputs(merged, local_reference(tmp_path, [folder], tiny16))
 
-    again = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8)
+    again = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8,
+                "--workers", 2)
     assert again.exit_code == 1 and "pass --resume" in again.stderr
 
 
-def test_interrupted_ray_run_resumes_to_the_same_result(tmp_path, ray_runtime, folder, tiny16):
+def test_interrupted_ray_run_resumes_to_the_same_result(tmp_path, ray_runtime, gated, tiny16):
+    server, inputs = gated
     parts = tmp_path / "parts"
-    args = [sys.executable, "-m", "vggembed", "embed", str(folder), "-o", str(parts), "--engine", "ray",
+    args = [sys.executable, "-m", "vggembed", "embed", *inputs, "-o", str(parts), "--engine", "ray",
             "--weights", str(tiny16), "--batch-size", "8", "--workers", "1", "--part-size", "20"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(parts.glob("part-*.parquet")):
-        time.sleep(0.05)
+    wait_held(server, lambda: proc.poll() is None)  # its actor is inside part 1, part 0 is written
+    actors = part_workers(proc.pid)  # of the runtime this run started, and no other
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    done_before = len(list(parts.glob("part-*.parquet")))
-    assert 1 <= done_before < 12, "interrupted part way"
+    proc.communicate(timeout=HANG)
+    wait_until_gone(actors)  # none may write during what follows
+    server.release.set()
+    assert sorted(p.name for p in parts.glob("part-*.parquet")) == ["part-00000.parquet"], "interrupted part way"
 
     merged = tmp_path / "early.npy"
     early = run("merge", parts, "-o", merged)
@@ -112,13 +128,13 @@ def test_interrupted_ray_run_resumes_to_the_same_result(tmp_path, ray_runtime, f
     torn.write_bytes((parts / "part-00000.parquet").read_bytes()[:500])
     assert "parts missing" in run("merge", parts, "-o", merged).stderr
 
-    resumed = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8,
+    resumed = run("embed", *inputs, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 8,
                   "--workers", 1, "--part-size", 20, "--resume")
     assert resumed.exit_code == 3, resumed.output
-    assert f"; {done_before} of 12 parts already done" in resumed.stderr
+    assert "; 1 of 13 parts already done" in resumed.stderr
     assert not torn.exists() and not list(parts.glob(".*"))
     assert run("merge", parts, "-o", merged).exit_code == 0
-    assert_same_outputs(merged, local_reference(tmp_path, folder, tiny16))
+    assert_same_outputs(merged, local_reference(tmp_path, inputs, tiny16))
 
 
 def test_more_actors_than_cpus_is_refused_not_hung(tmp_path, ray_runtime, folder, tiny16):
@@ -139,48 +155,45 @@ def test_an_output_that_is_a_file_is_one_line_before_ray_starts(tmp_path, folder
 def test_resume_with_other_options_is_refused(tmp_path, ray_runtime, folder, tiny16):
     parts = tmp_path / "parts"
     files = sorted(folder.iterdir())[:10]
-    assert run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4
-               ).exit_code == 3
+    assert run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
+               "--workers", 2).exit_code == 3
     other = run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
-                "--layer", "fc1", "--resume")
+                "--layer", "fc1", "--resume", "--workers", 2)
     assert other.exit_code == 1
     assert f"{parts}: the earlier run was made with another recipe (layer: 'relu6' vs 'relu7')" in other.stderr
 
 
-def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, ray_runtime, folder, tiny16):
-    import os
+def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, ray_runtime, gated, tiny16):
     import threading
 
     from vggembed.engines import ray as ray_engine
-    from vggembed.images.inputs import expand
-    from vggembed.store.recipe import Recipe
     from vggembed.engines.local import Options
+    from vggembed.store.recipe import Recipe
 
+    server, inputs = gated
     parts = tmp_path / "parts"
-    paths = [source.name for source in expand([str(folder)])]
     result = {}
 
     def job():
-        result["counts"] = ray_engine.embed(paths, parts, Recipe(weights=str(tiny16)), Options(batch_size=8, workers=1),
-                                             part_size=20, log=lambda line: None)
+        result["counts"] = ray_engine.embed(inputs, parts, Recipe(weights=str(tiny16)),
+                                             Options(batch_size=8, workers=1), part_size=20, log=lambda line: None)
 
     thread = threading.Thread(target=job)
     thread.start()
-    killed = None
-    deadline = time.time() + 120
-    while killed is None and time.time() < deadline and thread.is_alive():
-        if list(parts.glob("part-*.parquet")):
-            pids = subprocess.run(["pgrep", "-f", "ray::PartWorker"], capture_output=True, text=True)
-            if pids.stdout.split():
-                killed = int(pids.stdout.split()[0])
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.02)
-    thread.join(timeout=300)
-    assert killed is not None and len(list(parts.glob("part-*.parquet"))) == 12
-    assert result["counts"].failed == 2
+    wait_held(server, thread.is_alive)  # the actor is inside part 1, part 0 is written
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    actors = part_workers(raylet)  # this runtime's, and no other process on the machine
+    assert len(actors) == 1
+    os.kill(actors[0], signal.SIGKILL)
+    wait_until_gone(actors)
+    server.release.set()
+    thread.join(timeout=HANG)
+    assert not thread.is_alive() and "counts" in result
+    assert sorted(p.name for p in parts.glob("part-*.parquet")) == [f"part-{k:05d}.parquet" for k in range(13)]
+    assert (result["counts"].images, result["counts"].failed) == (241, 2)
     merged = tmp_path / "merged.npy"
     assert run("merge", parts, "-o", merged).exit_code == 0
-    assert_same_outputs(merged, local_reference(tmp_path, folder, tiny16))
+    assert_same_outputs(merged, local_reference(tmp_path, inputs, tiny16))
 
 
 def test_batches_and_parts_where_every_image_failed_are_rows_like_any_other(tmp_path, photos, tiny16):
@@ -193,7 +206,7 @@ def test_batches_and_parts_where_every_image_failed_are_rows_like_any_other(tmp_
     parts = tmp_path / "parts"
     proc = subprocess.run([sys.executable, "-m", "vggembed", "-v", "embed", str(folder), "-o", str(parts), "--engine",
                            "ray", "--weights", str(tiny16), "--batch-size", "4", "--part-size", "8"],
-                          capture_output=True, text=True, timeout=300, env=env_without_tf_noise())
+                          capture_output=True, text=True, timeout=HANG, env=env_without_tf_noise())
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "embedded 20 of 30 images on Ray" in proc.stderr and "; 10 failed" in proc.stderr
     assert "constructor arguments in the object store" not in proc.stderr
@@ -232,7 +245,7 @@ def test_parts_follow_tar_shards_and_resume_redoes_only_the_missing_shard(tmp_pa
     inputs = [a, *files[10:15], b, c]
     parts = tmp_path / "parts"
     args = ["embed", *inputs, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
-            "--part-size", 4]
+            "--part-size", 4, "--workers", 2]
     first = run(*args)
     assert first.exit_code == 3, first.output
     names = [f"part-0000{k}.parquet" for k in range(5)]  # a.tar | 4 files | 1 file | b.tar | c.tar

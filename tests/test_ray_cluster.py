@@ -3,18 +3,18 @@ killed mid-run, and a driver killed mid-run then resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
 from vggembed.net import synthetic
 
-from .conftest import env_without_tf_noise
+from .conftest import HANG, env_without_tf_noise, part_workers, wait_held, wait_until_gone
+from .servers import FileServer
 from .test_ray import assert_same_outputs, run
 
 ray = pytest.importorskip("ray")
@@ -45,109 +45,101 @@ def folder(tmp_path_factory, photos):
     return root
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+def _raylet(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
 
 
-def _actor_processes(node) -> list[str]:
-    """The model actors' processes under a node's raylet."""
-    found = []
-    for pid in _children(node.all_processes["raylet"][0].process.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if b"ray::PartWorker" in cmdline:
-            found.append(f"{pid} {cmdline[:80]!r}")
-    return found
+@pytest.fixture
+def gated(folder, photos):
+    """The run's inputs: the 80 images with, as input 16 (the first of part 2 with parts of 8), a URL that the
+    loopback server holds until the test releases it. A run's single model actor has written parts 0 and 1,
+    and no other, when the server sees that request: the test acts at a known point, whatever the load."""
+    images = [str(p) for p in sorted(folder.iterdir())]
+    with FileServer({"/gate.jpg": photos[3].read_bytes()}) as server:
+        yield server, images[:16] + [server.url("/hold/gate.jpg")] + images[16:]
+        server.release.set()
 
 
-def _has_model_actor(node) -> bool:
-    return bool(_actor_processes(node))
-
-
-def _wait_for_parts(parts: Path, n: int, alive, timeout=180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and alive() and len(list(parts.glob("part-*.parquet"))) < n:
-        time.sleep(0.02)
-
-
-def _local(tmp_path, folder, tiny16):
+def _local(tmp_path, inputs, tiny16):
     out = tmp_path / "local.npy"
-    assert run("embed", folder, "-o", out, "--weights", tiny16, "--batch-size", 4).exit_code == 3
+    assert run("embed", *inputs, "-o", out, "--weights", tiny16, "--batch-size", 4).exit_code == 3
     return out
 
 
-def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path, cluster, folder, tiny16):
-    from vggembed.engines import ray as ray_engine
-    from vggembed.images.inputs import expand
-    from vggembed.store.recipe import Recipe
-    from vggembed.engines.local import Options
+PARTS = [f"part-{k:05d}.parquet" for k in range(11)]  # 81 inputs in parts of 8
 
+
+def test_a_worker_node_killed_mid_run_loses_nothing(tmp_path, cluster, gated, tiny16):
+    from vggembed.engines import ray as ray_engine
+    from vggembed.engines.local import Options
+    from vggembed.store.recipe import Recipe
+
+    server, inputs = gated
     parts = tmp_path / "parts"
     result = {}
 
     def job():
-        result["counts"] = ray_engine.embed(list(expand([str(folder)])), parts, Recipe(weights=str(tiny16)),
+        result["counts"] = ray_engine.embed(inputs, parts, Recipe(weights=str(tiny16)),
                                              Options(batch_size=4, workers=1), part_size=8, log=lambda line: None)
 
     thread = threading.Thread(target=job)
     thread.start()
-    _wait_for_parts(parts, 1, thread.is_alive)
-    hosting = [node for node in cluster.worker_nodes if _has_model_actor(node)]
+    wait_held(server, thread.is_alive)  # the actor is inside part 2, parts 0 and 1 are written
+    hosting = [node for node in cluster.worker_nodes if part_workers(_raylet(node))]
     assert len(hosting) == 1, "the model actor runs on one worker node"
-    before = len(list(parts.glob("part-*.parquet")))
+    doomed = part_workers(_raylet(hosting[0]))
     cluster.remove_node(hosting[0], allow_graceful=False)  # its raylet, object store and workers die
-    thread.join(timeout=300)
-    assert 1 <= before < 10, "the node died part way through the run"
+    for pid in doomed:  # at once, as when a machine dies: its actor never gets to answer
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_until_gone(doomed)
+    assert sorted(p.name for p in parts.glob("part-*.parquet")) == PARTS[:2], "the node died part way through"
+    # What a writer killed mid-part leaves (the held actor was killed before writing, so put it there): an
+    # ordinary run, not only --resume, must clear it once its parts are committed.
+    torn = parts / ".part-00002.parquet.0123456789ab.tmp"
+    torn.write_bytes((parts / "part-00000.parquet").read_bytes()[:500])
+    server.release.set()
+    thread.join(timeout=HANG)
     assert not thread.is_alive() and "counts" in result
-    assert sorted(p.name for p in parts.glob("part-*.parquet")) == [f"part-{k:05d}.parquet" for k in range(10)]
-    assert (result["counts"].images, result["counts"].failed) == (80, 1)
+    assert sorted(p.name for p in parts.glob("part-*.parquet")) == PARTS
+    assert (result["counts"].images, result["counts"].failed) == (81, 1)
     assert not list(parts.glob(".*.tmp"))
     merged = tmp_path / "merged.npy"
     assert run("merge", parts, "-o", merged).exit_code == 0
-    assert_same_outputs(merged, _local(tmp_path, folder, tiny16))
+    assert_same_outputs(merged, _local(tmp_path, inputs, tiny16))
 
 
-def _no_model_actor_left(cluster, timeout=120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and any(_has_model_actor(node) for node in cluster.worker_nodes):
-        time.sleep(0.1)
-    left = [_actor_processes(node) for node in cluster.worker_nodes]
-    assert not any(left), f"model actors still running after {timeout}s: {left}"
+def _no_model_actor_left(cluster) -> None:
+    """Wait until the cluster has ended every model actor (a dead driver's are ended by Ray)."""
+    for node in cluster.worker_nodes:
+        wait_until_gone(part_workers(_raylet(node)))
+    left = [part_workers(_raylet(node)) for node in cluster.worker_nodes]
+    assert not any(left), f"model actors started again: {left}"
 
 
-def test_a_driver_killed_mid_run_resumes_redoing_only_the_missing_parts(tmp_path, cluster, folder, tiny16):
+def test_a_driver_killed_mid_run_resumes_redoing_only_the_missing_parts(tmp_path, cluster, gated, tiny16):
+    server, inputs = gated
     parts = tmp_path / "parts"
-    args = [sys.executable, "-m", "vggembed", "embed", str(folder), "-o", str(parts), "--engine", "ray",
-            "--address", cluster.address, "--weights", str(tiny16), "--batch-size", "4", "--part-size", "8"]
+    args = [sys.executable, "-m", "vggembed", "embed", *inputs, "-o", str(parts), "--engine", "ray", "--address",
+            cluster.address, "--weights", str(tiny16), "--batch-size", "4", "--part-size", "8", "--workers", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_without_tf_noise())
-    _wait_for_parts(parts, 2, lambda: proc.poll() is None)
+    wait_held(server, lambda: proc.poll() is None)  # the actor is inside part 2, parts 0 and 1 are written
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait(timeout=HANG)
     _no_model_actor_left(cluster)  # the cluster ends a dead driver's actors; none may write during the re-run
+    server.release.set()
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("part-*.parquet")}
-    assert 2 <= len(kept) < 10, "killed part way"
+    assert sorted(kept) == PARTS[:2], "killed part way"
 
-    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300,
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=HANG,
                              env=env_without_tf_noise())
     assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
-    assert f"; {len(kept)} of 10 parts already done" in resumed.stderr
+    assert "; 2 of 11 parts already done" in resumed.stderr
     # Nothing of Ray's own (INFO lines, warnings, worker output) reaches the user without -v.
     assert all(line.startswith("vggembed: ") for line in resumed.stderr.splitlines()), resumed.stderr
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts.glob("part-*.parquet")}
-    assert sorted(after) == [f"part-{k:05d}.parquet" for k in range(10)]
+    assert sorted(after) == PARTS
     assert {name: after[name] for name in kept} == kept, "finished parts were left alone"
     merged = tmp_path / "merged.npy"
     assert run("merge", parts, "-o", merged).exit_code == 0
-    assert_same_outputs(merged, _local(tmp_path, folder, tiny16))
+    assert_same_outputs(merged, _local(tmp_path, inputs, tiny16))

@@ -192,3 +192,26 @@ def test_a_ray_folder_in_a_bucket_is_an_index_like_a_local_one(tmp_path, s3):
     one_line_error(run("dedup", "s3://runs/none"), "s3://runs/none", "no manifest.json")
     client.put_object(Bucket="runs", Key="read/part-00000.parquet", Body=b"PAR1 cut")
     one_line_error(run("search", url, "--rows", 0), f"{url}/part-00000.parquet", "not a readable part")
+
+
+def test_sweep_removes_dead_writers_temporary_files_and_nothing_else(tmp_path, s3):
+    """What `--engine ray` does on --resume and at the end of every run, in a folder and in a bucket alike."""
+    from vggembed.store.runfolder import RunDir, Store
+
+    local, _ = make_folder(tmp_path / "parts")
+    client = s3.client()
+    client.create_bucket(Bucket="sweep")
+    for f in sorted(local.iterdir()):
+        client.put_object(Bucket="sweep", Key=f"run/{f.name}", Body=f.read_bytes())
+    torn = [".part-00001.parquet.0123456789ab.tmp", ".manifest.json.ba9876543210.tmp"]
+    kept = ["manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "notes.tmp"]
+    for store in (Store(local), Store("s3://sweep/run")):
+        for name in torn + ["notes.tmp"]:
+            store.write(name, b"half a part")
+        run_dir = RunDir(store, [f"img/{i:03d}.jpg" for i in range(N)], 3, Recipe(weights_md5="0" * 32), PART,
+                         resume=True, overwrite=False)  # --resume sweeps before any actor writes
+        assert store.list() == sorted(kept), store.where
+        assert run_dir.done() == {0, 1, 2}
+        store.write(torn[0], b"half a part")
+        run_dir.sweep()  # as the end of a run does, once its actors are killed
+        assert store.list() == sorted(kept), store.where

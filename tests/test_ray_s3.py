@@ -10,7 +10,7 @@ import sys
 import pytest
 from vggembed.net import synthetic
 
-from .conftest import env_without_tf_noise
+from .conftest import HANG, env_without_tf_noise
 from .test_ray import read_csv, run
 
 pytest.importorskip("ray")
@@ -57,7 +57,7 @@ def test_a_ray_run_from_a_bucket_into_a_bucket_merges_from_its_url(tmp_path, s3,
     url = f"s3://{BUCKET}/runs/first"
     proc = subprocess.run([sys.executable, "-m", "vggembed", "embed", f"s3://{BUCKET}/imgs/", "-o", url,
                            "--engine", "ray", "--weights", str(tiny16), "--batch-size", "4", "--part-size", "8"],
-                          capture_output=True, text=True, timeout=300, env={**env_without_tf_noise(), **s3},
+                          capture_output=True, text=True, timeout=HANG, env={**env_without_tf_noise(), **s3},
                           check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "embedded 19 of 20 images on Ray" in proc.stderr

@@ -231,6 +231,9 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
             ray.kill(actor, no_restart=True)
         if started_here:
             ray.shutdown()
+    # Every part is committed and no actor of this run lives: what a writer that died mid-part left (its
+    # node lost, its process killed) goes now, not only on a later --resume.
+    run.sweep()
     return counts
 
 

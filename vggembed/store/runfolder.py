@@ -34,6 +34,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 3
 PART_META_KEY = b"vggembed"
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
+# What `Store.write` leaves when its writer dies between creating and renaming the file.
+_TEMPORARY = re.compile(r"^\.(part-\d{5,}\.parquet|manifest\.json)\.[0-9a-f]{12}\.tmp$")
 
 
 def part_name(k: int) -> str:
@@ -227,14 +229,23 @@ class RunDir:
             recipe.check_same(Recipe.from_dict(old.get("recipe") or {}), f"{store.where}: the earlier run",
                               "resume with the same options, or pass --overwrite")
             self.manifest["id"] = old.get("id") or uuid.uuid4().hex
-            for f in listing:  # temporary files of writers killed mid-part
-                if f.startswith(".part-") and f.endswith(".tmp"):
-                    store.remove(f)
+            self.sweep()
         else:
             if listing:
                 raise VGGEmbedError(f"{store.where}: not empty and not a vggembed run folder")
             self.manifest["id"] = uuid.uuid4().hex
         store.write(MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+
+    def sweep(self) -> None:
+        """Remove the temporary files of writers that died mid-part (a killed actor, a lost node).
+
+        Call it only when no writer of this folder is alive: on --resume before
+        any actor writes, and at the end of a run once its actors are killed.
+        A local part is written under a hidden temporary name and renamed;
+        an object store has none (one PUT), so there this finds nothing."""
+        for f in self.store.list():
+            if _TEMPORARY.match(f):
+                self.store.remove(f)
 
     def done(self) -> set[int]:
         return {int(m.group(1)) for m in map(_PART.match, self.store.list()) if m and int(m.group(1)) < self.parts}

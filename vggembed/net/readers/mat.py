@@ -9,13 +9,19 @@ Struct fields are read by name, never by position: their order differs
 between files. Kernels are stored HWIO for RGB input (MatConvNet's Caffe
 importer reverses the blob's axes and swaps the first two), so they are used
 as stored; fc6..fc8 are stored as convolutions and become matrices here.
+
+scipy's parser can crash on a forged file, so each file version is parsed
+first in a child process (`check_survivable`); see the section below.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -25,6 +31,7 @@ import scipy.io
 from ...errors import WeightFileError
 from ...images.safeio import open_regular
 from .. import arch as arch_mod
+from ..cache import recall, remember
 from ..spec import WeightSpec
 from . import INFLATE_ALLOWANCE, MAX_INFLATE_RATIO, aligned_float32
 
@@ -41,28 +48,8 @@ MAX_LAYERS = 1000
 def read(path: Path, *, legacy_transpose: bool = False):
     try:
         with open_regular(path, "weight file") as f:
-            # Before scipy reads a compressed variable: even listing one
-            # inflates a whole 128 KiB block of it at once (up to 132 MB).
-            _check_inflated_sizes(f, path, {n for need in LAYOUTS.values() for n in need})
-            f.seek(0)
-            listed = {name: shape for name, shape, _ in scipy.io.whosmat(f)}
-            # whosmat seeks past each variable, so it stops past the end of
-            # a file whose last variable was cut (and on the last byte of a whole one).
-            if f.tell() >= os.fstat(f.fileno()).st_size:
-                raise WeightFileError(path, "not a readable MATLAB .mat file (truncated or corrupt?): "
-                                            "its last variable runs past the end of the file")
-            layout = next((k for k, need in LAYOUTS.items() if set(need[:2]) <= set(listed)), None)
-            if layout is None:
-                raise WeightFileError(
-                    path,
-                    f"unknown .mat layout: top-level variables are {sorted(listed)}; expected layers+meta "
-                    "(MatConvNet) or layers+classes+normalization (MatConvNet beta16)",
-                )
-            if math.prod(listed["layers"]) > MAX_LAYERS:
-                raise WeightFileError(path, f"layers has shape {listed['layers']}; a VGG has under {MAX_LAYERS} layers")
-            f.seek(0)
-            data = scipy.io.loadmat(f, struct_as_record=False, squeeze_me=False,
-                                    variable_names=[n for n in LAYOUTS[layout] if n in listed])
+            check_survivable(f, path)
+            layout, data = _parse(f, path)
     except NotImplementedError:
         raise WeightFileError(path, "is a MATLAB v7.3 (HDF5) file; save it as -v7 to read it") from None
     except MemoryError:
@@ -128,6 +115,96 @@ def read(path: Path, *, legacy_transpose: bool = False):
         legacy_transpose=legacy_transpose,
     )
     return params, spec
+
+
+def _parse(f, path) -> tuple[str, dict]:
+    """(layout, the layout's top-level variables as loadmat returns them) of the open file `f`."""
+    # Before scipy reads a compressed variable: even listing one
+    # inflates a whole 128 KiB block of it at once (up to 132 MB).
+    _check_inflated_sizes(f, path, {n for need in LAYOUTS.values() for n in need})
+    f.seek(0)
+    listed = {name: shape for name, shape, _ in scipy.io.whosmat(f)}
+    # whosmat seeks past each variable, so it stops past the end of
+    # a file whose last variable was cut (and on the last byte of a whole one).
+    if f.tell() >= os.fstat(f.fileno()).st_size:
+        raise WeightFileError(path, "not a readable MATLAB .mat file (truncated or corrupt?): "
+                                    "its last variable runs past the end of the file")
+    layout = next((k for k, need in LAYOUTS.items() if set(need[:2]) <= set(listed)), None)
+    if layout is None:
+        raise WeightFileError(
+            path,
+            f"unknown .mat layout: top-level variables are {sorted(listed)}; expected layers+meta "
+            "(MatConvNet) or layers+classes+normalization (MatConvNet beta16)",
+        )
+    if math.prod(listed["layers"]) > MAX_LAYERS:
+        raise WeightFileError(path, f"layers has shape {listed['layers']}; a VGG has under {MAX_LAYERS} layers")
+    f.seek(0)
+    return layout, scipy.io.loadmat(f, struct_as_record=False, squeeze_me=False,
+                                    variable_names=[n for n in LAYOUTS[layout] if n in listed])
+
+
+# ------------------------------------------------- a parser that may crash
+# scipy's MAT reader is C code that a forged file can crash outright (a tiny
+# one makes loadmat segfault: exit 139, no message). So a file is first parsed
+# in a child process, once per file version, and the verdict remembered in the
+# cache like the file's MD5; the parent reads it only if the child survived.
+VERDICT = "mat-parse"  # the cache's folder for these verdicts
+SURVIVED = "survived"
+# Deaths that say something about the file (the parser's own fault), so they are remembered. Any other
+# signal (SIGKILL from an out-of-memory killer or a user, say) is reported but the file is tried again next time.
+CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
+_CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); "
+          "from vggembed.net.readers.mat import _validate; _validate(int(sys.argv[2]))")
+
+
+def check_survivable(f, path) -> None:
+    """Raise a WeightFileError naming `path` if parsing the open file `f` kills the process that does it.
+
+    The child parses exactly what the parent will read (the same open file,
+    passed by descriptor) as `read` does (inflation check, whosmat,
+    loadmat), and no more; a file version that was seen to survive costs
+    one stat and one small cache read."""
+    st = os.fstat(f.fileno())
+    verdict = recall(VERDICT, path, st)
+    if verdict is None:
+        verdict = _parse_in_child(f)
+        if verdict is None:
+            return  # no child could be started: read as before
+        if verdict == SURVIVED or verdict in {s.name for s in CRASHES}:
+            remember(VERDICT, path, st, verdict)
+    if verdict == SURVIVED:
+        return
+    if verdict in {s.name for s in CRASHES}:
+        raise WeightFileError(path, f"crashed the MAT parser (scipy.io.loadmat died of {verdict}); a forged or "
+                                    "corrupt .mat file")
+    raise WeightFileError(path, f"the MAT parser reading it was ended by {verdict} (out of memory?)")
+
+
+def _parse_in_child(f) -> str | None:
+    """SURVIVED, or the name of the signal that killed a child parsing `f`; None if none could start."""
+    package_root = str(Path(__file__).resolve().parents[3])  # the folder holding `vggembed`
+    try:
+        rc = subprocess.run([sys.executable, "-c", _CHILD, package_root, str(f.fileno())],
+                            pass_fds=(f.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL).returncode
+    except (OSError, ValueError):
+        return None
+    if rc >= 0:
+        return SURVIVED  # whatever the parse found, the parent finds again and says
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def _validate(fd: int) -> None:
+    """The child: parse the file open as `fd` as `read` does, and exit; only a crash is news to the parent."""
+    with os.fdopen(fd, "rb") as f:
+        try:
+            _parse(f, f"/dev/fd/{fd}")
+        except Exception:  # noqa: BLE001 - the parent reads the file again and reports what is wrong
+            pass
+    os._exit(0)  # no clean-up of what was read: the parent is waiting
 
 
 MI_MATRIX, MI_COMPRESSED = 14, 15
