@@ -145,7 +145,8 @@ class Batcher:
         self.run_batch, self.batch_size, self.max_wait, self.metrics = run_batch, batch_size, max_wait, metrics
         self.pending: collections.deque = collections.deque()  # (arrival, array, future)
         self.changed = asyncio.Event()
-        self.closing = False
+        self.draining = False  # run what arrives at once, without waiting for a batch to fill
+        self.closing = False  # and stop once nothing waits
         self.model = ThreadPoolExecutor(1, thread_name_prefix="vggembed-model")
 
     def submit(self, arrays) -> list:
@@ -158,9 +159,14 @@ class Batcher:
         self.changed.set()
         return futures
 
+    def drain(self) -> None:
+        """Run what is waiting, and whatever requests in flight still bring, at once."""
+        self.draining = True
+        self.changed.set()
+
     def close(self) -> None:
-        """Run what is waiting at once, then stop."""
-        self.closing = True
+        """Stop once nothing waits (after every request in flight was answered)."""
+        self.draining = self.closing = True
         self.changed.set()
 
     async def _changed(self, timeout: float | None) -> bool:
@@ -180,7 +186,7 @@ class Batcher:
                         return
                     await self._changed(None)
                 deadline = self.pending[0][0] + self.max_wait
-                while len(self.pending) < self.batch_size and not self.closing:
+                while len(self.pending) < self.batch_size and not self.draining:
                     left = deadline - loop.time()
                     if left <= 0 or not await self._changed(left):
                         break
@@ -259,7 +265,7 @@ class Server:
             raise HTTPError(413, f"{n} instances in one request; this server takes at most {self.config.queue_size} "
                                  "(--queue-size)")
         if self.batcher is None or self.batcher.closing:
-            raise HTTPError(503, "shutting down", {"Retry-After": "1"})
+            raise HTTPError(503, "shutting down", {"Retry-After": "1"})  # not reached while requests are in flight
         if self.metrics.waiting + n > self.config.queue_size:
             raise HTTPError(503, f"busy: {self.metrics.waiting} images waiting; retry shortly",
                             {"Retry-After": "1"})
@@ -468,7 +474,7 @@ class Server:
             if ready is not None:
                 ready(runner.addresses[0][:2])
             await stop.wait()
-            self.batcher.close()  # what waits runs now; new requests get 503
+            self.batcher.drain()  # what waits runs now, and what requests in flight still submit
             await runner.cleanup()  # stop listening; answer every request in flight
         finally:
             self.batcher.close()
