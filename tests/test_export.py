@@ -197,3 +197,26 @@ def test_the_graph_decodes_and_resizes_as_pillow_does(tmp_path, photos, resize):
     for p in [*photos, small]:
         got = decode(tf.constant([p.read_bytes()])).numpy()[0]
         assert np.array_equal(got, prepare(str(p), resize_mode=resize).astype(np.float32)), p.name
+
+
+def test_every_command_in_the_deploy_doc_exists():
+    """docs/deploy.md's `vggembed ...` lines name real commands and options."""
+    import shlex
+    from pathlib import Path
+
+    import click
+
+    from .test_docs import resolve
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "deploy.md").read_text()
+    lines, fenced = [], False
+    for line in text.splitlines():
+        fenced = not fenced if line.startswith("```") else fenced
+        if fenced and line.startswith("vggembed "):
+            lines.append(line)
+    assert len(lines) >= 4
+    for line in lines:
+        cmd, rest = resolve(shlex.split(line)[1:])
+        assert not isinstance(cmd, click.Group), line
+        known = {opt for p in cmd.params for opt in p.opts + p.secondary_opts}
+        assert all(w.split("=")[0] in known for w in rest if w.startswith("-")), line
