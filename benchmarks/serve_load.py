@@ -115,7 +115,7 @@ def load(url, bodies, clients: int, seconds: float):
             try:
                 r = session.post(f"{url}/v1/models/vggembed:predict", data=body, timeout=120,
                                  headers={"Content-Type": "application/json"})
-                r.content
+                _ = r.content  # the whole answer, as a client reads it
             except requests.RequestException as e:
                 with lock:
                     errors.append(type(e).__name__)

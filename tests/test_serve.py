@@ -250,3 +250,22 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tiny16, photos):
         assert answers[0].status_code == 200 and len(answers[0].json()["predictions"]) == 1
         assert s.proc.wait(HANG_GUARD) == 0
         assert "stopped by SIGTERM" in s.proc.stderr.read()
+
+
+def test_int8_served_rows_equal_embeds_int8_rows(tmp_path, monkeypatch, tiny16, photos):
+    from vggembed.net import int8
+
+    try:
+        int8._interpreter_class()
+    except Exception:  # noqa: BLE001
+        pytest.skip("needs ai-edge-litert")
+    if not int8.cpu_has_int8_dot():
+        pytest.skip("int8 needs a CPU with VNNI/AMX")
+    import vggembed as api
+
+    monkeypatch.setenv("VGGEMBED_HOME", str(tmp_path / "home"))  # the server (a child) converts into it too
+    with serve(tiny16, "--batch-size", "4", "--precision", "int8", "--layer", "pool5:avg") as s:
+        got = s.predict({"instances": [b64(p) for p in photos]}).json()["predictions"]
+    m8 = api.load(tiny16, precision="int8")
+    ref = m8.embed([str(p) for p in photos], "pool5", pool="avg", batch_size=4)
+    assert np.array_equal(np.array(got, np.float32), ref)

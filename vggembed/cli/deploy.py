@@ -84,6 +84,7 @@ def export(out, fmt, model_version, overwrite, layers, top, recipe, setup):
       vggembed export vgg16.tflite --format tflite --layer pool5:avg
     """
     from ..net import export as exporting
+    from ..net.outputs import names
 
     try:
         if fmt == "saved-model" and recipe.precision == "int8":
@@ -95,19 +96,13 @@ def export(out, fmt, model_version, overwrite, layers, top, recipe, setup):
         if fmt == "saved-model":
             where = exporting.saved_model(vgg, outputs, top, doc, out, model_version, overwrite)
             click.echo(f"vggembed: wrote {where} (signatures serving_default: images, pixels: pixels; outputs "
-                       f"{', '.join(_names(outputs, top))})", err=True)
+                       f"{', '.join(names(outputs, top))})", err=True)
         else:
             side = exporting.tflite(vgg, outputs, top, doc, out, overwrite)
             click.echo(f"vggembed: wrote {out} and {out}.json ({recipe.precision}; input pixels "
                        f"{side['input']['shape']}; outputs {', '.join(side['outputs'])})", err=True)
     except VGGEmbedError as e:
         fail(str(e))
-
-
-def _names(outputs, top):
-    from ..net.outputs import names
-
-    return names(outputs, top)
 
 
 # -------------------------------------------------------------------- serve

@@ -201,7 +201,6 @@ def saved_model(vgg, outputs: list[Output], top: int | None, recipe: dict, out, 
 
 def tflite(vgg, outputs: list[Output], top: int | None, recipe: dict, out, overwrite: bool = False) -> dict:
     """Write OUT (.tflite) and OUT.json (recipe, input, outputs in order, labels); return the sidecar."""
-    tf = tensorflow()
     out = Path(out)
     if out.exists() and not overwrite:
         raise VGGEmbedError(f"{out} already exists: pass --overwrite")
