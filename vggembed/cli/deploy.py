@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import click
 
@@ -148,6 +149,9 @@ def serve(host, port, name, token, insecure, batch_size, max_wait, queue_size, m
     from ..engines import serve as serving
     from ..images.decode import DEFAULT_MAX_PIXELS
 
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise click.BadParameter("letters, digits, '_', '.' and '-' only (it is part of the URL)",
+                                 param_hint="--name")
     if not serving.is_loopback(host) and not token and not insecure:
         raise click.UsageError(f"--host {host} is reachable from other machines: give --token (or set "
                                "$VGGEMBED_TOKEN), or --insecure to serve without one")
