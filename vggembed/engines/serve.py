@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ImageError, VGGEmbedError
+from ..errors import ImageError, VGGEmbedError, reason
 from ..images.decode import DEFAULT_MAX_PIXELS, prepare
 from ..net.outputs import Output, compute, input_shape, names
 
@@ -442,6 +442,8 @@ class Server:
                 status, message, headers = e.status, e.reason, {}
                 if e.status == 404:
                     message = f"no such endpoint: {request.method} {request.path}"
+            except Exception as e:  # noqa: BLE001 - a failure in the model (TensorFlow's own kinds): one line
+                status, message, headers = 500, f"internal error: {reason(e)}", {}
             finally:
                 self.metrics.requests[request.get("route", "other"), status] += 1
             return web.Response(body=json.dumps({"error": message}).encode(), status=status,
