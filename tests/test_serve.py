@@ -108,6 +108,10 @@ def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_mo
         # Columnar, one output: {"outputs": [...]} holding the value alone, as TensorFlow Serving answers.
         cols = s.predict({"inputs": {"images": [b64(photos[0])]}, "output_filter": ["pool5_avg"]}).json()
         assert np.array_equal(np.array(cols["outputs"], np.float32), pool5[:1])
+        both = requests.post(f"{s.url}/v1/models/vggembed/versions/1:predict", timeout=HANG_GUARD,
+                             json={"inputs": [b64(photos[0]), b64(photos[1])], "output_filter": ["fc2", "top_labels"]})
+        assert set(both.json()["outputs"]) == {"fc2", "top_labels"}
+        assert np.array_equal(np.array(both.json()["outputs"]["fc2"], np.float32), fc2[:2])
         rows = s.predict({"instances": [b64(photos[0])], "output_filter": ["fc2"]}).json()
         assert np.array_equal(np.array(rows["predictions"], np.float32), fc2[:1])
         # The pixel signature: float RGB in, embed's computation.
