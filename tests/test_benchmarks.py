@@ -60,3 +60,9 @@ def test_mat_check_benchmark_prints_first_and_cached_loads():
     assert list(rows) == ["first load (child check, then read)", "later load (verdict cached)",
                           "the check, first time (the child)", "the check, verdict cached"]
     assert all(seconds > 0 for seconds in rows.values())
+
+
+def test_serve_load_benchmark_has_help():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--clients" in out and "--precisions" in out

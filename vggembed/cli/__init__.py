@@ -14,7 +14,7 @@ summary go to stderr. Exit codes:
 
 Commands live in one module per group (`run`: embed, merge, classify;
 `search`: search, dedup, cluster; `pictures`: maps, plot; `weights`: info,
-weights list/fetch); option groups shared between them are in `common`; the
+weights list/fetch; `deploy`: export, serve); option groups shared between them are in `common`; the
 process around them (streams, signals, exit codes) in `process`.
 """
 
@@ -27,7 +27,7 @@ import signal
 import click
 
 from ..store.recipe import __version__
-from . import pictures, process, run, search, weights
+from . import deploy, pictures, process, run, search, weights
 from .common import CONTEXT, ON_INTERRUPT
 
 
@@ -83,5 +83,5 @@ def main(ctx, verbose):
 
 
 for command in (run.embed, run.merge, run.classify, search.search, search.dedup, search.cluster, weights.info,
-                weights.weights, pictures.maps, pictures.plot):
+                weights.weights, pictures.maps, pictures.plot, deploy.export, deploy.serve):
     main.add_command(command)

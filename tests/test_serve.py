@@ -1,0 +1,275 @@
+"""vggembed serve, started for real on loopback: TensorFlow Serving's REST API, dynamic batching, hostile
+clients, the token and SIGTERM draining. Readiness and every wait are polled on the server's own answers."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("aiohttp")
+
+from vggembed.images.decode import prepare  # noqa: E402
+
+from .conftest import env_without_tf_noise  # noqa: E402
+
+HANG_GUARD = 120  # seconds: only ever reached when something is broken
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, proc, port, name="vggembed", token=None):
+        self.proc, self.port, self.name = proc, port, name
+        self.url = f"http://127.0.0.1:{port}"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def predict(self, body, **kw):
+        return requests.post(f"{self.url}/v1/models/{self.name}:predict", json=body, timeout=kw.pop("timeout", HANG_GUARD),
+                             headers=kw.pop("headers", self.headers), **kw)
+
+    def metrics(self) -> dict:
+        text = requests.get(f"{self.url}/metrics", headers=self.headers, timeout=HANG_GUARD).text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    def wait_for(self, what, predicate):
+        deadline = time.monotonic() + HANG_GUARD
+        while not predicate(self.metrics()):
+            assert time.monotonic() < deadline, f"never saw {what}"
+            time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serve(weights, *args, token=None):
+    port = free_port()
+    cmd = [sys.executable, "-m", "vggembed", "serve", "--weights", str(weights), "--port", str(port),
+           *map(str, args)] + (["--token", token] if token else [])
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env_without_tf_noise())
+    served = Served(proc, port, token=token)
+    try:
+        deadline = time.monotonic() + HANG_GUARD
+        while True:  # readiness: the status document answers
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "server never became ready"
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{served.url}/v1/models/vggembed", headers=served.headers, timeout=5).ok:
+                    break
+            time.sleep(0.05)
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(HANG_GUARD)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def b64(path) -> dict:
+    return {"b64": base64.b64encode(path.read_bytes()).decode()}
+
+
+def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_model, photos):
+    with serve(tiny16, "--batch-size", "4", "--layer", "fc2,pool5:avg", "--top", "3") as s:
+        status = requests.get(f"{s.url}/v1/models/vggembed", timeout=HANG_GUARD).json()
+        assert status == {"model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+        r = s.predict({"instances": [b64(p) for p in photos]})
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        # One row per instance, named outputs; equal to embed's rows (batch of 4, padded to 4) bit for bit.
+        fc2 = tiny_model.embed([str(p) for p in photos], "fc2", batch_size=4)
+        pool5 = tiny_model.embed([str(p) for p in photos], "pool5", pool="avg", batch_size=4)
+        assert np.array_equal(np.array([p["fc2"] for p in preds], np.float32), fc2)
+        assert np.array_equal(np.array([p["pool5_avg"] for p in preds], np.float32), pool5)
+        tops = tiny_model.classify([str(p) for p in photos], top=3, batch_size=4)
+        assert [p["top_labels"] for p in preds] == [[t.label for t in row] for row in tops]
+        assert [p["top_indices"] for p in preds] == [[t.index for t in row] for row in tops]
+        # A single instance pads to the same batch shape, so it gets the same row.
+        one = s.predict({"instances": [{"images": b64(photos[1])}]}).json()["predictions"][0]
+        assert np.array_equal(np.array(one["fc2"], np.float32), fc2[1])
+        # Columnar, one output: {"outputs": [...]} holding the value alone, as TensorFlow Serving answers.
+        cols = s.predict({"inputs": {"images": [b64(photos[0])]}, "output_filter": ["pool5_avg"]}).json()
+        assert np.array_equal(np.array(cols["outputs"], np.float32), pool5[:1])
+        both = requests.post(f"{s.url}/v1/models/vggembed/versions/1:predict", timeout=HANG_GUARD,
+                             json={"inputs": [b64(photos[0]), b64(photos[1])], "output_filter": ["fc2", "top_labels"]})
+        assert set(both.json()["outputs"]) == {"fc2", "top_labels"}
+        assert np.array_equal(np.array(both.json()["outputs"]["fc2"], np.float32), fc2[:2])
+        rows = s.predict({"instances": [b64(photos[0])], "output_filter": ["fc2"]}).json()
+        assert np.array_equal(np.array(rows["predictions"], np.float32), fc2[:1])
+        # The pixel signature: float RGB in, embed's computation.
+        pixels = prepare(str(photos[2])).astype(np.float32)
+        px = s.predict({"signature_name": "pixels", "instances": [pixels.tolist()], "output_filter": ["fc2"]})
+        assert np.array_equal(np.array(px.json()["predictions"], np.float32), fc2[2:3])
+        # POST /embed: the raw file as the body.
+        raw = requests.post(f"{s.url}/embed", data=photos[3].read_bytes(), timeout=HANG_GUARD).json()
+        assert np.array_equal(np.array(raw["fc2"], np.float32), fc2[3])
+        assert raw["top_labels"] == [t.label for t in tops[3]]
+
+
+def test_requests_arriving_together_run_as_one_batch(tiny16, photos):
+    # --max-wait far beyond the test: a batch runs only when 4 images are there, so batching is certain.
+    with serve(tiny16, "--batch-size", "4", "--max-wait", "600000") as s:
+        results, start = [], threading.Barrier(4)
+
+        def client(p):
+            start.wait()
+            results.append(s.predict({"instances": [b64(p)]}).status_code)
+
+        threads = [threading.Thread(target=client, args=(p,)) for p in photos]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(HANG_GUARD)
+        assert results == [200] * 4
+        m = s.metrics()
+        assert m["vggembed_batch_size_count"] == 1 and m['vggembed_batch_size_bucket{le="2"}'] == 0
+        assert m['vggembed_batch_size_bucket{le="4"}'] == 1 and m["vggembed_images_total"] == 4
+        assert m['vggembed_requests_total{route="predict",code="200"}'] == 4
+        assert m["vggembed_request_seconds_count"] == 4
+
+
+def bomb_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, "PNG")  # 9 million pixels in a few kB
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"not json", 400, "body is not JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"instances": []}', 400, "non-empty list"),
+    (b'{"instances": [{"b64": "aGk="}], "inputs": []}', 400, "exactly one"),
+    (b'{"instances": ["raw string"]}', 400, "instance 0: an image must be"),
+    (b'{"instances": [{"b64": "%s"}, {"b64": "@@@"}]}', 400, "instance 1: bad base64"),
+    (b'{"instances": [{"b64": "%s"}, {"b64": "aGVsbG8="}]}', 400, "instance 1: not an image"),
+    (b'{"instances": [{"b64": "%s"}], "output_filter": ["fc9"]}', 400, "unknown output 'fc9'"),
+    (b'{"signature_name": "nope", "instances": [1]}', 400, "unknown signature_name"),
+    (b'{"signature_name": "pixels", "instances": [[1, 2]]}', 400, "instance 0: pixels have shape [2]"),
+    (b'{"instances": [{"b64": "BOMB"}]}', 400, "instance 0: 3000x3000 is 9000000 pixels, over the limit"),
+])
+def test_every_bad_request_is_a_json_error_naming_the_instance(served_small, photos, body, status, message):
+    s = served_small
+    good = base64.b64encode(photos[0].read_bytes())
+    body = body.replace(b"%s", good).replace(b"BOMB", base64.b64encode(bomb_png()))
+    r = requests.post(f"{s.url}/v1/models/vggembed:predict", data=body, timeout=HANG_GUARD)
+    assert r.status_code == status and r.headers["Content-Type"].startswith("application/json")
+    assert message in r.json()["error"], r.json()
+
+
+@pytest.fixture(scope="module")
+def served_small(tiny):
+    with serve(tiny["vgg16", "frossard"], "--batch-size", "2", "--max-body", "1000000",
+               "--max-pixels", "4000000") as s:
+        yield s
+
+
+def test_size_limits_and_unknown_routes(served_small, photos):
+    s = served_small
+    huge = requests.post(f"{s.url}/embed", data=b"\0" * 2_000_000, timeout=HANG_GUARD)
+    assert huge.status_code == 413 and "--max-body" in huge.json()["error"]
+    from PIL import Image
+
+    small = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(small, "PNG")
+    many = s.predict({"instances": [{"b64": base64.b64encode(small.getvalue()).decode()}] * 9})
+    assert many.status_code == 413 and "at most 8" in many.json()["error"]
+    missing = requests.post(f"{s.url}/v1/models/other:predict", json={"instances": [b64(photos[0])]},
+                            timeout=HANG_GUARD)
+    assert missing.status_code == 404 and "Latest(other)" in missing.json()["error"]
+    nowhere = requests.get(f"{s.url}/v2/anything", timeout=HANG_GUARD)
+    assert nowhere.status_code == 404 and "no such endpoint" in nowhere.json()["error"]
+    empty = requests.post(f"{s.url}/embed", data=b"", timeout=HANG_GUARD)
+    assert empty.status_code == 400 and "instance 0" in empty.json()["error"]
+    m = s.metrics()
+    assert m["vggembed_errors_total"] >= 4
+
+
+def test_a_full_queue_is_503_with_retry_after(tiny16, photos):
+    with serve(tiny16, "--batch-size", "4", "--max-wait", "600000", "--queue-size", "4") as s:
+        first = []
+        t = threading.Thread(target=lambda: first.append(s.predict({"instances": [b64(p) for p in photos[:3]]})))
+        t.start()
+        s.wait_for("3 images waiting", lambda m: m["vggembed_queue_images"] == 3)
+        busy = s.predict({"instances": [b64(photos[0]), b64(photos[1])]})
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1" and "busy" in busy.json()["error"]
+        last = s.predict({"instances": [b64(photos[3])]})  # the 4th image fills the batch
+        t.join(HANG_GUARD)
+        assert last.status_code == 200 and first[0].status_code == 200
+        assert len(first[0].json()["predictions"]) == 3
+
+
+def test_a_slow_client_holds_no_worker_and_times_out(tiny16, photos):
+    with serve(tiny16, "--batch-size", "1", "--read-timeout", "2") as s:
+        slow = socket.create_connection(("127.0.0.1", s.port))
+        slow.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"\xff" * 10)
+        # While that body trickles, others are served.
+        assert requests.post(f"{s.url}/embed", data=photos[0].read_bytes(), timeout=HANG_GUARD).status_code == 200
+        slow.settimeout(HANG_GUARD)
+        answer = slow.recv(4096)
+        slow.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"not received within 2s" in answer
+
+
+def test_token_is_required_when_given_and_other_addresses_need_one(tiny16, photos):
+    with serve(tiny16, "--batch-size", "1", token="s3cret") as s:
+        no = requests.post(f"{s.url}/embed", data=photos[0].read_bytes(), timeout=HANG_GUARD)
+        assert no.status_code == 401 and no.headers["WWW-Authenticate"] == "Bearer"
+        wrong = requests.get(f"{s.url}/metrics", headers={"Authorization": "Bearer nope"}, timeout=HANG_GUARD)
+        assert wrong.status_code == 401
+        ok = requests.post(f"{s.url}/embed", data=photos[0].read_bytes(), headers=s.headers, timeout=HANG_GUARD)
+        assert ok.status_code == 200
+    r = subprocess.run([sys.executable, "-m", "vggembed", "serve", "--weights", str(tiny16), "--host", "0.0.0.0"],
+                       capture_output=True, text=True, env=env_without_tf_noise(), timeout=HANG_GUARD)
+    assert r.returncode == 2 and "--token" in r.stderr and "--insecure" in r.stderr
+
+
+def test_sigterm_answers_requests_in_flight_then_exits_0(tiny16, photos):
+    with serve(tiny16, "--batch-size", "2", "--max-wait", "600000") as s:
+        answers = []
+        t = threading.Thread(target=lambda: answers.append(s.predict({"instances": [b64(photos[0])]})))
+        t.start()
+        s.wait_for("the request waiting", lambda m: m["vggembed_queue_images"] == 1)
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(HANG_GUARD)
+        assert answers[0].status_code == 200 and len(answers[0].json()["predictions"]) == 1
+        assert s.proc.wait(HANG_GUARD) == 0
+        assert "stopped by SIGTERM" in s.proc.stderr.read()
+
+
+def test_int8_served_rows_equal_embeds_int8_rows(tmp_path, monkeypatch, tiny16, photos):
+    from vggembed.net import int8
+
+    try:
+        int8._interpreter_class()
+    except Exception:  # noqa: BLE001
+        pytest.skip("needs ai-edge-litert")
+    if not int8.cpu_has_int8_dot():
+        pytest.skip("int8 needs a CPU with VNNI/AMX")
+    import vggembed as api
+
+    monkeypatch.setenv("VGGEMBED_HOME", str(tmp_path / "home"))  # the server (a child) converts into it too
+    with serve(tiny16, "--batch-size", "4", "--precision", "int8", "--layer", "pool5:avg") as s:
+        got = s.predict({"instances": [b64(p) for p in photos]}).json()["predictions"]
+    m8 = api.load(tiny16, precision="int8")
+    ref = m8.embed([str(p) for p in photos], "pool5", pool="avg", batch_size=4)
+    assert np.array_equal(np.array(got, np.float32), ref)

@@ -1,0 +1,275 @@
+"""The network out of the process: a TensorFlow SavedModel (for TensorFlow Serving and plain TensorFlow) and a
+`.tflite` file (for LiteRT).
+
+SavedModel (`saved_model`), written as OUT/VERSION/ (TensorFlow Serving's layout):
+
+- `serving_default`: input `images`, a batch of encoded images (JPEG, PNG,
+  GIF, BMP, WebP bytes; string, shape [N]); decoded (`tf.io.decode_image`,
+  3 channels; JPEG with the accurate DCT, as Pillow), resized as the recipe
+  says (`squash`: to 224x224; `center-crop`: short side to 256, then the
+  centre 224x224) by Pillow's BILINEAR algorithm written in TensorFlow ops
+  (`_pillow_resize`; docs/deploy.md has the measured difference), then the
+  network;
+- `pixels`: input `pixels`, float32 [N, 224, 224, 3], RGB in 0..255, for
+  callers who decode themselves: exactly `embed`'s computation;
+- both return the named outputs of `outputs.Output` (`fc2`, `pool5_avg`, ...)
+  and with `top`, `top_indices`, `top_probabilities`, `top_labels`;
+- `recipe`: a string variable holding the recipe as JSON (weights MD5,
+  layers, resize, vggembed version), readable with plain TensorFlow:
+  `json.loads(tf.saved_model.load(DIR).recipe.numpy())`.
+
+The mean pixel is subtracted inside both signatures. Weights are variables, so
+they live in `variables/`, not in the graph.
+
+`.tflite` (`tflite`): float32, the `pixels` function converted by
+TensorFlow's converter (one signature, `serving_default`, input `pixels`);
+or, for int8, the very model `--precision int8` runs (`int8.Int8VGG`),
+whose outputs are its layers in the order the sidecar lists. Beside it,
+`OUT.json` holds the recipe, the inputs, the outputs in order and the labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+from ..errors import VGGEmbedError
+from .model import _pooled
+from .outputs import Output, groups, input_shape, names
+from .tfimport import _silenced_stderr, tensorflow
+
+
+def labels_of(vgg) -> list[str]:
+    n = vgg.spec.num_classes or 0
+    return [vgg.spec.label(i) for i in range(n)]
+
+
+def _network(vgg):
+    """A copy of `vgg` whose weights are tf.Variables: saved in variables/ (a graph holds 2 GB at most)."""
+    tf = tensorflow()
+    net = copy.copy(vgg)
+    with tf.device(vgg.device):
+        net._params = {name: (tf.Variable(w, trainable=False, name=f"{name}_W"),
+                              tf.Variable(b, trainable=False, name=f"{name}_b"))
+                       for name, (w, b) in vgg._params.items()}
+    net._functions = {}
+    return net
+
+
+def _head(net, outputs: list[Output], top: int | None, with_labels: bool):
+    """fn(pixels) -> {output name: tensor}: one pass up to the deepest layer, each output pooled as asked."""
+    tf = tensorflow()
+    layers = tuple(dict.fromkeys([o.layer for o in outputs] + (["prob"] if top else [])))
+    inner = net._function(layers, None)
+    table = tf.constant(labels_of(net)) if top and with_labels else None
+
+    def run(pixels):
+        maps = inner(pixels)
+        out = {o.name: tf.identity(_pooled(maps[o.layer], o.pool), name=o.name) for o in outputs}
+        if top:
+            values, indices = tf.math.top_k(maps["prob"], k=top)
+            out["top_indices"] = tf.cast(indices, tf.int64)
+            out["top_probabilities"] = values
+            if table is not None:
+                out["top_labels"] = tf.gather(table, indices)
+        return out
+
+    return run
+
+
+PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images (32 - 8 - 2)
+
+
+def _pillow_axis(img, out_size, axis: int):
+    """Pillow's BILINEAR resample of uint8-valued `img` (float64, H x W x 3) along `axis` (1: width, 0: height).
+
+    Written as Pillow's C code is (`precompute_coeffs`, `normalize_coeffs_8bpc`,
+    `ImagingResampleHorizontal_8bpc`): a triangle filter widened by the scale
+    when reducing, weights normalised by their sequential sum and rounded to
+    22-bit integers, each output the rounded integer sum of its taps. Sums of
+    integers below 2^53 are exact in float64, so the result is Pillow's to the
+    bit except where the float64 weights themselves round differently.
+    """
+    tf = tensorflow()
+    in_size = tf.shape(img, out_type=tf.int32)[axis]
+    in_f = tf.cast(in_size, tf.float64)
+    scale = in_f / tf.cast(out_size, tf.float64)
+    filterscale = tf.maximum(scale, 1.0)
+    support = filterscale  # bilinear: support 1, widened by the scale
+    ss = 1.0 / filterscale
+    ksize = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+    center = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
+    xmin = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)  # C's (int): toward zero
+    xmax = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size)
+    taps = xmin[:, None] + tf.range(ksize)[None, :]  # (out, ksize)
+    valid = taps < xmax[:, None]
+    arg = tf.abs((tf.cast(taps, tf.float64) - center[:, None] + 0.5) * ss)
+    zero = tf.zeros_like(arg)
+    w = tf.where(valid & (arg < 1.0), 1.0 - arg, zero)
+    ww = tf.foldl(lambda acc, col: acc + col, tf.transpose(w), initializer=tf.zeros_like(center))  # in order
+    k = tf.where(ww[:, None] != 0.0, w / tf.where(ww == 0.0, tf.ones_like(ww), ww)[:, None], w)
+    kint = tf.where(k < 0, tf.math.ceil(-0.5 + k * 2.0 ** PRECISION_BITS),
+                    tf.floor(0.5 + k * 2.0 ** PRECISION_BITS))  # C's (int) of a value of either sign
+    taps = tf.minimum(taps, in_size - 1)
+    if axis == 1:
+        acc = tf.reduce_sum(tf.gather(img, taps, axis=1) * kint[None, :, :, None], axis=2)
+    else:
+        acc = tf.reduce_sum(tf.gather(img, taps, axis=0) * kint[:, :, None, None], axis=1)
+    return tf.clip_by_value(tf.floor((acc + 2.0 ** (PRECISION_BITS - 1)) / 2.0 ** PRECISION_BITS), 0.0, 255.0)
+
+
+def _pillow_resize(img, h, w):
+    """Pillow's `Image.resize((w, h), BILINEAR)` of an 8-bit RGB image: width first, then height."""
+    return _pillow_axis(_pillow_axis(img, w, 1), h, 0)
+
+
+def _decoder(resize: str, h: int, w: int):
+    """fn(encoded string [N]) -> float32 [N, h, w, 3]: decode and resize each image as `prepare` does."""
+    tf = tensorflow()
+    short = round(min(w, h) * 256 / 224)
+
+    def one(data):
+        # JPEG with the accurate integer DCT, as Pillow (libjpeg-turbo's default); decode_image uses the fast one.
+        img = tf.cond(tf.io.is_jpeg(data),
+                      lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                      lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False))
+        img = tf.cast(img, tf.float64)
+        if resize == "squash":
+            out = _pillow_resize(img, h, w)
+        else:  # center-crop: short side to `short` (Python's round: half to even, as tf.round), then the centre
+            size = tf.cast(tf.shape(img)[:2], tf.float64)
+            scale = short / tf.reduce_min(size)
+            nh = tf.maximum(h, tf.cast(tf.round(size[0] * scale), tf.int32))
+            nw = tf.maximum(w, tf.cast(tf.round(size[1] * scale), tf.int32))
+            out = _pillow_resize(img, nh, nw)
+            out = out[(nh - h) // 2: (nh - h) // 2 + h, (nw - w) // 2: (nw - w) // 2 + w]
+        return tf.cast(tf.ensure_shape(out, [h, w, 3]), tf.float32)
+
+    def decode(images):
+        return tf.map_fn(one, images, fn_output_signature=tf.TensorSpec([h, w, 3], tf.float32))
+
+    return decode
+
+
+def saved_model(vgg, outputs: list[Output], top: int | None, recipe: dict, out, version: int = 1,
+                overwrite: bool = False) -> Path:
+    """Write OUT/VERSION/ (saved_model.pb, variables/); return that folder. See the module docstring."""
+    tf = tensorflow()
+    if vgg.precision == "int8":
+        raise VGGEmbedError("a SavedModel runs in TensorFlow, which has no int8 VGG: use --format tflite for int8, "
+                            "or --precision float32/bf16/fp16")
+    h, w, _ = input_shape(vgg, recipe["resize"])
+    target = Path(out) / str(version)
+    if target.exists() and not overwrite:
+        raise VGGEmbedError(f"{target} already exists: pass --overwrite, or another --version")
+    net = _network(vgg)
+    run = _head(net, outputs, top, with_labels=True)
+    decode = _decoder(recipe["resize"], h, w)
+
+    module = tf.Module()
+    module.variables_ = [v for pair in net._params.values() for v in pair]
+    module.recipe = tf.Variable(json.dumps(recipe, sort_keys=True), trainable=False, name="recipe")
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    def from_images(images):
+        return run(decode(images))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="pixels")])
+    def from_pixels(pixels):
+        return run(pixels)
+
+    module.from_images, module.from_pixels = from_images, from_pixels
+    staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with _quiet():
+            tf.saved_model.save(module, str(staging), signatures={
+                "serving_default": from_images.get_concrete_function(),
+                "pixels": from_pixels.get_concrete_function()})
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def tflite(vgg, outputs: list[Output], top: int | None, recipe: dict, out, overwrite: bool = False) -> dict:
+    """Write OUT (.tflite) and OUT.json (recipe, input, outputs in order, labels); return the sidecar."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise VGGEmbedError(f"{out} already exists: pass --overwrite")
+    h, w, _ = input_shape(vgg, recipe["resize"])
+    if vgg.precision == "int8":
+        content, order = _int8_model(vgg, outputs, top)
+    elif vgg.precision == "float32":
+        content = _float_tflite(vgg, outputs, top, h, w)
+        order = [n for n in names(outputs, top) if n != "top_labels"]
+    else:
+        raise VGGEmbedError(f"--format tflite is float32 or int8; got --precision {vgg.precision}")
+    side = {"recipe": recipe, "input": {"name": "pixels", "shape": [None, h, w, 3], "dtype": "float32",
+                                        "range": "RGB 0..255, mean subtracted inside"},
+            "outputs": order, "labels": labels_of(vgg) if top else None}
+    for path, data in ((out, content), (out.with_name(out.name + ".json"),
+                                        (json.dumps(side, indent=1) + "\n").encode())):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return side
+
+
+def _float_tflite(vgg, outputs: list[Output], top: int | None, h: int, w: int) -> bytes:
+    """The `pixels` function as a float32 .tflite with one signature (serving_default: pixels -> named outputs);
+    converted from a SavedModel, which is how the converter keeps signatures and output names."""
+    import tempfile
+
+    tf = tensorflow()
+    module = tf.Module()
+    net = _network(vgg)
+    module.variables_ = [v for pair in net._params.values() for v in pair]
+    run = _head(net, outputs, top, with_labels=False)
+    module.fn = tf.function(run, input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="pixels")])
+    with tempfile.TemporaryDirectory(prefix="vggembed-tflite-") as tmp:
+        try:
+            with _quiet():
+                tf.saved_model.save(module, tmp, signatures={"serving_default": module.fn.get_concrete_function()})
+                converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serving_default"])
+                return converter.convert()
+        except Exception as e:  # the converter's own kinds, multi-line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VGGEmbedError(f"{vgg.spec.path}: conversion to .tflite failed: {first}") from None
+
+
+def _int8_model(vgg, outputs: list[Output], top: int | None):
+    """The int8 model `--precision int8` runs for these outputs, and its output names in the file's order."""
+    by_pool = groups(outputs, None)
+    head = [o.name for o in outputs if o.layer in ("fc8", "prob")]
+    if top or head or len(by_pool) > 1:
+        raise VGGEmbedError("an int8 .tflite holds the int8 layers only (fc8 and the softmax run in float32 "
+                            "beside it, and one file has one pool): drop --top and fc8/prob, and give every "
+                            "conv/pool layer the same pool")
+    pool, layers = next(iter(by_pool.items()))
+    body = tuple(sorted(set(layers)))  # as Int8VGG._compute orders its model's outputs
+    if all(vgg.layers[vgg._index[n]].block > 5 for n in body):
+        pool = None
+    by_layer = {o.layer: o.name for o in outputs}
+    return vgg.model_bytes(body, pool), [by_layer[n] for n in body]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """TensorFlow's saving and converting logs (fd 2, warnings), unless -v."""
+    if os.environ.get("VGGEMBED_VERBOSE"):
+        yield
+        return
+    with _silenced_stderr(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
