@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import re
 import signal
 import socket
 import subprocess
@@ -26,17 +27,38 @@ from .conftest import env_without_tf_noise  # noqa: E402
 HANG_GUARD = 120  # seconds: only ever reached when something is broken
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Served:
-    def __init__(self, proc, port, name="vggembed", token=None):
-        self.proc, self.port, self.name = proc, port, name
-        self.url = f"http://127.0.0.1:{port}"
+    """A `vggembed serve` process; its stderr is read as it comes (so a full pipe never blocks the server), and
+    the port it bound (it is started with --port 0, so no port is picked here and bound later) is read from the
+    line it prints when ready."""
+
+    def __init__(self, proc, name="vggembed", token=None):
+        self.proc, self.name = proc, name
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.lines: list[str] = []
+        self.bound = threading.Event()
+        self.port = None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+)", line)
+            if m and self.port is None:
+                self.port = int(m.group(1))
+                self.bound.set()
+        self.bound.set()  # the process ended: whoever waits sees it
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stderr(self) -> str:
+        """Everything the server wrote on stderr (all of it, once the process has ended)."""
+        if self.proc.poll() is not None:
+            self.reader.join(HANG_GUARD)
+        return "".join(self.lines)
 
     def predict(self, body, **kw):
         return requests.post(f"{self.url}/v1/models/{self.name}:predict", json=body, timeout=kw.pop("timeout", HANG_GUARD),
@@ -56,16 +78,17 @@ class Served:
 
 @contextlib.contextmanager
 def serve(weights, *args, token=None):
-    port = free_port()
-    cmd = [sys.executable, "-m", "vggembed", "serve", "--weights", str(weights), "--port", str(port),
+    cmd = [sys.executable, "-m", "vggembed", "serve", "--weights", str(weights), "--port", "0",
            *map(str, args)] + (["--token", token] if token else [])
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env_without_tf_noise())
-    served = Served(proc, port, token=token)
+    served = Served(proc, token=token)
     try:
+        assert served.bound.wait(HANG_GUARD), "server never said where it listens"
+        assert served.port is not None, served.stderr()[-3000:]
         deadline = time.monotonic() + HANG_GUARD
         while True:  # readiness: the status document answers
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert proc.poll() is None, served.stderr()[-3000:]
             assert time.monotonic() < deadline, "server never became ready"
             with contextlib.suppress(requests.ConnectionError):
                 if requests.get(f"{served.url}/v1/models/vggembed", headers=served.headers, timeout=5).ok:
@@ -87,7 +110,7 @@ def b64(path) -> dict:
 
 
 def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_model, photos):
-    with serve(tiny16, "--batch-size", "4", "--layer", "fc2,pool5:avg", "--top", "3") as s:
+    with serve(tiny16, "--batch-size", "4", "--fixed-batch", "--layer", "fc2,pool5:avg", "--top", "3") as s:
         status = requests.get(f"{s.url}/v1/models/vggembed", timeout=HANG_GUARD).json()
         assert status == {"model_version_status": [
             {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
@@ -122,6 +145,16 @@ def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_mo
         raw = requests.post(f"{s.url}/embed", data=photos[3].read_bytes(), timeout=HANG_GUARD).json()
         assert np.array_equal(np.array(raw["fc2"], np.float32), fc2[3])
         assert raw["top_labels"] == [t.label for t in tops[3]]
+
+
+def test_one_image_alone_runs_as_a_batch_of_one_and_equals_embed_of_it(tiny16, tiny_model, photos):
+    # Without --fixed-batch nothing is padded: one image costs one image, and its row is embed's for that image
+    # at the same batch shape (`vggembed embed` pads a run of one image to one; the API pads to batch_size).
+    with serve(tiny16, "--batch-size", "4") as s:
+        one = s.predict({"instances": [b64(photos[1])]}).json()["predictions"][0]
+        m = s.metrics()
+    assert m['vggembed_batch_size_bucket{le="1"}'] == 1 and m["vggembed_batch_size_count"] == 1
+    assert np.array_equal(np.array(one, np.float32), tiny_model.embed([str(photos[1])], "fc2", batch_size=1)[0])
 
 
 def test_requests_arriving_together_run_as_one_batch(tiny16, photos):
@@ -253,7 +286,7 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tiny16, photos):
         t.join(HANG_GUARD)
         assert answers[0].status_code == 200 and len(answers[0].json()["predictions"]) == 1
         assert s.proc.wait(HANG_GUARD) == 0
-        assert "stopped by SIGTERM" in s.proc.stderr.read()
+        assert "stopped by SIGTERM" in s.stderr()
 
 
 def test_int8_served_rows_equal_embeds_int8_rows(tmp_path, monkeypatch, tiny16, photos):

@@ -116,7 +116,10 @@ def export(out, fmt, model_version, overwrite, layers, top, recipe, setup):
               help="Require 'Authorization: Bearer TOKEN' on every request (or $VGGEMBED_TOKEN).")
 @click.option("--insecure", is_flag=True, help="Allow another address than loopback without --token.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
-              help="Images per model batch; every batch is padded to it, so rows equal embed --batch-size B's.")
+              help="Most images per model batch.")
+@click.option("--fixed-batch", is_flag=True,
+              help="Pad every batch to --batch-size: a row then never depends on what shared its batch (equal to "
+                   "embed --batch-size B's bit for bit), but one image alone costs a whole batch.")
 @click.option("--max-wait", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Milliseconds a batch waits for more requests to fill it.")
 @click.option("--queue-size", type=click.IntRange(1), default=None, show_default="4 x --batch-size",
@@ -132,7 +135,7 @@ def export(out, fmt, model_version, overwrite, layers, top, recipe, setup):
 @output_options
 @recipe_options(inputs=True)
 @load_options
-def serve(host, port, name, token, insecure, batch_size, max_wait, queue_size, max_body, read_timeout, workers,
+def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, queue_size, max_body, read_timeout, workers,
           max_pixels, layers, top, recipe, setup):
     """Serve the network over HTTP with TensorFlow Serving's REST predict API.
 
@@ -159,7 +162,8 @@ def serve(host, port, name, token, insecure, batch_size, max_wait, queue_size, m
         import aiohttp  # noqa: F401
     except ImportError:
         fail('vggembed serve needs aiohttp: pip install "vggembed[serve]"')
-    config = serving.Config(host=host, port=port, name=name, batch_size=batch_size, max_wait=max_wait / 1000,
+    config = serving.Config(host=host, port=port, name=name, batch_size=batch_size, fixed_batch=fixed_batch,
+                            max_wait=max_wait / 1000,
                             queue_size=queue_size or 4 * batch_size, max_body=max_body, read_timeout=read_timeout,
                             workers=workers, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, token=token or None)
     try:

@@ -16,9 +16,11 @@
 Requests that arrive together run as one batch (`Batcher`: up to
 `batch_size`, waiting at most `max_wait` for the batch to fill) on one model
 thread off the event loop; decoding (`images.decode.prepare`, with the same
-structure and bomb checks as `embed`) runs on a pool of threads. Every batch
-is padded to `batch_size` (as `embed` pads, `engines.local.pad_to`), so a
-served row equals `embed --batch-size B`'s row for the same image bytes.
+structure and bomb checks as `embed`) runs on a pool of threads. A batch of n
+images runs as n (one image alone costs one image), so a served row equals
+`embed`'s row for the same image bytes at the same batch shape; with
+`fixed_batch` every batch is padded to `batch_size` (as `embed` pads,
+`engines.local.pad_to`), so a row never depends on what shared its batch.
 
 At most `queue_size` images are admitted and not yet running; past that a
 request is refused at once with 503 and `Retry-After`, so load never builds an
@@ -63,6 +65,7 @@ class Config:
     port: int = 8501
     name: str = "vggembed"
     batch_size: int = 16
+    fixed_batch: bool = False  # pad every batch to batch_size: rows independent of what shared the batch
     max_wait: float = 0.005  # seconds a batch waits to fill
     queue_size: int = 64  # images admitted and not yet running
     max_body: int = 64 << 20
@@ -227,8 +230,9 @@ class Server:
 
     # --------------------------------------------------------- the model
     def run_batch(self, batch: np.ndarray) -> dict:
-        """One padded batch through the network (on the model thread)."""
-        return compute(self.vgg, batch, self.outputs, self.top, self.config.batch_size)
+        """One batch through the network (on the model thread), padded to the batch size with `fixed_batch`."""
+        return compute(self.vgg, batch, self.outputs, self.top,
+                       self.config.batch_size if self.config.fixed_batch else None)
 
     def warm_up(self) -> None:
         """Build the graph (or the int8 model) before the first request."""
