@@ -119,9 +119,14 @@ def anchors(text):
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
 
 
+def prose(text):
+    """A page without its code: fenced blocks and inline code (code such as `x[0](y)` is no link)."""
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+
+
 def test_docs_links_point_at_files_and_headings():
     for page, text in PAGES.items():
-        for target, anchor in re.findall(r"\]\(([^)#:\s]*)(?:#([^)\s]*))?\)", text):
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*)(?:#([^)\s]*))?\)", prose(text)):
             path = ((ROOT / page).parent / target).resolve() if target else ROOT / page
             assert path.exists(), f"{page}: link to missing {target}"
             if anchor and path.suffix == ".md":
@@ -143,6 +148,7 @@ def world(tmp_path_factory, tiny_params, photos):
     chelsea, coffee, astronaut, grace = photos
     Image.open(astronaut).convert("RGB").save(root / "a.jpg")
     shutil.copy(coffee, root / "b.png")
+    shutil.copy(coffee, root / "dog.png")
     Image.open(chelsea).convert("RGB").save(root / "cat.jpg")
     shutil.copy(grace, root / "laska.png")  # a JPEG under a .png name: types come from content
     for i, photo in enumerate(photos):
@@ -246,11 +252,25 @@ def test_docs_show_python_and_every_block_compiles():
         compile(source, f"{page}:{line}", "exec")
 
 
+# What a page's Python blocks read, made first by the commands that page documents.
+BEFORE_PYTHON = {
+    "docs/deploy.md": [
+        "vggembed export models/vgg16 --format saved-model --weights weights/vgg16_weights.npz --layer fc2 --top 5",
+        "vggembed export vgg16.tflite --format tflite --weights weights/vgg16_weights.npz --layer pool5:avg",
+    ],
+}
+
+
 @pytest.mark.parametrize("page", RUN_PAGES)
 def test_python_examples_run(here, page):
     """A page's blocks run in order in one namespace, as a reader would paste them, in a folder with the files
-    they name and `feats.npy` made by the documented `vggembed embed images/ -o feats.npy`."""
+    they name and `feats.npy` made by the documented `vggembed embed images/ -o feats.npy` (and what the page's
+    own commands make, BEFORE_PYTHON)."""
     assert run_line("vggembed embed images/ -o feats.npy").exit_code == 0
+    for line in BEFORE_PYTHON.get(page, []):
+        assert line in shell_lines(PAGES[page]), f"{page} no longer shows `{line}`: update BEFORE_PYTHON"
+        result = run_line(line)
+        assert result.exit_code == 0, f"{line}: exit {result.exit_code}\n{result.output}"
     namespace = {"__name__": "__docs__"}
     for block_page, line, source, why in BLOCKS:
         if block_page == page and not why:
