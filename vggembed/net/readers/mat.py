@@ -20,7 +20,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from ...errors import WeightFileError
 from ...images.safeio import open_regular
@@ -39,6 +38,8 @@ MAX_LAYERS = 1000
 
 
 def read(path: Path, *, legacy_transpose: bool = False):
+    import scipy.io  # here: a cached int8 run, which reads a .npz, need not pay its 0.3 s import
+
     try:
         with open_regular(path, "weight file") as f:
             # Before scipy reads a compressed variable: even listing one
