@@ -333,3 +333,33 @@ def test_vgg19_from_both_mat_layouts_runs_int8(tiny, layout, photos):
     assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
     names = [op["op_name"] for op in m8._interpreters[("relu7",), None]._get_ops_details()]
     assert names.count("CONV_2D") == 16 and names.count("FULLY_CONNECTED") == 2
+
+
+@needs_int8
+def test_a_cached_int8_run_never_imports_tensorflow(tmp_path, tiny16, photos):
+    """With TensorFlow made unimportable, the CLI converts (no converter: vggembed writes the model) and then
+    classifies from the cache; a corrupt cache entry is rebuilt the same way."""
+    import subprocess
+
+    stub = tmp_path / "stub" / "tensorflow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ImportError("tensorflow is not importable in this test")\n')
+    env = {**os.environ, "VGGEMBED_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join([str(stub.parent)] + sys.path)}
+
+    def classify():
+        return subprocess.run([sys.executable, "-m", "vggembed", "classify", str(photos[0]), "--weights", str(tiny16),
+                               "--precision", "int8", "--format", "json"], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    first = classify()
+    assert first.returncode == 0, first.stderr
+    assert "converting" in first.stderr and "cached as" in first.stderr
+    cached = classify()
+    assert cached.returncode == 0, cached.stderr
+    assert "converting" not in cached.stderr and cached.stdout == first.stdout
+    assert len(json.loads(cached.stdout)[0]["predictions"]) == 5
+    (model,) = (tmp_path / "home" / "int8").glob("*.tflite")
+    model.write_bytes(model.read_bytes()[:1000])  # cut short
+    rebuilt = classify()
+    assert rebuilt.returncode == 0 and "corrupt" in rebuilt.stderr and rebuilt.stdout == first.stdout
