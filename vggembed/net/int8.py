@@ -12,13 +12,14 @@ do one float32, and XNNPACK's int8 kernels use them; no TensorFlow path does.
   already int8). `write_model` then writes exactly that network as a TFLite
   flatbuffer (`tflite.Graph`), with the ops, scales and zero points
   TensorFlow's converter gave the same network written with fake-quant
-  ranges (vggembed used the converter until 0.1: its output was the same to
-  the bit, at 12 GB and 2 minutes for VGG16). `_check_int8` refuses a model
-  where a conv or fully connected layer would run float. One weight file
-  and calibration set always give the same int8 model.
+  ranges (RECIPE_VERSION 2 had the converter build it: from the same plan
+  its model computes the same to the bit, but it took 12 GB and 2 minutes
+  for VGG16). `_check_int8` refuses a model where a conv or fully connected
+  layer would run float. One weight file and calibration set always give
+  the same int8 model.
 - No TensorFlow anywhere: calibration's convolutions run in float32 on
   LiteRT (one small model per layer), the rest in numpy. VGG16 converts in
-  about 20 s on 2 cores, in about 1.2 GB.
+  about 40 CPU-seconds, peaking at 1.5 GB (docs/startup.md).
 - One model per set of requested layers and pool, converted on first use and
   cached in the weights cache (`$VGGEMBED_HOME/int8/`), keyed by everything
   that changes the result, written atomically and checked by SHA-256 before
@@ -220,7 +221,7 @@ class Int8VGG(VGG):
                 source = self.calibration or "the built-in set"
                 self.log(f"vggembed: converting {self.spec.path} to int8 for {', '.join(body)}"
                          f"{f' (pool {pool})' if pool else ''}, calibrating on {len(self.calibration_images())} "
-                         f"images from {source}; VGG16 takes about 20 s on 2 cores and 1.2 GB of memory, once")
+                         f"images from {source}; VGG16 takes about 40 CPU-seconds and 1.5 GB of memory, once")
                 start = time.perf_counter()
                 content = self.convert(body, pool)
                 _write_entry(path, key, content)
