@@ -363,3 +363,77 @@ def test_a_cached_int8_run_never_imports_tensorflow(tmp_path, tiny16, photos):
     model.write_bytes(model.read_bytes()[:1000])  # cut short
     rebuilt = classify()
     assert rebuilt.returncode == 0 and "corrupt" in rebuilt.stderr and rebuilt.stdout == first.stdout
+
+
+def _converter_model(m, body, pool, plan):
+    """What RECIPE_VERSION 2 did: the float network written with the plan's quantization as fake-quant ops,
+    turned into int8 kernels by TensorFlow's TFLite converter (tests only: vggembed no longer uses it)."""
+    import tensorflow as tf
+
+    from vggembed.net.model import _pooled
+
+    def fq(x, span):
+        lo, hi = min(span[0], 0.0), max(span[1], 0.0)
+        if hi - lo < 1e-6:
+            hi = lo + 1e-6
+        return tf.quantization.fake_quant_with_min_max_args(x, min=lo, max=hi, num_bits=8)
+
+    def layer_op(layer, x):
+        if layer.kind in ("conv", "fc"):
+            w, b = int8._rounded(*plan["weights"][layer.name]), plan["biases"][layer.name]
+            if layer.kind == "conv":
+                return tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
+            if layer.name == "fc6":
+                x = tf.reshape(x, [tf.shape(x)[0], -1])
+            return tf.nn.bias_add(tf.matmul(x, w), b)
+        if layer.kind == "relu":
+            return fq(tf.nn.relu(x), plan["ranges"][layer.name])
+        return tf.nn.max_pool2d(x, 2, 2, "SAME")
+
+    mean = tf.constant(np.asarray(m.spec.mean_pixel, np.float32).reshape(1, 1, 1, 3))
+    layers = m.layers[: max(m._index[n] for n in body) + 1]
+
+    def forward(x):
+        x = fq(fq(x, int8.INPUT_RANGE) - mean, int8._centred_range(m.spec.mean_pixel))
+        out = {}
+        for layer in layers:
+            x = layer_op(layer, x)
+            if layer.name in body:
+                if layer.kind in ("conv", "fc"):
+                    x = fq(x, plan["ranges"][layer.name])
+                out[layer.name] = x
+                if pool is not None and len(x.shape) == 4:
+                    out[layer.name] = fq(_pooled(x, pool), plan["ranges"][f"{layer.name}/{pool}"])
+        return [out[name] for name in body]
+
+    fn = tf.function(forward, input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()
+
+
+@needs_int8
+@pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")  # the input is quantized in the graph
+@pytest.mark.parametrize("body, pool", [(("relu7",), None), (("conv5_3", "pool5", "relu6", "relu7"), "avg"),
+                                        (("conv2_2", "relu2_2"), "max"), (("fc6", "relu7"), None)])
+def test_the_written_model_computes_what_the_converter_made_of_the_same_plan(m8, photos, body, pool):
+    """Bit for bit: the same ops, scales, zero points and int32 biases as TensorFlow's converter chose for the
+    network written with fake-quant ranges (including its second fc layer where one is wanted before its ReLU)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    plan = m8.calibrate(body, pool)
+    batch = np.stack([prepare(p) for p in photos]).astype(np.float32)
+
+    def outputs(content):
+        interpreter = Interpreter(model_content=bytes(content))
+        x = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(x["index"], batch.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(x["index"], batch)
+        interpreter.invoke()
+        return [interpreter.get_tensor(o["index"]) for o in interpreter.get_output_details()]
+
+    ours, theirs = outputs(int8.write_model(m8.spec, body, pool, plan)), outputs(_converter_model(m8, body, pool, plan))
+    assert len(ours) == len(theirs) == len(body)
+    for name, a, b in zip(body, ours, theirs):
+        np.testing.assert_array_equal(a, b.reshape(a.shape), err_msg=name)
