@@ -68,7 +68,9 @@ def row(label, runs) -> None:
 
 def bench(code: Path, name: str, args, weights: Path, image: Path, home: Path | None = None) -> None:
     """The rows for one checkout; with `home`, its int8 model is already cached there (no first-use row)."""
-    home = home or Path(tempfile.mkdtemp(prefix="startup-"))
+    if home is None:
+        with tempfile.TemporaryDirectory(prefix="startup-") as fresh:
+            return bench(code, name, args, weights, image, Path(fresh))
     env = {**os.environ, "PYTHONPATH": str(code), "VGGEMBED_HOME": str(home)}
     # Run from the home folder: `python -m vggembed` looks in the current folder first.
     vggembed = [sys.executable, "-m", "vggembed"]
