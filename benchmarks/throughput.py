@@ -13,7 +13,7 @@ keras.applications.VGG16(weights=None).
 
 The random weights are kept in the cache ($VGGEMBED_HOME/benchmark/) so
 their MD5, and so the cached int8 model, stay the same from run to run:
-the int8 conversion (about 100 s) is paid by the first run only.
+the int8 conversion (about 40 CPU-seconds) is paid by the first run only.
 """
 
 from __future__ import annotations
@@ -167,9 +167,8 @@ def bench_int8(params, m32, args, gflop, photos, tmp: Path):
     m8 = Int8VGG(params, m32.spec)
     start = time.perf_counter()
     m8.run(np.zeros((1, 224, 224, 3), np.float32), ["relu7", "prob"])  # converts, or reads the cache
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"int8 model ready in {time.perf_counter() - start:.1f}s (conversion, or the cached model: see above); "
-          f"peak RSS of the converting child {child_rss:.0f} MiB (0: read from the cache)")
+    print(f"int8 model ready in {time.perf_counter() - start:.1f}s (converted in this process, or the cached model: "
+          "see above; benchmarks/startup.py measures the conversion alone)")
     mean = np.float32(m32.spec.mean_pixel)
     kf = keras_vgg(params)
     kffn = tf.function(lambda x: kf(x, training=False))

@@ -66,3 +66,9 @@ def test_serve_load_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--clients" in out and "--precisions" in out
+
+
+def test_startup_benchmark_has_help():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--before" in out and "import tensorflow" in out

@@ -16,7 +16,7 @@ from vggembed.net import int8
 from vggembed.net import synthetic
 from vggembed.cli import main
 from vggembed.errors import VGGEmbedError
-from vggembed.images import decode
+from vggembed.images.decode import prepare
 from vggembed.images.inputs import expand
 
 from .conftest import cosine
@@ -90,7 +90,7 @@ def test_vectors_close_to_float32_and_reproducible(m8, tiny_model, photos):
     assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
     np.testing.assert_array_equal(m8.embed(photos, layer="fc2", batch_size=4), ours)  # bit for bit
     # several layers (fc and pooled conv maps) in one converted model come back under their own names
-    batch = np.stack([decode.prepare(p) for p in photos]).astype(np.float32)
+    batch = np.stack([prepare(p) for p in photos]).astype(np.float32)
     layers = ["relu6", "relu7", "pool5", "conv5_3"]
     several, ref = m8.run(batch, layers, pool="avg"), tiny_model.run(batch, layers, pool="avg")
     for name in layers:
@@ -110,45 +110,56 @@ def test_vectors_close_to_float32_and_reproducible(m8, tiny_model, photos):
 
 
 @needs_int8
-def test_the_converted_model_is_the_network_calibration_wrote(m8, photos):
-    """The converter takes the measured ranges, rounded weights and corrected biases as they are."""
-    import tensorflow as tf
-
-    batch = np.stack([decode.prepare(p) for p in photos]).astype(np.float32)
-    m8.run(batch[:1], ["relu7"])
+def test_the_written_model_is_the_plan(m8, tiny_params, photos):
+    """Every conv/fc layer of the model carries exactly the plan's int8 kernel, per-channel scales, corrected
+    bias and output range, and ranges become scales and zero points as TensorFlow's converter made them."""
+    m8.embed(photos[:1], batch_size=1)
     plan = m8.calibrate(("relu7",), None)
     interpreter = m8._interpreters[("relu7",), None]
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = [op for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
     names = [layer.name for layer in m8.layers if layer.kind in ("conv", "fc")][: len(ops)]
     assert len(ops) == 15 and names[-1] == "fc7"
+    previous = int8.qparams(int8._centred_range(m8.spec.mean_pixel))
     for name, op in zip(names, ops):
         x, w, b = (tensors[i] for i in op["inputs"])
         y = tensors[op["outputs"][0]]
-        relu = "relu" + name[4:] if name.startswith("conv") else "relu" + name[2:]
-        assert y["quantization"][0] == pytest.approx(plan["ranges"][relu][1] / 255, rel=1e-6), name
+        codes, scale = plan["weights"][name]
+        assert x["quantization"] == (np.float32(previous[0]), previous[1]), name  # the layer before's output
+        kernel = np.moveaxis(codes, 3, 0) if name.startswith("conv") else codes.T
+        np.testing.assert_array_equal(interpreter.get_tensor(w["index"]), kernel, err_msg=name)
         w_scales = w["quantization_parameters"]["scales"]
-        expected = np.abs(plan["weights"][name]).reshape(-1, w["shape"][0]).max(axis=0) / 127
-        np.testing.assert_allclose(w_scales, expected, rtol=1e-6, err_msg=name)
-        bias = interpreter.get_tensor(b["index"]) * b["quantization_parameters"]["scales"]
-        np.testing.assert_allclose(bias, plan["biases"][name], atol=float(b["quantization_parameters"]["scales"].max()),
-                                   err_msg=name)
+        np.testing.assert_allclose(w_scales, scale, rtol=1e-6, err_msg=name)
+        assert not w["quantization_parameters"]["zero_points"].any() and w["quantization_parameters"][
+            "quantized_dimension"] == 0
+        b_scales = b["quantization_parameters"]["scales"]
+        np.testing.assert_allclose(b_scales, previous[0] * w_scales, rtol=1e-6, err_msg=name)
+        bias = interpreter.get_tensor(b["index"]).astype(np.float64) * b_scales
+        assert np.all(np.abs(bias - plan["biases"][name]) <= b_scales / 2 * (1 + 1e-6)), name  # rounded to nearest
+        relu = "relu" + name[4:] if name.startswith("conv") else "relu" + name[2:]
+        lo, hi = plan["ranges"][relu]
+        # ReLU fused: 0..hi, hi as a float32 (the converter's fake-quant attribute) over 255 steps
+        assert lo == 0 and y["quantization"] == (np.float32(float(np.float32(hi)) / 255), -128), name
+        previous = int8.qparams(plan["ranges"][relu])
     # bias correction moved every conv and fc bias (the measured mean shift of rounding is never exactly 0)
     for name in names:
-        assert not np.array_equal(plan["biases"][name], m8._params[name][1].numpy()), name
-    # and LiteRT's int8 network computes what the float network written with that quantization computes, but for
-    # its fixed-point requantization, whose roundings a 4-channel network amplifies (cosine 0.995 here)
-    written = m8._quantized(("relu7",), None, plan)(tf.constant(batch))["relu7"].numpy()
-    assert min(cosine(a, b) for a, b in zip(m8.run(batch, ["relu7"])["relu7"], written)) > 0.99
+        assert not np.array_equal(plan["biases"][name], tiny_params["vgg16"][name][1]), name
+    # a range that does not start at 0 gets the zero point nearest its end, as the converter nudges it
+    assert int8.qparams((-52.7, 47.8)) == (pytest.approx((np.float32(47.8) - np.float32(-52.7)) / 255), 6)
+    assert int8.qparams((0.0, 0.0)) == (pytest.approx(1e-6 / 255), -128)  # all zeros on the calibration set
 
 
 @needs_int8
-def test_a_model_with_float_layers_is_refused(m8):
-    import tensorflow as tf
+def test_a_model_with_float_layers_is_refused():
+    from vggembed.net import tflite
 
-    fn = tf.function(lambda x: m8._function(("relu7",), None)(x)["relu7"],
-                     input_signature=[tf.TensorSpec([1, 224, 224, 3], tf.float32)])
-    float_model = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn).convert()
+    g = tflite.Graph()
+    x = g.tensor("x", tflite.FLOAT32, (1, 8, 8, 3))
+    w = g.tensor("w", tflite.FLOAT32, (4, 3, 3, 3), batch=False, data=np.ones((4, 3, 3, 3), np.float32))
+    b = g.tensor("b", tflite.FLOAT32, (4,), batch=False, data=np.zeros(4, np.float32))
+    y = g.tensor("y", tflite.FLOAT32, (1, 8, 8, 4))
+    g.op(tflite.CONV_2D, [x, w, b], [y], tflite.CONV_2D_OPTIONS, [(1, "int32", 1), (2, "int32", 1)])
+    float_model = bytes(g.finish([x], [y]))
     with pytest.raises(VGGEmbedError, match=r"^w\.npz: int8 conversion left CONV_2D \d+ in float32; not using it$"):
         int8._check_int8(float_model, "w.npz")
 
@@ -195,7 +206,7 @@ def test_cache_is_reused_and_a_corrupt_or_stale_entry_rebuilt(tmp_path, monkeypa
 
     meta = cached[0].with_name(cached[0].name + ".json")
     info = json.loads(meta.read_text())
-    info["key"]["tensorflow"] = "0.0"  # made by another version
+    info["key"]["litert"] = "0.0"  # made by another version
     meta.write_text(json.dumps(info))
     assert any("stale" in line for line in vectors()[1])
 
@@ -322,3 +333,107 @@ def test_vgg19_from_both_mat_layouts_runs_int8(tiny, layout, photos):
     assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
     names = [op["op_name"] for op in m8._interpreters[("relu7",), None]._get_ops_details()]
     assert names.count("CONV_2D") == 16 and names.count("FULLY_CONNECTED") == 2
+
+
+@needs_int8
+def test_a_cached_int8_run_never_imports_tensorflow(tmp_path, tiny16, photos):
+    """With TensorFlow made unimportable, the CLI converts (no converter: vggembed writes the model) and then
+    classifies from the cache; a corrupt cache entry is rebuilt the same way."""
+    import subprocess
+
+    stub = tmp_path / "stub" / "tensorflow"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ImportError("tensorflow is not importable in this test")\n')
+    env = {**os.environ, "VGGEMBED_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join([str(stub.parent)] + sys.path)}
+
+    def classify():
+        return subprocess.run([sys.executable, "-m", "vggembed", "classify", str(photos[0]), "--weights", str(tiny16),
+                               "--precision", "int8", "--format", "json"], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    first = classify()
+    assert first.returncode == 0, first.stderr
+    assert "converting" in first.stderr and "cached as" in first.stderr
+    cached = classify()
+    assert cached.returncode == 0, cached.stderr
+    assert "converting" not in cached.stderr and cached.stdout == first.stdout
+    assert len(json.loads(cached.stdout)[0]["predictions"]) == 5
+    (model,) = (tmp_path / "home" / "int8").glob("*.tflite")
+    model.write_bytes(model.read_bytes()[:1000])  # cut short
+    rebuilt = classify()
+    assert rebuilt.returncode == 0 and "corrupt" in rebuilt.stderr and rebuilt.stdout == first.stdout
+
+
+def _converter_model(m, body, pool, plan):
+    """What RECIPE_VERSION 2 did: the float network written with the plan's quantization as fake-quant ops,
+    turned into int8 kernels by TensorFlow's TFLite converter (tests only: vggembed no longer uses it)."""
+    import tensorflow as tf
+
+    from vggembed.net.model import _pooled
+
+    def fq(x, span):
+        lo, hi = min(span[0], 0.0), max(span[1], 0.0)
+        if hi - lo < 1e-6:
+            hi = lo + 1e-6
+        return tf.quantization.fake_quant_with_min_max_args(x, min=lo, max=hi, num_bits=8)
+
+    def layer_op(layer, x):
+        if layer.kind in ("conv", "fc"):
+            w, b = int8._rounded(*plan["weights"][layer.name]), plan["biases"][layer.name]
+            if layer.kind == "conv":
+                return tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
+            if layer.name == "fc6":
+                x = tf.reshape(x, [tf.shape(x)[0], -1])
+            return tf.nn.bias_add(tf.matmul(x, w), b)
+        if layer.kind == "relu":
+            return fq(tf.nn.relu(x), plan["ranges"][layer.name])
+        return tf.nn.max_pool2d(x, 2, 2, "SAME")
+
+    mean = tf.constant(np.asarray(m.spec.mean_pixel, np.float32).reshape(1, 1, 1, 3))
+    layers = m.layers[: max(m._index[n] for n in body) + 1]
+
+    def forward(x):
+        x = fq(fq(x, int8.INPUT_RANGE) - mean, int8._centred_range(m.spec.mean_pixel))
+        out = {}
+        for layer in layers:
+            x = layer_op(layer, x)
+            if layer.name in body:
+                if layer.kind in ("conv", "fc"):
+                    x = fq(x, plan["ranges"][layer.name])
+                out[layer.name] = x
+                if pool is not None and len(x.shape) == 4:
+                    out[layer.name] = fq(_pooled(x, pool), plan["ranges"][f"{layer.name}/{pool}"])
+        return [out[name] for name in body]
+
+    fn = tf.function(forward, input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()
+
+
+@needs_int8
+@pytest.mark.filterwarnings("ignore:Statistics for quantized inputs")  # the input is quantized in the graph
+@pytest.mark.parametrize("body, pool", [(("relu7",), None), (("conv5_3", "pool5", "relu6", "relu7"), "avg"),
+                                        (("conv2_2", "relu2_2"), "max"), (("fc6", "relu7"), None)])
+def test_the_written_model_computes_what_the_converter_made_of_the_same_plan(m8, photos, body, pool):
+    """Bit for bit: the same ops, scales, zero points and int32 biases as TensorFlow's converter chose for the
+    network written with fake-quant ranges (including its second fc layer where one is wanted before its ReLU)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    plan = m8.calibrate(body, pool)
+    batch = np.stack([prepare(p) for p in photos]).astype(np.float32)
+
+    def outputs(content):
+        interpreter = Interpreter(model_content=bytes(content))
+        x = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(x["index"], batch.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(x["index"], batch)
+        interpreter.invoke()
+        return [interpreter.get_tensor(o["index"]) for o in interpreter.get_output_details()]
+
+    ours, theirs = outputs(int8.write_model(m8.spec, body, pool, plan)), outputs(_converter_model(m8, body, pool, plan))
+    assert len(ours) == len(theirs) == len(body)
+    for name, a, b in zip(body, ours, theirs):
+        np.testing.assert_array_equal(a, b.reshape(a.shape), err_msg=name)

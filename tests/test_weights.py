@@ -33,6 +33,26 @@ def test_every_layout_reads_back_the_written_arrays(tiny, tiny_params, arch, lay
         assert spec.labels == LABELS and spec.labels_source == "the .mat file"
 
 
+@pytest.mark.parametrize("layout", ["frossard", "matconvnet"])
+def test_reading_some_layers_gives_those_arrays_and_the_whole_spec(tiny, tiny_params, layout):
+    """What a cached int8 run reads: fc8 only, with the spec (widths, classes) of the whole file."""
+    full, spec = load_weights(tiny["vgg16", layout])
+    some, spec_some = load_weights(tiny["vgg16", layout], layers=("fc8",))
+    assert list(some) == ["fc8"]
+    for a, b in zip(some["fc8"], full["fc8"]):
+        np.testing.assert_array_equal(a, b)
+    assert spec_some == spec
+
+
+def test_reading_some_layers_still_checks_every_shape(tmp_path, tiny_params):
+    params = dict(tiny_params["vgg16"])
+    w, b = params["conv2_1"]
+    params["conv2_1"] = (w[:, :, :2], b)  # does not fit conv1_2's output
+    path = synthetic.write_npz(params, tmp_path / "bad.npz")
+    with pytest.raises(WeightFileError, match="conv2_1 has shape"):
+        load_weights(path, layers=("fc8",))
+
+
 def test_beta16_mean_is_the_mean_of_the_average_image(tmp_path, tiny_params):
     path = synthetic.write_mat(tiny_params["vgg16"], tmp_path / "m.mat", layout="matconvnet-beta16",
                                mean=(100.0, 110.0, 120.0))

@@ -110,9 +110,9 @@ class Setup:
         vgg = load_recipe(recipe, labels=self.labels, device=self.device, timings=t)
         if self.verbose:
             spec = vgg.spec
+            runtime = "" if recipe.precision == "int8" else f"TensorFlow import {t['runtime']:.2f}s, "
             click.echo(f"vggembed: {spec.path} ({spec.arch}, {spec.layout}) on {vgg.device}, {recipe.precision}; "
-                       f"start-up: TensorFlow import {t['tensorflow']:.2f}s, weight file {t['weights']:.2f}s, "
-                       f"model {t['model']:.2f}s", err=True)
+                       f"start-up: {runtime}weight file {t['weights']:.2f}s, model {t['model']:.2f}s", err=True)
         return vgg
 
 

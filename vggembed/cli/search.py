@@ -11,7 +11,7 @@ import click
 
 from ..errors import VGGEmbedError, display
 from ..store.destination import Destination, replacing
-from ..use.explore import DEFAULT_THRESHOLD
+from ..use import DEFAULT_THRESHOLD
 from .common import CONTEXT, EXIT_SOME_FAILED, fail
 from .process import data_stdout
 

@@ -55,8 +55,7 @@ class VGG:
                 raise VGGEmbedError("this CPU lacks native bf16 (AVX512_BF16 or AMX), where bf16 is slower "
                                     "than float32; use --precision float32")
         self._dtype = {"float32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}[precision]
-        self.layers = [layer for layer in arch_mod.layers(spec.arch) if spec.has_fc or layer.block <= 5]
-        self._index = {layer.name: i for i, layer in enumerate(self.layers)}
+        self.layers, self._index = network_layers(spec)
         with tf.device(self.device):
             self._params = {name: (self._adopt(w), self._adopt(b)) for name, (w, b) in params.items()}
             self._mean = tf.constant(np.asarray(spec.mean_pixel, np.float32).reshape(1, 1, 1, 3))
@@ -258,6 +257,12 @@ class VGG:
             raise VGGEmbedError(f"images of different sizes {sorted(shapes)} cannot share a batch with resize "
                                 "'none'; pass them one at a time")
         return np.stack(arrays).astype(np.float32, copy=False)
+
+
+def network_layers(spec: WeightSpec) -> tuple[list, dict]:
+    """The layers a weight file can compute, in order, and each one's position by name."""
+    layers = [layer for layer in arch_mod.layers(spec.arch) if spec.has_fc or layer.block <= 5]
+    return layers, {layer.name: i for i, layer in enumerate(layers)}
 
 
 def _pooled(y, pool):

@@ -25,6 +25,7 @@ def load_weights(
     *,
     labels: str | os.PathLike | None = None,
     legacy_transpose: bool = False,
+    layers=None,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], WeightSpec]:
     """Read a Frossard `.npz` or MatConvNet `.mat` file.
 
@@ -36,9 +37,12 @@ def load_weights(
         legacy_transpose: transpose `.mat` conv kernels with (1, 0, 2, 3), as
             the VGG19 seed and neural-style's `vgg.py` do. Wrong for the
             published files; only for reproducing their feature maps.
+        layers: only these layers' arrays are wanted (e.g. `("fc8",)` where
+            a cached int8 model holds the rest). Every layer's shape is still
+            checked; a `.npz` reads just those arrays, a `.mat` is read whole.
 
     Returns:
-        (params, spec): params maps conv{b}_{i} / fc6..fc8 to (weight, bias).
+        (params, spec): params maps conv{b}_{i} / fc6..fc8 (or just `layers`) to (weight, bias).
 
     Raises:
         WeightFileError: naming the file and what is wrong with it.
@@ -50,7 +54,7 @@ def load_weights(
     except NotAFileError as e:
         raise WeightFileError(path, e.problem) from None
     if head.startswith(b"PK"):
-        params, spec = npz.read(path)
+        params, spec = npz.read(path, layers)
     elif head.startswith(b"MATLAB"):
         params, spec = mat.read(path, legacy_transpose=legacy_transpose)
     elif path.suffix.lower() == ".npz":
@@ -64,6 +68,8 @@ def load_weights(
     spec.conv_widths = tuple(params[n][0].shape[-1] for n in arch_mod.conv_names(spec.arch))
     spec.has_fc = "fc6" in params
     spec.fc_sizes = tuple(params[n][0].shape[-1] for n in arch_mod.FC_NAMES) if spec.has_fc else ()
+    if layers is not None:
+        params = {n: p for n, p in params.items() if n in layers}
 
     if labels is not None:
         spec.labels, spec.labels_source = read_labels(labels), str(labels)

@@ -20,12 +20,8 @@ from ..errors import VGGEmbedError
 from ..images.sources import is_url
 from ..store.recipe import Recipe
 from ..store.vectors import Vectors, open_vectors
-from . import similarity
+from . import DEFAULT_THRESHOLD, similarity
 
-# Near-duplicates (re-encodes, resizes, crops of a few percent) of real photos
-# stay above this fc2 cosine and distinct photos below it; see docs/search.md
-# ("The default threshold, 0.95") and benchmarks/dedup_threshold.py for the figures.
-DEFAULT_THRESHOLD = 0.95
 # The embed command's default batch size. An index does not record the batch size it was made with, so
 # queries are padded to min(16, number of queries) (`local.pad_to`), not to the index's own batch shape:
 # a query of an indexed image can differ from its row in the last bits where kernels differ per shape.

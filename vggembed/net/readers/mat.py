@@ -26,7 +26,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from ...errors import WeightFileError
 from ...images.safeio import open_regular
@@ -119,6 +118,8 @@ def read(path: Path, *, legacy_transpose: bool = False):
 
 def _parse(f, path) -> tuple[str, dict]:
     """(layout, the layout's top-level variables as loadmat returns them) of the open file `f`."""
+    import scipy.io  # here: a cached int8 run, which reads a .npz, need not pay its 0.3 s import
+
     # Before scipy reads a compressed variable: even listing one
     # inflates a whole 128 KiB block of it at once (up to 132 MB).
     _check_inflated_sizes(f, path, {n for need in LAYOUTS.values() for n in need})

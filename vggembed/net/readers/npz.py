@@ -39,7 +39,9 @@ class _Header(NamedTuple):
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def read(path: Path):
+def read(path: Path, layers=None):
+    """(params, spec); with `layers`, only those layers' arrays are read and the others are shape-only
+    stand-ins (`_Shape`), each checked as if read."""
     try:
         archive = _Archive(path)
     except _CORRUPT as e:
@@ -71,9 +73,11 @@ def read(path: Path):
                                   for n in wanted})
         for k in keys:
             archive.check_size(k, headers[k])
+        arrays = {k: _Shape(headers[k].shape) for k in keys}
+        todo = [k for k in keys if layers is None or k[:-2] in layers]
         # Reading and checksumming release the GIL: arrays are read side by side.
         with ThreadPoolExecutor(4) as pool:
-            arrays = dict(zip(keys, pool.map(lambda k: _array(archive, path, k, headers[k]), keys)))
+            arrays.update(zip(todo, pool.map(lambda k: _array(archive, path, k, headers[k]), todo)))
     params = {n: (arrays[n + "_W"], arrays[n + "_b"]) for n in wanted}
     spec = WeightSpec(path=str(path), arch=arch, format="npz", layout="frossard", mean_pixel=IMAGENET_MEAN_RGB)
     return params, spec
