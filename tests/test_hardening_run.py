@@ -408,7 +408,7 @@ def test_names_that_are_not_utf8_round_trip_through_every_output(tmp_path, odd_d
         else:
             table = pq.read_table(out)
             names = [os.fsencode(p) for p in table_paths(table)]
-            vectors = dict(zip(names, np.array(table["embedding"].to_pylist(), np.float32)))
+            vectors = dict(zip(names, np.array(table["fc2"].to_pylist(), np.float32)))
             shown = dict(zip(names, table["path"].to_pylist()))
             raw = dict(zip(names, table["path_bytes"].to_pylist()))
             odd = os.path.join(os.fsencode(odd_dir), ODD)

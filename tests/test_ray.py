@@ -68,16 +68,17 @@ def test_ray_engine_equals_local_engine(tmp_path, ray_runtime, folder, tiny16):
     assert "embedded 238 of 240 images on Ray" in result.stderr
     manifest = json.loads((parts / "manifest.json").read_text())
     assert manifest["inputs"] == 240 and manifest["parts"] == 5
-    assert manifest["recipe"]["weights"] == tiny16.name and manifest["recipe"]["layer"] == "relu7"
+    assert manifest["recipe"]["weights"] == tiny16.name and manifest["recipe"]["outputs"] == [
+        {"name": "fc2", "layer": "relu7", "pool": None}]
     assert sorted(p.name for p in parts.iterdir()) == ["manifest.json"] + [f"part-0000{k}.parquet" for k in range(5)]
 
     import pyarrow.parquet as pq
 
     shard = pq.read_table(parts / "part-00000.parquet")
-    assert shard.column_names == ["path", "path_bytes", "status", "error", "embedding"]
+    assert shard.column_names == ["path", "path_bytes", "status", "error", "fc2"]
     assert shard["path"].to_pylist() == [str(p) for p in sorted(folder.iterdir())[:50]]
     assert shard["status"][5].as_py() == "error" and shard["error"][5].as_py() == "empty file (0 bytes)"
-    assert shard["embedding"][5].as_py() is None
+    assert shard["fc2"][5].as_py() is None
     meta = json.loads(shard.schema.metadata[b"vggembed"])
     assert (meta["part"], meta["first"], meta["inputs"], meta["failed"]) == (0, 0, 50, 1)
     assert meta["recipe"] == manifest["recipe"] and meta["run"] == manifest["id"]
@@ -201,8 +202,8 @@ def test_batches_and_parts_where_every_image_failed_are_rows_like_any_other(tmp_
     import pyarrow.parquet as pq
 
     last = pq.read_table(parts / "part-00003.parquet")  # inputs 24..29: all broken
-    assert last["status"].to_pylist() == ["error"] * 6 and last["embedding"].null_count == 6
-    assert last.schema.field("embedding").type.list_size == 32  # the layer's width even without a vector
+    assert last["status"].to_pylist() == ["error"] * 6 and last["fc2"].null_count == 6
+    assert last.schema.field("fc2").type.list_size == 32  # the layer's width even without a vector
     merged = tmp_path / "merged.npy"
     assert run("merge", parts, "-o", merged).exit_code == 0
     local = tmp_path / "local.npy"

@@ -14,7 +14,7 @@ do one float32, and XNNPACK's int8 kernels use them; no TensorFlow path does.
   into int8 kernels; `_check_int8` refuses a model where a conv or fully
   connected layer stayed float. One weight file and calibration set always
   give the same int8 model.
-- One model per set of requested layers and pool, converted on first use
+- One model per set of requested (layer, pool) outputs, converted on first use
   (about 100 s for VGG16 on 2 cores) and cached in the weights cache
   (`$VGGEMBED_HOME/int8/`), keyed by everything that changes the result,
   written atomically and checked by SHA-256 before use.
@@ -124,17 +124,17 @@ class Int8VGG(VGG):
             self._fc8 = (np.asarray(params["fc8"][0], np.float32), np.asarray(params["fc8"][1], np.float32))
 
     # ------------------------------------------------------------- running
-    def _compute(self, batch: np.ndarray, wanted: tuple, pool) -> dict[str, np.ndarray]:
+    def _compute(self, batch: np.ndarray, graph: tuple) -> dict[tuple, np.ndarray]:
         size = tuple(reversed(self.spec.input_size))
         if tuple(batch.shape[1:3]) != size:
             raise VGGEmbedError(f"--precision int8 runs at the {size[1]}x{size[0]} input it was converted for; got "
                                 f"{batch.shape[2]}x{batch.shape[1]}: use resize 'squash' or 'center-crop', or "
                                 "--precision float32")
-        head = [n for n in wanted if n in ("fc8", "prob")]
-        body = tuple(sorted({n for n in wanted if n not in head} | ({"relu7"} if head else set())))
-        if all(self.layers[self._index[n]].block > 5 for n in body):
-            pool = None  # nothing to pool: classify and an fc2 run with --pool share one model
-        interpreter = self._interpreter(body, pool)
+        head = [key for key in graph if key[0] in ("fc8", "prob")]
+        # (fc layers come without a pool from `run_outputs`: classify and an fc2 run share one model)
+        body = tuple(sorted({key for key in graph if key not in head} | ({("relu7", None)} if head else set()),
+                            key=lambda key: (key[0], key[1] or "")))
+        interpreter = self._interpreter(body)
         x = interpreter.get_input_details()[0]
         if tuple(x["shape"]) != batch.shape:
             interpreter.resize_tensor_input(x["index"], batch.shape)
@@ -142,25 +142,25 @@ class Int8VGG(VGG):
         interpreter.set_tensor(x["index"], np.ascontiguousarray(batch, np.float32))
         interpreter.invoke()
         # Outputs come in the order the converted function returns them: `body`'s.
-        out = {name: interpreter.get_tensor(o["index"]) for name, o in zip(body, interpreter.get_output_details())}
+        out = {key: interpreter.get_tensor(o["index"]) for key, o in zip(body, interpreter.get_output_details())}
         if head:
             w, b = self._fc8
-            logits = out["relu7"] @ w + b
-            out["fc8"] = logits
+            logits = out["relu7", None] @ w + b
+            out["fc8", None] = logits
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            out["prob"] = e / e.sum(axis=1, keepdims=True)
+            out["prob", None] = e / e.sum(axis=1, keepdims=True)
         return out
 
     def walk(self, batch, last):
         raise VGGEmbedError("feature maps run at each image's own size, and an int8 model has the fixed input it "
                             "was converted for; use --precision float32 (or bf16)")
 
-    def _interpreter(self, body: tuple, pool):
-        """The LiteRT interpreter of one layer set (XNNPACK is its default CPU delegate), created once."""
-        key = (body, pool)
+    def _interpreter(self, body: tuple):
+        """The LiteRT interpreter of one output set (XNNPACK is its default CPU delegate), created once."""
+        key = body
         if key not in self._interpreters:
             Interpreter = _interpreter_class()
-            content = self.model_bytes(body, pool)
+            content = self.model_bytes(body)
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             quiet = not os.environ.get("VGGEMBED_VERBOSE")
             with _silenced_stderr() if quiet else contextlib.nullcontext():  # "Created ... XNNPACK delegate"
@@ -172,11 +172,11 @@ class Int8VGG(VGG):
         return self._interpreters[key]
 
     # ----------------------------------------------------- conversion cache
-    def cache_key(self, body: tuple, pool) -> dict:
+    def cache_key(self, body: tuple) -> dict:
         """Everything that changes the int8 model: a cache entry is used only when all of it matches."""
         tf = tensorflow()
         return {"recipe": RECIPE_VERSION, "weights_md5": self.spec.md5, "arch": self.spec.arch,
-                "legacy_transpose": self.spec.legacy_transpose, "layers": list(body), "pool": pool,
+                "legacy_transpose": self.spec.legacy_transpose, "outputs": [list(key) for key in body],
                 "input_size": list(self.spec.input_size), "calibration": self.calibration_digest(),
                 "tensorflow": tf.__version__, "litert": metadata.version("ai-edge-litert"), "vggembed": __version__}
 
@@ -186,9 +186,9 @@ class Int8VGG(VGG):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return cache_dir() / "int8" / f"{self.spec.arch}-{self.spec.md5[:8]}-{digest}.tflite"
 
-    def model_bytes(self, body: tuple, pool) -> bytes:
+    def model_bytes(self, body: tuple) -> bytes:
         """The int8 model's bytes: from the cache when its entry is whole and matches, else converted and cached."""
-        key = self.cache_key(body, pool)
+        key = self.cache_key(body)
         path = self.cache_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # One process converts; others (Ray actors on one machine) wait and then read its result.
@@ -196,23 +196,23 @@ class Int8VGG(VGG):
             fcntl.flock(lock, fcntl.LOCK_EX)
             content = _read_entry(path, key, self.log)
             if content is None:
-                content = self._convert_in_child(body, pool, path.with_name(f"{path.name}.{os.getpid()}.out"))
+                content = self._convert_in_child(body, path.with_name(f"{path.name}.{os.getpid()}.out"))
                 _write_entry(path, key, content)
                 self.log(f"vggembed: int8 model cached as {path}")
         return content
 
-    def _convert_in_child(self, body: tuple, pool, out: Path) -> bytes:
+    def _convert_in_child(self, body: tuple, out: Path) -> bytes:
         """Convert in a child process: it peaks at 12.2 GB for VGG16 (TensorFlow's converter alone: 10.1 GB
         for the float model) and the converter keeps 4 GB after returning; a child gives it all back."""
         import subprocess
 
         source = self.calibration or "the built-in set"
-        self.log(f"vggembed: converting {self.spec.path} to int8 for {', '.join(body)}"
-                 f"{f' (pool {pool})' if pool else ''}, calibrating on {len(self.calibration_images())} images "
+        names = ", ".join(f"{layer}:{pool}" if pool else layer for layer, pool in body)
+        self.log(f"vggembed: converting {self.spec.path} to int8 for {names}, calibrating on {len(self.calibration_images())} images "
                  f"from {source}; VGG16 takes about 2 minutes on 2 cores and about 12 GB of memory, once")
         start = time.perf_counter()
-        job = {"weights": self.spec.path, "legacy_transpose": self.spec.legacy_transpose, "layers": list(body),
-               "pool": pool, "calibration": None if self.calibration is None else str(self.calibration),
+        job = {"weights": self.spec.path, "legacy_transpose": self.spec.legacy_transpose,
+               "outputs": [list(key) for key in body], "calibration": None if self.calibration is None else str(self.calibration),
                "out": str(out)}
         try:
             child = subprocess.run([sys.executable, "-m", "vggembed.net.int8", json.dumps(job)], stdin=subprocess.DEVNULL,
@@ -228,8 +228,9 @@ class Int8VGG(VGG):
         self.log(f"vggembed: converted to int8 in {time.perf_counter() - start:.0f}s")
         return content
 
-    def convert(self, body: tuple, pool) -> bytes:
-        """The int8 TFLite model of the layers `body` (canonical names, in output order), in this process.
+    def convert(self, body: tuple) -> bytes:
+        """The int8 TFLite model of the outputs `body` ((canonical layer, pool) pairs, in output order), in
+        this process.
 
         The network is written with its quantization made explicit (`_quantized`: weights rounded to their
         int8 grid, every activation through a fake-quant op with the range `calibrate` measured), and the
@@ -238,13 +239,13 @@ class Int8VGG(VGG):
         """
         tf = tensorflow()
         h, w = self.spec.input_size[1], self.spec.input_size[0]
-        plan = self.calibrate(body, pool)
+        plan = self.calibrate(body)
         _give_back_freed_memory()  # calibration's activations, before the converter's own peak
-        forward = self._quantized(body, pool, plan)
+        forward = self._quantized(body, plan)
         # Input and output stay float32: the quantize of the 0..255 input (scale 1: exact for whole values)
         # and the dequantize of the outputs are two cheap ops inside the graph, so the network keeps VGG's
         # interface (float32 batches in, float32 vectors out).
-        fn = tf.function(lambda x: [forward(x)[name] for name in body],
+        fn = tf.function(lambda x: [forward(x)[key] for key in body],
                          input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, "x")])
         converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -261,7 +262,7 @@ class Int8VGG(VGG):
         _check_int8(content, self.spec.path)
         return content
 
-    def calibrate(self, body: tuple, pool) -> dict:
+    def calibrate(self, body: tuple) -> dict:
         """Measure what the int8 network needs, on the calibration images, layer by layer.
 
         Returns a plan: per-channel int8 `weights` (already rounded, so the converter reproduces them
@@ -270,7 +271,8 @@ class Int8VGG(VGG):
         network (rounded weights, quantized input) adds to that channel, measured with everything before it
         already int8. Activation ranges are the largest values seen times RANGE_MARGIN.
         """
-        stop = max(self._index[n] for n in body)
+        stop = max(self._index[n] for n, _ in body)
+        names = {n for n, _ in body}
         plan = {"weights": {}, "biases": {}, "ranges": {}}
         # Both streams (float32, and int8 as far as computed) of the whole set, one layer at a time, computed
         # CALIBRATION_ROWS images at a time: 1.5 GB at the widest layer for 40 images.
@@ -299,11 +301,12 @@ class Int8VGG(VGG):
             else:
                 exact = _chunked(lambda x: self._apply(layer, x), exact)
                 quant = _chunked(lambda x: self._apply(layer, x), quant)
-            if layer.name in body and layer.kind in ("conv", "fc"):  # wanted before its ReLU: an int8 tensor
+            if layer.name in names and layer.kind in ("conv", "fc"):  # wanted before its ReLU: an int8 tensor
                 plan["ranges"][layer.name] = _spread(exact)
                 quant = _chunked(lambda x: _fake_quant(x, plan["ranges"][layer.name]), quant)
-            if layer.name in body and pool is not None and exact.ndim == 4:
-                plan["ranges"][f"{layer.name}/{pool}"] = _spread(_chunked(lambda x: _pooled(x, pool), exact))
+            for name, pool in body:
+                if name == layer.name and pool is not None and exact.ndim == 4:
+                    plan["ranges"][f"{name}/{pool}"] = _spread(_chunked(lambda x: _pooled(x, pool), exact))
         return plan
 
     def _centred_range(self) -> tuple[float, float]:
@@ -311,9 +314,10 @@ class Int8VGG(VGG):
         mean = np.asarray(self.spec.mean_pixel, np.float64)
         return float(INPUT_RANGE[0] - mean.max()), float(INPUT_RANGE[1] - mean.min())
 
-    def _quantized(self, body: tuple, pool, plan: dict):
+    def _quantized(self, body: tuple, plan: dict):
         """The float network with its int8 quantization explicit: what the converter makes int8."""
-        stop = max(self._index[n] for n in body)
+        stop = max(self._index[n] for n, _ in body)
+        names = {n for n, _ in body}
         layers = self.layers[: stop + 1]
         mean, centred = self._mean, self._centred_range()
 
@@ -322,12 +326,15 @@ class Int8VGG(VGG):
             out = {}
             for layer in layers:
                 x = _layer(layer, x, plan)
-                if layer.name in body:
+                if layer.name in names:
                     if layer.kind in ("conv", "fc"):  # wanted before its ReLU: an int8 tensor of its own
                         x = _fake_quant(x, plan["ranges"][layer.name])
-                    out[layer.name] = x
-                    if pool is not None and len(x.shape) == 4:
-                        out[layer.name] = _fake_quant(_pooled(x, pool), plan["ranges"][f"{layer.name}/{pool}"])
+                    for name, pool in body:
+                        if name != layer.name:
+                            continue
+                        out[name, pool] = x
+                        if pool is not None and len(x.shape) == 4:
+                            out[name, pool] = _fake_quant(_pooled(x, pool), plan["ranges"][f"{name}/{pool}"])
             return out
 
         return forward
@@ -496,7 +503,7 @@ def _convert_main(job: str) -> int:
     try:
         params, spec = load_weights(job["weights"], legacy_transpose=job["legacy_transpose"])
         model = Int8VGG(params, spec, calibration=job["calibration"], log=lambda line: None)
-        content = model.convert(tuple(job["layers"]), job["pool"])
+        content = model.convert(tuple((name, pool) for name, pool in job["outputs"]))
     except VGGEmbedError as e:
         print(e, file=sys.stderr)
         return 1
