@@ -211,7 +211,7 @@ def test_a_full_disk_keeps_the_run_resumable(tmp_path, small_images, tiny16, mou
         one_line_error(failed.stderr, str(out), "no space left", "free some space", "--resume")
     else:
         one_line_error(failed.stderr, str(out), "file size limit", "ulimit -f", "--resume")
-    assert not out.exists() and Path(str(out) + ".partial").exists()
+    assert not out.exists() and Path(str(out) + ".pool5_flatten.partial").exists()
     assert not list(disk.glob("*.tmp")) and not Path(str(out) + ".lock").exists()
 
     if limit == "full tmpfs":
@@ -348,13 +348,13 @@ def test_a_run_shorter_than_a_batch_computes_only_its_images(tmp_path, image_dir
     from vggembed.net.model import VGG
 
     shapes = []
-    original = VGG.run
+    original = VGG.run_outputs
 
-    def counting(self, batch, layers, pool=None, pad_to=None):
+    def counting(self, batch, outputs, pad_to=None):
         shapes.append(max(len(batch), pad_to or 0))
-        return original(self, batch, layers, pool, pad_to)
+        return original(self, batch, outputs, pad_to)
 
-    monkeypatch.setattr(VGG, "run", counting)
+    monkeypatch.setattr(VGG, "run_outputs", counting)
     one = run("classify", photos[0], "--weights", tiny16, "--format", "csv")
     assert one.exit_code == 0 and shapes == [1]
     alone = run("classify", photos[0], "--weights", tiny16, "--format", "csv", "--batch-size", "1")

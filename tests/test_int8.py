@@ -16,6 +16,7 @@ from vggembed.net import int8
 from vggembed.net import synthetic
 from vggembed.cli import main
 from vggembed.errors import VGGEmbedError
+from vggembed.images.decode import prepare
 from vggembed.images.inputs import expand
 
 from .conftest import cosine
@@ -62,7 +63,7 @@ def read_index(path):
 @needs_int8
 def test_every_conv_and_fc_runs_int8_on_xnnpack(m8, photos):
     m8.embed(photos[:1], batch_size=1)
-    interpreter = m8._interpreters[("relu7",), None]
+    interpreter = m8._interpreters[(("relu7", None),)]
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     names = [op["op_name"] for op in ops]
@@ -89,7 +90,7 @@ def test_vectors_close_to_float32_and_reproducible(m8, tiny_model, photos):
     assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
     np.testing.assert_array_equal(m8.embed(photos, layer="fc2", batch_size=4), ours)  # bit for bit
     # several layers (fc and pooled conv maps) in one converted model come back under their own names
-    batch = np.stack([vggembed.images.prepare(p) for p in photos]).astype(np.float32)
+    batch = np.stack([prepare(p) for p in photos]).astype(np.float32)
     layers = ["relu6", "relu7", "pool5", "conv5_3"]
     several, ref = m8.run(batch, layers, pool="avg"), tiny_model.run(batch, layers, pool="avg")
     for name in layers:
@@ -113,10 +114,10 @@ def test_the_converted_model_is_the_network_calibration_wrote(m8, photos):
     """The converter takes the measured ranges, rounded weights and corrected biases as they are."""
     import tensorflow as tf
 
-    batch = np.stack([vggembed.images.prepare(p) for p in photos]).astype(np.float32)
+    batch = np.stack([prepare(p) for p in photos]).astype(np.float32)
     m8.run(batch[:1], ["relu7"])
-    plan = m8.calibrate(("relu7",), None)
-    interpreter = m8._interpreters[("relu7",), None]
+    plan = m8.calibrate((("relu7", None),))
+    interpreter = m8._interpreters[(("relu7", None),)]
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = [op for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
     names = [layer.name for layer in m8.layers if layer.kind in ("conv", "fc")][: len(ops)]
@@ -137,7 +138,7 @@ def test_the_converted_model_is_the_network_calibration_wrote(m8, photos):
         assert not np.array_equal(plan["biases"][name], m8._params[name][1].numpy()), name
     # and LiteRT's int8 network computes what the float network written with that quantization computes, but for
     # its fixed-point requantization, whose roundings a 4-channel network amplifies (cosine 0.995 here)
-    written = m8._quantized(("relu7",), None, plan)(tf.constant(batch))["relu7"].numpy()
+    written = m8._quantized((("relu7", None),), plan)(tf.constant(batch))["relu7", None].numpy()
     assert min(cosine(a, b) for a, b in zip(m8.run(batch, ["relu7"])["relu7"], written)) > 0.99
 
 
@@ -145,7 +146,7 @@ def test_the_converted_model_is_the_network_calibration_wrote(m8, photos):
 def test_a_model_with_float_layers_is_refused(m8):
     import tensorflow as tf
 
-    fn = tf.function(lambda x: m8._function(("relu7",), None)(x)["relu7"],
+    fn = tf.function(lambda x: m8._function((("relu7", None),))(x)["relu7/None"],
                      input_signature=[tf.TensorSpec([1, 224, 224, 3], tf.float32)])
     float_model = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn).convert()
     with pytest.raises(VGGEmbedError, match=r"^w\.npz: int8 conversion left CONV_2D \d+ in float32; not using it$"):
@@ -241,6 +242,25 @@ def test_cli_embed_and_classify_int8(tmp_path, tiny16, image_dir, m8):
 
 
 @needs_int8
+def test_int8_several_outputs_in_one_pass(tmp_path, tiny16, image_dir, m8):
+    """fc2, pool5:avg and the top 3 from one int8 model equal each asked alone (no conv output beside)."""
+    common = ["--weights", tiny16, "--precision", "int8", "--batch-size", 3]
+    out = tmp_path / "multi.npz"
+    result = run("embed", image_dir, "-o", out, *common, "--layer", "fc2,pool5:avg", "--top", 3)
+    assert result.exit_code == 0, result.output
+    for layer, name in (("fc2", "fc2"), ("pool5:avg", "pool5_avg")):
+        alone = tmp_path / f"{name}.npy"
+        assert run("embed", image_dir, "-o", alone, *common, "--layer", layer).exit_code == 0
+        with np.load(out) as z:
+            np.testing.assert_array_equal(z[name], np.load(alone), err_msg=name)
+    preds = tmp_path / "preds.npz"
+    assert run("classify", image_dir, "-o", preds, *common, "--top", 3).exit_code == 0
+    with np.load(out) as z, np.load(preds) as p:
+        for name in ("top_index", "top_prob", "top_label"):
+            np.testing.assert_array_equal(z[name], p[name], err_msg=name)
+
+
+@needs_int8
 def test_interrupted_int8_run_resumes_to_the_same_result(tmp_path, monkeypatch, tiny16, image_dir):
     full = tmp_path / "full.npy"
     args = ["embed", image_dir, "--weights", tiny16, "--precision", "int8", "--batch-size", 1]
@@ -319,5 +339,5 @@ def test_vgg19_from_both_mat_layouts_runs_int8(tiny, layout, photos):
     m8, m32 = vggembed.load(path, precision="int8"), vggembed.load(path)
     ours, exact = m8.embed(photos, layer="fc2", batch_size=4), m32.embed(photos, layer="fc2", batch_size=4)
     assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
-    names = [op["op_name"] for op in m8._interpreters[("relu7",), None]._get_ops_details()]
+    names = [op["op_name"] for op in m8._interpreters[(("relu7", None),)]._get_ops_details()]
     assert names.count("CONV_2D") == 16 and names.count("FULLY_CONNECTED") == 2

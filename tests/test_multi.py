@@ -386,3 +386,28 @@ def test_gem_and_rmac_of_a_layer_equal_the_formulas_on_its_map(tiny_model, photo
     maps = got["relu5_3", None]
     np.testing.assert_allclose(got["relu5_3", "gem"], gem_reference(maps), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["relu5_3", "rmac"], rmac_reference(maps), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the page
+def test_the_pages_commands_work(tmp_path, photos, tiny, monkeypatch):
+    """Every `vggembed` line of docs/multi-output.md's sh blocks, in order, in a folder with photos/ and
+    laska.png (the Ray lines are run by tests/test_ray.py's own test)."""
+    import re
+    import shlex
+    import shutil
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "multi-output.md").read_text()
+    lines = [line for block in re.findall(r"```sh\n(.*?)```", page, flags=re.S) for line in block.splitlines()
+             if line.startswith("vggembed ")]
+    assert len(lines) >= 12
+    (tmp_path / "photos").mkdir()
+    for p in photos[:3]:
+        shutil.copy(p, tmp_path / "photos" / p.name)
+    shutil.copy(photos[0], tmp_path / "laska.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VGGEMBED_WEIGHTS", str(tiny["vgg16", "matconvnet"]))
+    for line in lines:
+        if "--engine ray" in line or "parts/" in line:
+            continue
+        result = CliRunner().invoke(main, shlex.split(line)[1:], catch_exceptions=False)
+        assert result.exit_code == 0, f"{line}: {result.output}"

@@ -256,3 +256,39 @@ def test_parts_follow_tar_shards_and_resume_redoes_only_the_missing_shard(tmp_pa
     assert {n: ((parts / n).stat().st_ino, (parts / n).stat().st_mtime_ns) for n in kept} == kept
     assert run("merge", parts, "-o", merged, "--overwrite").exit_code == 0
     assert_same_outputs(merged, local)
+
+
+def test_several_outputs_and_classify_on_ray_equal_the_local_engine(tmp_path, ray_runtime, folder, tiny16):
+    outputs = ["--layer", "fc2,pool5:avg", "--top", 3, "--batch-size", 8]
+    parts = tmp_path / "parts"
+    result = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, *outputs, "--part-size", 100)
+    assert result.exit_code == 3, result.output
+
+    import pyarrow.parquet as pq
+
+    shard = pq.read_table(parts / "part-00000.parquet")
+    assert shard.column_names == ["path", "path_bytes", "status", "error", "fc2", "pool5_avg", "top_index",
+                                  "top_prob", "top_label"]
+    assert shard["top_label"][5].as_py() is None and shard["top_label"][0].as_py()[0].startswith("class ")
+
+    local = tmp_path / "local.npz"
+    assert run("embed", folder, "-o", local, "--weights", tiny16, *outputs).exit_code == 3
+    merged = tmp_path / "merged.npz"
+    assert run("merge", parts, "-o", merged).exit_code == 0
+    with np.load(merged) as got, np.load(local) as want:
+        assert got.files == want.files == ["fc2", "pool5_avg", "top_index", "top_prob", "top_label"]
+        for name in want.files:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert read_csv(f"{merged}.index.csv") == read_csv(f"{local}.index.csv")
+    assert read_csv(f"{merged}.errors.csv") == read_csv(f"{local}.errors.csv")
+
+    # classify --engine ray: the same predictions, merged into Parquet
+    preds = tmp_path / "preds"
+    assert run("classify", folder, "-o", preds, "--engine", "ray", "--weights", tiny16, "--top", 3,
+               "--batch-size", 8, "--part-size", 120).exit_code == 3
+    assert run("merge", preds, "-o", tmp_path / "preds.parquet").exit_code == 0
+    table = pq.read_table(tmp_path / "preds.parquet")
+    assert table.column_names == ["path", "path_bytes", "top_index", "top_prob", "top_label"]
+    with np.load(local) as want:
+        for name in ("top_index", "top_prob", "top_label"):
+            np.testing.assert_array_equal(np.array(table[name].to_pylist()), want[name], err_msg=name)
