@@ -145,7 +145,7 @@ def test_resume_with_other_options_is_refused(tmp_path, ray_runtime, folder, tin
     other = run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
                 "--layer", "fc1", "--resume")
     assert other.exit_code == 1
-    assert f"{parts}: the earlier run was made with another recipe (layer: 'relu6' vs 'relu7')" in other.stderr
+    assert f"{parts}: the earlier run was made with another recipe (outputs: fc1 (relu6) vs fc2 (relu7))" in other.stderr
 
 
 def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, ray_runtime, folder, tiny16):

@@ -74,6 +74,8 @@ def test_recipe_round_trips_and_names_its_differences():
     assert a.mismatches(b) == [] and b.weights == "vgg16_weights.npz" and b == a.replace(weights=b.weights)
     assert a.mismatches(b.replace(weights_md5="1" * 32, top=5)) == [
         f"weights_md5: {'0' * 32!r} vs {'1' * 32!r}", "top: 0 vs 5"]
+    two = a.replace(outputs=(Output("relu7", None, "fc2"), Output("pool5", "gem", "pool5_gem")))
+    assert a.mismatches(two) == ["outputs: fc2 (relu7) vs fc2 (relu7), pool5_gem (pool5:gem)"]
 
 
 def test_a_recipe_recorded_by_the_single_layer_version_reads_as_its_one_output():

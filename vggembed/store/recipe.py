@@ -157,13 +157,20 @@ class Recipe:
     def mismatches(self, other: "Recipe") -> list[str]:
         """'field: mine vs theirs' for every field that makes the two recipes' vectors incomparable."""
         a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in COMPARED if a[k] != b[k]]
+        return [f"{k}: {_shown(k, a[k])} vs {_shown(k, b[k])}" for k in COMPARED if a[k] != b[k]]
 
     def check_same(self, other: "Recipe", what: str, hint: str = "") -> None:
         """Raise naming `what` (and the differing fields) when `other`, a recorded recipe, differs from this one."""
         diff = self.mismatches(other)
         if diff:
             raise VGGEmbedError(f"{what} was made with another recipe ({'; '.join(diff)})" + (f"; {hint}" if hint else ""))
+
+
+def _shown(key: str, value) -> str:
+    """A recorded field as a difference names it: outputs as `fc2 (relu7), pool5_avg (pool5:avg)`."""
+    if key != "outputs":
+        return repr(value)
+    return ", ".join(f"{o['name']} ({o['layer']}{':' + o['pool'] if o['pool'] else ''})" for o in value) or "none"
 
 
 def meta_json(recipe: Recipe, **counts) -> bytes:
