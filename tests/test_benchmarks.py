@@ -51,3 +51,9 @@ def test_remote_benchmark_prints_local_beside_urls():
                          capture_output=True, text=True, check=True, timeout=300).stdout
     assert "local files" in out and "URLs, 4 reads in flight" in out and "one tar shard over HTTP" in out
     assert out.rstrip().endswith("True")  # the same vectors from URLs as from the files
+
+
+def test_multi_output_benchmark_has_help():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_output.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--images" in out and "one pass" in out

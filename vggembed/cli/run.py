@@ -140,7 +140,8 @@ def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, verb=
                    f"in {counts.seconds:.1f}s ({rate:.1f} images/s)"
                    + (f"; {counts.failed} failed" if counts.failed else "")
                    + (f"; {counts.skipped} of {counts.planned} parts already done" if counts.skipped else "")
-                   + f"; parts in {output} (vggembed merge {output} -o feats.npy)", err=True)
+                   + f"; parts in {output} (vggembed merge {output} -o "
+                     f"{'feats.npy' if len(recipe.names) == 1 else 'feats.npz'})", err=True)
     ctx.exit(EXIT_SOME_FAILED if counts.failed else 0)
 
 
