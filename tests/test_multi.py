@@ -411,3 +411,39 @@ def test_the_pages_commands_work(tmp_path, photos, tiny, monkeypatch):
             continue
         result = CliRunner().invoke(main, shlex.split(line)[1:], catch_exceptions=False)
         assert result.exit_code == 0, f"{line}: {result.output}"
+
+
+def test_a_ray_folder_of_the_single_layer_version_reads_and_merges_but_does_not_resume(tmp_path):
+    """Format 3: one `embedding` column and a recipe with `layer`/`pool`."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vggembed.store.recipe import Recipe
+    from vggembed.store.runfolder import RunDir, Store
+    from vggembed.store.vectors import open_vectors
+
+    recipe = {"vggembed_version": "0.1.0", "weights": "vgg16_weights.npz", "weights_md5": "0" * 32,
+              "arch": "vgg16", "layer": "relu7", "pool": None, "resize": "squash", "precision": "float32",
+              "dtype": "float32", "l2_normalize": False, "fast_decode": False, "legacy_transpose": False,
+              "calibration": None}
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"version": 3, "id": "r", "inputs": 3, "parts": 1,
+                                                      "inputs_sha256": "x", "part_size": 10, "recipe": recipe}))
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 4, mask=pa.array([False, True, False]))
+    table = pa.table({"path": ["a", "b", "c"], "path_bytes": pa.array([None] * 3, pa.binary()),
+                      "status": ["ok", "error", "ok"], "error": [None, "bad", None], "embedding": column})
+    meta = {"version": 3, "run": "r", "part": 0, "first": 0, "inputs": 3, "rows": 3, "failed": 1, "recipe": recipe}
+    pq.write_table(table.replace_schema_metadata({b"vggembed": json.dumps(meta)}), folder / "part-00000.parquet")
+
+    with open_vectors(folder) as v:
+        assert v.paths == ["a", "c"] and v.name == "relu7"
+        np.testing.assert_array_equal(v.read(0, 2), vectors[[0, 2]])
+    assert run("merge", folder, "-o", tmp_path / "m.npy").exit_code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), vectors[[0, 2]])
+    with pytest.raises(vggembed.VGGEmbedError, match="an older vggembed wrote this run, whose parts --resume "
+                                                      "cannot continue; pass --overwrite to start over"):
+        RunDir(Store(str(folder)), ["a", "b", "c"], 1, Recipe.from_dict(recipe), 10, resume=True, overwrite=False)
