@@ -77,7 +77,7 @@ def main() -> None:
                 runs[name].append(sum(t[1] for t in times))
         print(f"{args.images} images (500x375 JPEGs), batch {args.batch_size}, weights {Path(weights).name}, "
               f"median of {args.rounds} round(s)")
-        print(f"{'':>36} {'images/s':>9} {'ratio':>6} {'process s':>10} {'ratio':>6}")
+        print(f"{'':>36} {'images/s':>9} {'time':>6} {'process s':>10} {'time':>6}   (time: x fc2 alone)")
         base_run, base_whole = statistics.median(runs["fc2 alone"]), statistics.median(whole["fc2 alone"])
         for name in plans:
             r, w = statistics.median(runs[name]), statistics.median(whole[name])
