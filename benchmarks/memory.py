@@ -5,6 +5,10 @@ CLI in a subprocess for each N, and prints its peak RSS: flat in N means
 nothing accumulates per image.
 
     python benchmarks/memory.py --counts 2000,20000
+    python benchmarks/memory.py --counts 300,1500 --wide --layer fc2,pool5:flatten --ext .npz
+
+--wide gives the tiny weights VGG16's own 512 channels in block 5, so
+pool5:flatten is VGG16's 25,088-d (100 KB a row).
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ def main() -> None:
     parser.add_argument("--counts", default="2000,20000", help="comma-separated image counts")
     parser.add_argument("--weights", help="weight file (default: tiny synthetic VGG16)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layer", help="--layer value(s) for embed, e.g. fc2,pool5:flatten")
+    parser.add_argument("--ext", default=".npy", help="output format (.npy, .npz, .parquet, .csv)")
+    parser.add_argument("--wide", action="store_true", help="512 channels in block 5 (pool5 is 25,088-d)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = args.weights
         if weights is None:
-            weights = synthetic.write_npz(synthetic.make_params("vgg16", (4, 8, 8, 16, 16), 32, 10), tmp / "w.npz")
+            widths = (4, 8, 8, 16, 512 if args.wide else 16)
+            weights = synthetic.write_npz(synthetic.make_params("vgg16", widths, 32, 10), tmp / "w.npz")
         counts = [int(c) for c in args.counts.split(",")]
         import skimage
 
@@ -42,11 +50,11 @@ def main() -> None:
         for n in counts:
             listing = tmp / f"list{n}.txt"
             listing.write_text("\n".join(str(p) for p in all_images[:n]) + "\n")
-            out = tmp / f"out{n}.npy"
+            out = tmp / f"out{n}{args.ext}"
             start = time.perf_counter()
             proc = subprocess.Popen([sys.executable, "-m", "vggembed", "embed", "--files-from", str(listing),
                                      "-o", str(out), "--weights", str(weights), "--batch-size", str(args.batch_size),
-                                     "-q"])
+                                     "-q"] + (["--layer", args.layer] if args.layer else []))
             _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
             seconds = time.perf_counter() - start
             if status != 0:

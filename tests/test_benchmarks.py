@@ -72,3 +72,9 @@ def test_startup_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--before" in out and "import tensorflow" in out
+
+
+def test_multi_output_benchmark_has_help():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_output.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--images" in out and "one pass" in out

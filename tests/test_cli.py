@@ -69,12 +69,12 @@ def test_csv_and_parquet_hold_the_same_vectors(tmp_path, image_dir, tiny16):
     assert run("embed", image_dir, "-o", tmp_path / "a.csv", "--weights", tiny16).exit_code == 0
     with open(tmp_path / "a.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0][:2] == ["path", "d0"] and len(rows) == 5
+    assert rows[0][:3] == ["path", "fc2_0", "fc2_1"] and len(rows) == 5
     np.testing.assert_array_equal(np.array([r[1:] for r in rows[1:]], dtype=np.float32), ref)
     assert run("embed", image_dir, "-o", tmp_path / "a.parquet", "--weights", tiny16).exit_code == 0
     table = pq.read_table(tmp_path / "a.parquet")
-    assert table.column_names == ["path", "path_bytes", "embedding"]  # path_bytes: see output.path_columns
-    np.testing.assert_array_equal(np.array(table["embedding"].to_pylist(), dtype=np.float32), ref)
+    assert table.column_names == ["path", "path_bytes", "fc2"]  # path_bytes: see writer.path_columns
+    np.testing.assert_array_equal(np.array(table["fc2"].to_pylist(), dtype=np.float32), ref)
     assert table["path"].to_pylist() == [r[0] for r in rows[1:]]
 
 
@@ -88,7 +88,7 @@ def test_dtype_l2_and_conv_layer_options(tmp_path, image_dir, tiny16, tiny_model
     ref = tiny_model.embed(paths, "conv5_3", pool="max", l2_normalize=True, batch_size=16)
     np.testing.assert_allclose(feats.astype(np.float32), ref, rtol=2e-3, atol=1e-3)
     result = run("embed", image_dir, "-o", tmp_path / "g.npy", "--weights", tiny16, "--layer", "pool5")
-    assert result.exit_code == 1 and "choose a pool" in result.stderr
+    assert result.exit_code == 2 and "pool5 gives a 3-D map per image; name a pool, as in pool5:avg" in result.stderr
 
 
 def make_bad_images(folder: Path, photos) -> list[str]:
@@ -306,8 +306,15 @@ def test_resume_never_keeps_index_lines_whose_rows_are_missing(tmp_path, image_d
     from vggembed.store.writer import npy_header
 
     data = np.load(full)
-    with open(str(out) + ".partial", "wb") as f:
-        f.write(npy_header(0, data.shape[1], np.float32) + data[:1].tobytes())
+    # What the single-output version staged (OUT.partial) is refused with what to do ...
+    old = Path(str(out) + ".partial")
+    old.write_bytes(npy_header(0, data.shape[1], np.float32) + data[:1].tobytes())
+    result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--batch-size", 1, "--resume")
+    assert result.exit_code == 1 and result.stderr == (
+        f"Error: {old}: an interrupted run of an older vggembed left this, which --resume cannot continue; "
+        "pass --overwrite to start over\n")
+    # ... and this version's staged file (OUT.NAME.partial), cut short, loses rows but never shifts them.
+    old.rename(str(out) + ".fc2.partial")
     result = run("embed", image_dir, "-o", out, "--weights", tiny16, "--batch-size", 1, "--resume")
     assert result.exit_code == 0, result.output
     assert "1 already done" in result.stderr

@@ -59,11 +59,11 @@ def test_saved_model_loads_in_plain_tensorflow_and_equals_embed(tmp_path, tiny16
             m = tf.saved_model.load({str(tmp_path)!r} + "/" + resize + "/1")
             files = [tf.io.read_file(p) for p in {[str(p) for p in photos]!r}]
             y = m.signatures["serving_default"](images=tf.stack(files))
-            out[resize] = {{k: v.numpy().tolist() for k, v in y.items() if k != "top_labels"}}
-            out[resize]["top_labels"] = [[s.decode() for s in row] for row in y["top_labels"].numpy()]
+            out[resize] = {{k: v.numpy().tolist() for k, v in y.items() if k != "top_label"}}
+            out[resize]["top_label"] = [[s.decode() for s in row] for row in y["top_label"].numpy()]
             out[resize]["recipe"] = json.loads(m.recipe.numpy())
         p = m.signatures["pixels"](pixels=tf.constant(np.load({str(tmp_path / "pixels.npy")!r})))
-        out["pixels"] = {{k: v.numpy().tolist() for k, v in p.items() if k != "top_labels"}}
+        out["pixels"] = {{k: v.numpy().tolist() for k, v in p.items() if k != "top_label"}}
         print(json.dumps(out))
         """)
     # The float-pixel signature is embed's computation.
@@ -81,8 +81,8 @@ def test_saved_model_loads_in_plain_tensorflow_and_equals_embed(tmp_path, tiny16
             for a, b in zip(out[name], ref):
                 assert cosine(np.asarray(a), b) > 0.9999, (resize, name)
         probs = tiny_model.run(batch, ["prob"], pad_to=len(photos))["prob"]
-        assert out["top_indices"] == [[p.index for p in tiny_model.top_k(row, 3)] for row in probs]
-        assert out["top_labels"] == [[p.label for p in tiny_model.top_k(row, 3)] for row in probs]
+        assert out["top_index"] == [[p.index for p in tiny_model.top_k(row, 3)] for row in probs]
+        assert out["top_label"] == [[p.label for p in tiny_model.top_k(row, 3)] for row in probs]
         recipe = out["recipe"]
         assert recipe["weights_md5"] == tiny_model.spec.md5 and recipe["resize"] == resize
         assert [o["name"] for o in recipe["outputs"]] == ["fc2", "pool5_avg"] and recipe["top"] == 3
@@ -130,7 +130,7 @@ def test_float32_tflite_runs_in_litert_alone(tmp_path, tiny16, tiny_model, pixel
                  "--top", "3")
     assert r.returncode == 0, r.stderr
     side = json.loads((tmp_path / "vgg.tflite.json").read_text())
-    assert side["outputs"] == ["fc2", "pool5_avg", "top_indices", "top_probabilities"]
+    assert side["outputs"] == ["fc2", "pool5_avg", "top_index", "top_prob"]
     assert side["labels"] == [tiny_model.spec.label(i) for i in range(10)]
     np.save(tmp_path / "pixels.npy", pixels)
     got = child(f"""
@@ -146,7 +146,7 @@ def test_float32_tflite_runs_in_litert_alone(tmp_path, tiny16, tiny_model, pixel
     assert np.allclose(got["pool5_avg"], tiny_model.embed_batch(pixels, "pool5", "avg", pad_to=n), rtol=1e-4,
                        atol=1e-3)
     probs = tiny_model.run(pixels, ["prob"], pad_to=n)["prob"]
-    assert got["top_indices"] == [[p.index for p in tiny_model.top_k(row, 3)] for row in probs]
+    assert got["top_index"] == [[p.index for p in tiny_model.top_k(row, 3)] for row in probs]
 
 
 @pytest.mark.skipif(not (HAVE_LITERT and int8.cpu_has_int8_dot()), reason="int8 needs LiteRT and a VNNI/AMX CPU")

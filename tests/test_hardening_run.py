@@ -202,7 +202,7 @@ def test_a_full_disk_keeps_the_run_resumable(tmp_path, small_images, tiny16, mou
         one_line_error(failed.stderr, str(out), "no space left", "free some space", "--resume")
     else:
         one_line_error(failed.stderr, str(out), "file size limit", "ulimit -f", "--resume")
-    assert not out.exists() and Path(str(out) + ".partial").exists()
+    assert not out.exists() and Path(str(out) + ".pool5_flatten.partial").exists()
     assert not list(disk.glob("*.tmp")) and not Path(str(out) + ".lock").exists()
 
     if limit == "full tmpfs":
@@ -339,13 +339,13 @@ def test_a_run_shorter_than_a_batch_computes_only_its_images(tmp_path, image_dir
     from vggembed.net.model import VGG
 
     shapes = []
-    original = VGG.run
+    original = VGG.run_outputs
 
-    def counting(self, batch, layers, pool=None, pad_to=None):
+    def counting(self, batch, outputs, pad_to=None):
         shapes.append(max(len(batch), pad_to or 0))
-        return original(self, batch, layers, pool, pad_to)
+        return original(self, batch, outputs, pad_to)
 
-    monkeypatch.setattr(VGG, "run", counting)
+    monkeypatch.setattr(VGG, "run_outputs", counting)
     one = run("classify", photos[0], "--weights", tiny16, "--format", "csv")
     assert one.exit_code == 0 and shapes == [1]
     alone = run("classify", photos[0], "--weights", tiny16, "--format", "csv", "--batch-size", "1")
@@ -399,7 +399,7 @@ def test_names_that_are_not_utf8_round_trip_through_every_output(tmp_path, odd_d
         else:
             table = pq.read_table(out)
             names = [os.fsencode(p) for p in table_paths(table)]
-            vectors = dict(zip(names, np.array(table["embedding"].to_pylist(), np.float32)))
+            vectors = dict(zip(names, np.array(table["fc2"].to_pylist(), np.float32)))
             shown = dict(zip(names, table["path"].to_pylist()))
             raw = dict(zip(names, table["path_bytes"].to_pylist()))
             odd = os.path.join(os.fsencode(odd_dir), ODD)

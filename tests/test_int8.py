@@ -63,7 +63,7 @@ def read_index(path):
 @needs_int8
 def test_every_conv_and_fc_runs_int8_on_xnnpack(m8, photos):
     m8.embed(photos[:1], batch_size=1)
-    interpreter = m8._interpreters[("relu7",), None]
+    interpreter = m8._interpreters[(("relu7", None),)]
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     names = [op["op_name"] for op in ops]
@@ -114,8 +114,8 @@ def test_the_written_model_is_the_plan(m8, tiny_params, photos):
     """Every conv/fc layer of the model carries exactly the plan's int8 kernel, per-channel scales, corrected
     bias and output range, and ranges become scales and zero points as TensorFlow's converter made them."""
     m8.embed(photos[:1], batch_size=1)
-    plan = m8.calibrate(("relu7",), None)
-    interpreter = m8._interpreters[("relu7",), None]
+    plan = m8.calibrate((("relu7", None),))
+    interpreter = m8._interpreters[(("relu7", None),)]
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = [op for op in interpreter._get_ops_details() if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
     names = [layer.name for layer in m8.layers if layer.kind in ("conv", "fc")][: len(ops)]
@@ -253,6 +253,25 @@ def test_cli_embed_and_classify_int8(tmp_path, tiny16, image_dir, m8):
 
 
 @needs_int8
+def test_int8_several_outputs_in_one_pass(tmp_path, tiny16, image_dir, m8):
+    """fc2, pool5:avg and the top 3 from one int8 model equal each asked alone (no conv output beside)."""
+    common = ["--weights", tiny16, "--precision", "int8", "--batch-size", 3]
+    out = tmp_path / "multi.npz"
+    result = run("embed", image_dir, "-o", out, *common, "--layer", "fc2,pool5:avg", "--top", 3)
+    assert result.exit_code == 0, result.output
+    for layer, name in (("fc2", "fc2"), ("pool5:avg", "pool5_avg")):
+        alone = tmp_path / f"{name}.npy"
+        assert run("embed", image_dir, "-o", alone, *common, "--layer", layer).exit_code == 0
+        with np.load(out) as z:
+            np.testing.assert_array_equal(z[name], np.load(alone), err_msg=name)
+    preds = tmp_path / "preds.npz"
+    assert run("classify", image_dir, "-o", preds, *common, "--top", 3).exit_code == 0
+    with np.load(out) as z, np.load(preds) as p:
+        for name in ("top_index", "top_prob", "top_label"):
+            np.testing.assert_array_equal(z[name], p[name], err_msg=name)
+
+
+@needs_int8
 def test_interrupted_int8_run_resumes_to_the_same_result(tmp_path, monkeypatch, tiny16, image_dir):
     full = tmp_path / "full.npy"
     args = ["embed", image_dir, "--weights", tiny16, "--precision", "int8", "--batch-size", 1]
@@ -331,7 +350,7 @@ def test_vgg19_from_both_mat_layouts_runs_int8(tiny, layout, photos):
     m8, m32 = vggembed.load(path, precision="int8"), vggembed.load(path)
     ours, exact = m8.embed(photos, layer="fc2", batch_size=4), m32.embed(photos, layer="fc2", batch_size=4)
     assert min(cosine(a, b) for a, b in zip(ours, exact)) > 0.98
-    names = [op["op_name"] for op in m8._interpreters[("relu7",), None]._get_ops_details()]
+    names = [op["op_name"] for op in m8._interpreters[(("relu7", None),)]._get_ops_details()]
     assert names.count("CONV_2D") == 16 and names.count("FULLY_CONNECTED") == 2
 
 
@@ -421,7 +440,8 @@ def test_the_written_model_computes_what_the_converter_made_of_the_same_plan(m8,
     network written with fake-quant ranges (including its second fc layer where one is wanted before its ReLU)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    plan = m8.calibrate(body, pool)
+    pairs = tuple((name, pool) for name in body)
+    plan = m8.calibrate(pairs)
     batch = np.stack([prepare(p) for p in photos]).astype(np.float32)
 
     def outputs(content):
@@ -433,7 +453,7 @@ def test_the_written_model_computes_what_the_converter_made_of_the_same_plan(m8,
         interpreter.invoke()
         return [interpreter.get_tensor(o["index"]) for o in interpreter.get_output_details()]
 
-    ours, theirs = outputs(int8.write_model(m8.spec, body, pool, plan)), outputs(_converter_model(m8, body, pool, plan))
+    ours, theirs = outputs(int8.write_model(m8.spec, pairs, plan)), outputs(_converter_model(m8, body, pool, plan))
     assert len(ours) == len(theirs) == len(body)
     for name, a, b in zip(body, ours, theirs):
         np.testing.assert_array_equal(a, b.reshape(a.shape), err_msg=name)

@@ -167,7 +167,7 @@ def test_one_graph_serves_every_batch_and_input_size(tiny, photos):
     for shape in ((3, 75, 101, 3), (2, 224, 224, 3)):
         m.run(np.zeros(shape, np.float32), ["pool5"])
     traces = {key: fn.experimental_get_tracing_count() for key, fn in m._functions.items()}
-    assert traces == {(("relu7",), None): 1, (("pool5",), None): 1}
+    assert traces == {(("relu7", None),): 1, (("pool5", None),): 1}
 
 
 def test_classify_returns_sorted_labelled_top_k(tiny, photos):

@@ -82,16 +82,17 @@ def test_ray_engine_equals_local_engine(tmp_path, ray_runtime, folder, tiny16):
     assert "embedded 238 of 240 images on Ray" in result.stderr
     manifest = json.loads((parts / "manifest.json").read_text())
     assert manifest["inputs"] == 240 and manifest["parts"] == 5
-    assert manifest["recipe"]["weights"] == tiny16.name and manifest["recipe"]["layer"] == "relu7"
+    assert manifest["recipe"]["weights"] == tiny16.name and manifest["recipe"]["outputs"] == [
+        {"name": "fc2", "layer": "relu7", "pool": None}]
     assert sorted(p.name for p in parts.iterdir()) == ["manifest.json"] + [f"part-0000{k}.parquet" for k in range(5)]
 
     import pyarrow.parquet as pq
 
     shard = pq.read_table(parts / "part-00000.parquet")
-    assert shard.column_names == ["path", "path_bytes", "status", "error", "embedding"]
+    assert shard.column_names == ["path", "path_bytes", "status", "error", "fc2"]
     assert shard["path"].to_pylist() == [str(p) for p in sorted(folder.iterdir())[:50]]
     assert shard["status"][5].as_py() == "error" and shard["error"][5].as_py() == "empty file (0 bytes)"
-    assert shard["embedding"][5].as_py() is None
+    assert shard["fc2"][5].as_py() is None
     meta = json.loads(shard.schema.metadata[b"vggembed"])
     assert (meta["part"], meta["first"], meta["inputs"], meta["failed"]) == (0, 0, 50, 1)
     assert meta["recipe"] == manifest["recipe"] and meta["run"] == manifest["id"]
@@ -160,7 +161,7 @@ def test_resume_with_other_options_is_refused(tmp_path, ray_runtime, folder, tin
     other = run("embed", *files, "-o", parts, "--engine", "ray", "--weights", tiny16, "--batch-size", 4,
                 "--layer", "fc1", "--resume", "--workers", 2)
     assert other.exit_code == 1
-    assert f"{parts}: the earlier run was made with another recipe (layer: 'relu6' vs 'relu7')" in other.stderr
+    assert f"{parts}: the earlier run was made with another recipe (outputs: fc1 (relu6) vs fc2 (relu7))" in other.stderr
 
 
 def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, ray_runtime, gated, tiny16):
@@ -214,8 +215,8 @@ def test_batches_and_parts_where_every_image_failed_are_rows_like_any_other(tmp_
     import pyarrow.parquet as pq
 
     last = pq.read_table(parts / "part-00003.parquet")  # inputs 24..29: all broken
-    assert last["status"].to_pylist() == ["error"] * 6 and last["embedding"].null_count == 6
-    assert last.schema.field("embedding").type.list_size == 32  # the layer's width even without a vector
+    assert last["status"].to_pylist() == ["error"] * 6 and last["fc2"].null_count == 6
+    assert last.schema.field("fc2").type.list_size == 32  # the layer's width even without a vector
     merged = tmp_path / "merged.npy"
     assert run("merge", parts, "-o", merged).exit_code == 0
     local = tmp_path / "local.npy"
@@ -268,3 +269,39 @@ def test_parts_follow_tar_shards_and_resume_redoes_only_the_missing_shard(tmp_pa
     assert {n: ((parts / n).stat().st_ino, (parts / n).stat().st_mtime_ns) for n in kept} == kept
     assert run("merge", parts, "-o", merged, "--overwrite").exit_code == 0
     assert_same_outputs(merged, local)
+
+
+def test_several_outputs_and_classify_on_ray_equal_the_local_engine(tmp_path, ray_runtime, folder, tiny16):
+    outputs = ["--layer", "fc2,pool5:avg", "--top", 3, "--batch-size", 8]
+    parts = tmp_path / "parts"
+    result = run("embed", folder, "-o", parts, "--engine", "ray", "--weights", tiny16, *outputs, "--part-size", 100)
+    assert result.exit_code == 3, result.output
+
+    import pyarrow.parquet as pq
+
+    shard = pq.read_table(parts / "part-00000.parquet")
+    assert shard.column_names == ["path", "path_bytes", "status", "error", "fc2", "pool5_avg", "top_index",
+                                  "top_prob", "top_label"]
+    assert shard["top_label"][5].as_py() is None and shard["top_label"][0].as_py()[0].startswith("class ")
+
+    local = tmp_path / "local.npz"
+    assert run("embed", folder, "-o", local, "--weights", tiny16, *outputs).exit_code == 3
+    merged = tmp_path / "merged.npz"
+    assert run("merge", parts, "-o", merged).exit_code == 0
+    with np.load(merged) as got, np.load(local) as want:
+        assert got.files == want.files == ["fc2", "pool5_avg", "top_index", "top_prob", "top_label"]
+        for name in want.files:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert read_csv(f"{merged}.index.csv") == read_csv(f"{local}.index.csv")
+    assert read_csv(f"{merged}.errors.csv") == read_csv(f"{local}.errors.csv")
+
+    # classify --engine ray: the same predictions, merged into Parquet
+    preds = tmp_path / "preds"
+    assert run("classify", folder, "-o", preds, "--engine", "ray", "--weights", tiny16, "--top", 3,
+               "--batch-size", 8, "--part-size", 120).exit_code == 3
+    assert run("merge", preds, "-o", tmp_path / "preds.parquet").exit_code == 0
+    table = pq.read_table(tmp_path / "preds.parquet")
+    assert table.column_names == ["path", "path_bytes", "top_index", "top_prob", "top_label"]
+    with np.load(local) as want:
+        for name in ("top_index", "top_prob", "top_label"):
+            np.testing.assert_array_equal(np.array(table[name].to_pylist()), want[name], err_msg=name)

@@ -123,8 +123,8 @@ def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_mo
         assert np.array_equal(np.array([p["fc2"] for p in preds], np.float32), fc2)
         assert np.array_equal(np.array([p["pool5_avg"] for p in preds], np.float32), pool5)
         tops = tiny_model.classify([str(p) for p in photos], top=3, batch_size=4)
-        assert [p["top_labels"] for p in preds] == [[t.label for t in row] for row in tops]
-        assert [p["top_indices"] for p in preds] == [[t.index for t in row] for row in tops]
+        assert [p["top_label"] for p in preds] == [[t.label for t in row] for row in tops]
+        assert [p["top_index"] for p in preds] == [[t.index for t in row] for row in tops]
         # A single instance pads to the same batch shape, so it gets the same row.
         one = s.predict({"instances": [{"images": b64(photos[1])}]}).json()["predictions"][0]
         assert np.array_equal(np.array(one["fc2"], np.float32), fc2[1])
@@ -132,8 +132,8 @@ def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_mo
         cols = s.predict({"inputs": {"images": [b64(photos[0])]}, "output_filter": ["pool5_avg"]}).json()
         assert np.array_equal(np.array(cols["outputs"], np.float32), pool5[:1])
         both = requests.post(f"{s.url}/v1/models/vggembed/versions/1:predict", timeout=HANG_GUARD,
-                             json={"inputs": [b64(photos[0]), b64(photos[1])], "output_filter": ["fc2", "top_labels"]})
-        assert set(both.json()["outputs"]) == {"fc2", "top_labels"}
+                             json={"inputs": [b64(photos[0]), b64(photos[1])], "output_filter": ["fc2", "top_label"]})
+        assert set(both.json()["outputs"]) == {"fc2", "top_label"}
         assert np.array_equal(np.array(both.json()["outputs"]["fc2"], np.float32), fc2[:2])
         rows = s.predict({"instances": [b64(photos[0])], "output_filter": ["fc2"]}).json()
         assert np.array_equal(np.array(rows["predictions"], np.float32), fc2[:1])
@@ -144,7 +144,7 @@ def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_mo
         # POST /embed: the raw file as the body.
         raw = requests.post(f"{s.url}/embed", data=photos[3].read_bytes(), timeout=HANG_GUARD).json()
         assert np.array_equal(np.array(raw["fc2"], np.float32), fc2[3])
-        assert raw["top_labels"] == [t.label for t in tops[3]]
+        assert raw["top_label"] == [t.label for t in tops[3]]
 
 
 def test_one_image_alone_runs_as_a_batch_of_one_and_equals_embed_of_it(tiny16, tiny_model, photos):

@@ -10,10 +10,11 @@ from .store.recipe import __version__
 _LAZY = {
     "VGG": "vggembed.net.model", "Prediction": "vggembed.net.model", "WeightSpec": "vggembed.net.spec",
     "load": "vggembed.net.load", "load_weights": "vggembed.net.weights",
+    "extract": "vggembed.engines.local", "Extracted": "vggembed.engines.local",
     "search": "vggembed.use.explore", "dedup": "vggembed.use.explore", "cluster": "vggembed.use.explore",
 }
 
-__all__ = ["VGG", "Prediction", "WeightSpec", "load", "load_weights", "search", "dedup", "cluster",
+__all__ = ["VGG", "Prediction", "WeightSpec", "load", "load_weights", "extract", "Extracted", "search", "dedup", "cluster",
            "VGGEmbedError", "WeightFileError", "LayerError", "ImageError", "__version__"]
 
 

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 
 import click
 
+from ..errors import VGGEmbedError
+from ..net.arch import POOLS as _POOLS
+from ..net.arch import parse_outputs
 from ..store.recipe import Recipe
 
 EXIT_SOME_FAILED = 3
 ON_INTERRUPT = "vggembed.on_interrupt"  # ctx.meta key: what the interrupted line adds (how to resume)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-POOLS = ["avg", "max", "flatten"]
+POOLS = list(_POOLS)
 RESIZES = ["squash", "center-crop", "none"]
 
 
@@ -51,9 +54,19 @@ def gathered(target: str, build, decorators):
 
 
 # ------------------------------------------------------------------- recipe
+def outputs_option(layers, pool, top):
+    """`--layer` values (repeatable, comma lists, NAME or NAME:POOL), `--pool` and `--top` as the Recipe's
+    `outputs` and `top`, checked before any weights are loaded (`arch.parse_outputs`); a usage error (exit 2)
+    naming the bad value otherwise. The one parser of these options for every command that takes them."""
+    try:
+        return {"outputs": parse_outputs(layers, pool=pool, top=top), "top": top}
+    except VGGEmbedError as e:
+        raise click.UsageError(str(e)) from None
+
+
 def recipe_options(*, vector: bool = False, inputs: bool = False):
-    """The Recipe's options: always the weights and precision; `vector`: layer, pool, dtype, l2;
-    `inputs`: resize and fast decoding."""
+    """The Recipe's options: always the weights and precision; `vector`: layers (with --top), pool, dtype,
+    l2; `inputs`: resize and fast decoding."""
     decorators = [
         click.option("--weights", type=click.Path(dir_okay=False), envvar="VGGEMBED_WEIGHTS",
                      help="Weight file (.npz or .mat). Default: $VGGEMBED_WEIGHTS, ./weights/, then the cache."),
@@ -70,10 +83,14 @@ def recipe_options(*, vector: bool = False, inputs: bool = False):
     ]
     if vector:
         decorators += [
-            click.option("--layer", default="fc2", show_default=True,
-                         help="fc2 = fc7 = relu7 (4096-d), fc1 = fc6 = relu6, fc8/fc3l logits, probs, or any "
-                              "conv/pool layer."),
-            click.option("--pool", type=click.Choice(POOLS), help="Make conv/pool maps into vectors."),
+            click.option("--layer", "layers", multiple=True, metavar="NAME[:POOL]",
+                         help="Repeatable, or a comma list; all from one pass. fc2 = fc7 = relu7 (4096-d), fc1 = "
+                              "fc6 = relu6, fc8/fc3l logits, probs, or a conv/pool layer with its pool: "
+                              "pool5:avg (avg, max, flatten, gem, rmac). Default: fc2."),
+            click.option("--pool", type=click.Choice(POOLS),
+                         help="The pool of conv/pool layers named without one."),
+            click.option("--top", type=int, default=0, metavar="K",
+                         help="Add the top-K ImageNet predictions (top_index, top_prob, top_label)."),
             click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True),
             click.option("--l2-normalize", is_flag=True, help="Scale each vector to unit length."),
         ]
@@ -88,6 +105,9 @@ def recipe_options(*, vector: bool = False, inputs: bool = False):
 
     def build(ctx, weights, model, calibration, **fields):
         calibration = calibration and os.path.abspath(calibration)  # the same folder for Ray actors
+        if vector:
+            layers = fields.pop("layers") or ("fc2",)
+            fields.update(outputs_option(layers, fields.pop("pool"), fields.pop("top")))
         return Recipe(weights=weights, model=model, calibration=calibration, **fields)
 
     return gathered("recipe", build, decorators)

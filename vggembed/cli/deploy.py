@@ -8,55 +8,20 @@ import re
 import click
 
 from ..errors import VGGEmbedError
-from .common import CONTEXT, POOLS, fail, load_options, recipe_options
+from .common import CONTEXT, fail, load_options, recipe_options
 
 
-# ------------------------------------------------------------------ outputs
-def parse_outputs(layers: tuple[str, ...], top: int | None):
-    """`--layer NAME[:POOL]` (repeatable, or a comma list) and `--top K` -> ([Output], top).
+# ------------------------------------------------------------------ the network
+def _loaded(recipe, setup):
+    """(network, the recipe bound to it) for export and serve: the outputs are `embed`'s (`--layer`, `--top`),
+    checked against the loaded network as `embed` checks them."""
+    from ..engines.local import check_outputs
+    from ..net.export import input_shape
 
-    The one place these options are read, so it can give way to `embed`'s own
-    parser of the same options. An output is named after its layer, with the
-    pool after an underscore (`pool5:avg` -> `pool5_avg`). Without --layer and
-    --top: fc2, as `embed`.
-    """
-    from ..net.outputs import Output
-
-    items = [s.strip() for value in layers for s in value.split(",") if s.strip()]
-    if not items and not top:
-        items = ["fc2"]
-    outputs = []
-    for item in items:
-        layer, _, pool = item.partition(":")
-        if pool and pool not in POOLS:
-            raise click.BadParameter(f"{item!r}: the pool after ':' must be one of {', '.join(POOLS)}",
-                                     param_hint="--layer")
-        outputs.append(Output(f"{layer}_{pool}" if pool else layer, layer, pool or None))
-    return outputs, top
-
-
-def output_options(f):
-    f = click.option("--top", type=click.IntRange(1), default=None,
-                     help="Also return the top K classes: top_indices, top_probabilities, top_labels.")(f)
-    f = click.option("--layer", "layers", multiple=True,
-                     help="NAME or NAME:POOL (avg, max, flatten), repeatable or comma-separated; each becomes "
-                          "an output named NAME or NAME_POOL. Default: fc2 (none with --top alone).")(f)
-    return f
-
-
-def _loaded(recipe, setup, layers, top):
-    """(network, bound outputs, top, the recorded recipe) for export and serve."""
-    from ..net.outputs import bind, input_shape
-
-    outputs, top = parse_outputs(layers, top)
     vgg = setup.load(recipe)
-    outputs = bind(vgg, outputs)
-    input_shape(vgg, recipe.resize)
-    bound = recipe.bind(vgg.spec, outputs[0].layer if outputs else "prob")
-    doc = bound.to_dict()
-    doc.update(layer=[o.layer for o in outputs], pool=[o.pool for o in outputs],
-               outputs=[{"name": o.name, "layer": o.layer, "pool": o.pool} for o in outputs], top=top)
-    return vgg, outputs, top, bound, doc
+    bound = check_outputs(vgg, recipe)
+    input_shape(vgg, bound.resize)
+    return vgg, bound
 
 
 # ------------------------------------------------------------------- export
@@ -68,10 +33,9 @@ def _loaded(recipe, setup, layers, top):
 @click.option("--version", "model_version", type=click.IntRange(1), default=1, show_default=True,
               help="saved-model: the version folder under OUT (TensorFlow Serving serves the highest).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT/VERSION or OUT.tflite.")
-@output_options
-@recipe_options(inputs=True)
+@recipe_options(vector=True, inputs=True)
 @load_options
-def export(out, fmt, model_version, overwrite, layers, top, recipe, setup):
+def export(out, fmt, model_version, overwrite, recipe, setup):
     """Write the network as a TensorFlow SavedModel or a .tflite file.
 
     The SavedModel's serving_default signature takes encoded images (decoded,
@@ -85,21 +49,19 @@ def export(out, fmt, model_version, overwrite, layers, top, recipe, setup):
       vggembed export vgg16.tflite --format tflite --layer pool5:avg
     """
     from ..net import export as exporting
-    from ..net.outputs import names
 
     try:
         if fmt == "saved-model" and recipe.precision == "int8":
             fail("--precision int8 is a .tflite model: use --format tflite")
         if fmt == "tflite" and recipe.precision not in ("float32", "int8"):
             fail("--format tflite is float32 or int8")
-        vgg, outputs, top, _, doc = _loaded(recipe, setup, layers, top)
-        doc["format"] = fmt
+        vgg, bound = _loaded(recipe, setup)
         if fmt == "saved-model":
-            where = exporting.saved_model(vgg, outputs, top, doc, out, model_version, overwrite)
+            where = exporting.saved_model(vgg, bound, out, model_version, overwrite)
             click.echo(f"vggembed: wrote {where} (signatures serving_default: images, pixels: pixels; outputs "
-                       f"{', '.join(names(outputs, top))})", err=True)
+                       f"{', '.join(bound.names)})", err=True)
         else:
-            side = exporting.tflite(vgg, outputs, top, doc, out, overwrite)
+            side = exporting.tflite(vgg, bound, out, overwrite)
             click.echo(f"vggembed: wrote {out} and {out}.json ({recipe.precision}; input pixels "
                        f"{side['input']['shape']}; outputs {', '.join(side['outputs'])})", err=True)
     except VGGEmbedError as e:
@@ -132,11 +94,10 @@ def export(out, fmt, model_version, overwrite, layers, top, recipe, setup):
               show_default="CPU count, at most 8", help="Decoding threads.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
               help="Refuse larger images (default Pillow's 89.5 million), as embed does.")
-@output_options
-@recipe_options(inputs=True)
+@recipe_options(vector=True, inputs=True)
 @load_options
-def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, queue_size, max_body, read_timeout, workers,
-          max_pixels, layers, top, recipe, setup):
+def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, queue_size, max_body, read_timeout,
+          workers, max_pixels, recipe, setup):
     """Serve the network over HTTP with TensorFlow Serving's REST predict API.
 
     POST /v1/models/NAME:predict with {"instances": [{"b64": "..."}]} answers
@@ -167,8 +128,8 @@ def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, 
                             queue_size=queue_size or 4 * batch_size, max_body=max_body, read_timeout=read_timeout,
                             workers=workers, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, token=token or None)
     try:
-        vgg, outputs, top, bound, _ = _loaded(recipe, setup, layers, top)
-        server = serving.Server(vgg, outputs, top, bound, config)
+        vgg, bound = _loaded(recipe, setup)
+        server = serving.Server(vgg, bound, config)
         server.warm_up()
         def ready(address):
             shown = f"[{address[0]}]" if ":" in address[0] else address[0]

@@ -23,6 +23,7 @@ from .common import (
     finish,
     load_options,
     no_images,
+    outputs_option,
     recipe_options,
     run_options,
     sources,
@@ -36,8 +37,8 @@ RESUME_HINT = "the finished batches are kept: run the same command with --resume
 @click.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(),
-              help="OUT.npy, OUT.csv or OUT.parquet (rows in input order; OUT.index.csv maps rows to paths); "
-                   "a folder with --engine ray.")
+              help="OUT.npy (one output), OUT.npz, OUT.csv or OUT.parquet (rows in input order; OUT.index.csv "
+                   "maps rows to paths); a folder with --engine ray.")
 @recipe_options(vector=True, inputs=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
@@ -64,10 +65,29 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
     Examples:
       vggembed embed images/ -o feats.npy
       vggembed embed a.jpg b.png -o feats.csv --layer pool5 --pool avg
+      vggembed embed images/ -o feats.parquet --layer fc2 --layer pool5:avg --top 5
       find . -name '*.jpg' | vggembed embed - -o feats.parquet
       find . -type f -print0 | vggembed embed -0 - -o feats.npy
       vggembed embed shard-00000.tar s3://bucket/photos/ -o feats.npy
     """
+    if engine != "ray":
+        _check_format(output, recipe)
+    _run(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size, files_from,
+         null, quiet, opts, setup, "embedded")
+
+
+def _check_format(output, recipe) -> None:
+    from ..store.writer import check_format
+
+    try:
+        check_format(output, recipe)
+    except VGGEmbedError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _run(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size, files_from,
+         null, quiet, opts, setup, verb):
+    """embed and classify -o FILE: the inputs through the network into the writer, or on Ray into parts."""
     from ..engines import local as runner
     from ..store.writer import EmbeddingWriter
 
@@ -77,7 +97,7 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
         if opts.strict:
             raise click.UsageError("--strict stops at the first bad image; --engine ray records them as rows")
         _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
-                   address=address, part_size=part_size, resume=resume, overwrite=overwrite)
+                   address=address, part_size=part_size, resume=resume, overwrite=overwrite, verb=verb)
         return
     ctx.meta[ON_INTERRUPT] = RESUME_HINT
     try:
@@ -88,14 +108,14 @@ def embed(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_
                     click.echo(f"vggembed: {output} is already complete; nothing left to do", err=True)
                 ctx.exit(0)
             vgg = setup.load(recipe)
-            vgg.embedding_layer(recipe.layer, recipe.pool)
+            runner.check_outputs(vgg, recipe)
             summary = runner.embed(vgg, paths, writer, recipe, opts, total=total)
     except VGGEmbedError as e:
         fail(str(e))
-    finish(ctx, summary, "embedded", quiet, f"; wrote {output} ({writer.rows} x {writer.dim} {recipe.dtype})")
+    finish(ctx, summary, verb, quiet, f"; wrote {output} ({writer.describe()})")
 
 
-def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, **kw):
+def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, verb="embedded", **kw):
     from ..engines import ray as distributed
 
     ctx.meta[ON_INTERRUPT] = "finished parts are kept: run the same command with --resume"
@@ -116,18 +136,19 @@ def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, **kw)
         fail(str(e))
     if not quiet:
         rate = counts.images / counts.seconds if counts.seconds else 0.0
-        click.echo(f"vggembed: embedded {counts.images - counts.failed} of {counts.images} images on Ray "
+        click.echo(f"vggembed: {verb} {counts.images - counts.failed} of {counts.images} images on Ray "
                    f"in {counts.seconds:.1f}s ({rate:.1f} images/s)"
                    + (f"; {counts.failed} failed" if counts.failed else "")
                    + (f"; {counts.skipped} of {counts.planned} parts already done" if counts.skipped else "")
-                   + f"; parts in {output} (vggembed merge {output} -o feats.npy)", err=True)
+                   + f"; parts in {output} (vggembed merge {output} -o "
+                     f"{'feats.npy' if len(recipe.names) == 1 else 'feats.npz'})", err=True)
     ctx.exit(EXIT_SOME_FAILED if counts.failed else 0)
 
 
 @click.command(context_settings=CONTEXT)
 @click.argument("run_dir")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="OUT.npy, OUT.csv or OUT.parquet, with OUT.index.csv and OUT.errors.csv.")
+              help="OUT.npy (one output), OUT.npz, OUT.csv or OUT.parquet, with OUT.index.csv and OUT.errors.csv.")
 @click.option("--overwrite", is_flag=True)
 def merge(run_dir, output, overwrite):
     """Gather an --engine ray folder (a path or a URL such as s3://bucket/run) into one output,
@@ -150,28 +171,55 @@ def merge(run_dir, output, overwrite):
 # ----------------------------------------------------------------- classify
 @click.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1)
-@click.option("--top", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]), default="table",
-              show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
+@click.option("--top", type=int, default=5, show_default=True, metavar="K")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "jsonl"]),
+              help="A report on stdout (or -o): table (the default), csv (a row per image and rank), json, jsonl.")
+@click.option("-o", "--output", type=click.Path(),
+              help="OUT.parquet, OUT.npz or OUT.csv without --format: top_index, top_prob and top_label per "
+                   "image, as embed --top writes them (resumable, --engine ray); with --format, the report.")
 @recipe_options(inputs=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command (-o OUT file).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o OUT file.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: run on a Ray cluster; OUT is then a folder of Parquet parts (see `vggembed merge`).")
+@click.option("--address", help="Ray cluster to join (auto, or ray://HOST:PORT); default: start one here.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="With --engine ray: GPUs per model actor.")
+@click.option("--part-size", type=click.IntRange(1), default=1000, show_default=True,
+              help="With --engine ray: images per Parquet part, the unit of --resume.")
 @run_options
 @load_options
 @click.pass_context
-def classify(ctx, inputs, top, fmt, output, recipe, files_from, null, quiet, opts, setup):
+def classify(ctx, inputs, top, fmt, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size,
+             files_from, null, quiet, opts, setup):
     """Top ImageNet predictions with their labels.
 
     For one image the table reads as the VGG16 tutorial's:
     "1. weasel (0.6934)". For several, one row per image and rank:
     path, rank, class index, label, probability.
 
+    With -o OUT.parquet, OUT.npz or OUT.csv (and no --format), the
+    predictions are written as `embed --top K` writes them: resumable with
+    --resume, and on Ray with --engine ray.
+
     \b
     Examples:
       vggembed classify laska.png
       vggembed classify photos/ --format csv -o preds.csv
+      vggembed classify photos/ -o preds.parquet --resume
     """
     from ..engines import local as runner
+    from ..store.writer import FORMATS
 
+    recipe = recipe.replace(**outputs_option((), None, top))
+    if engine == "ray" or (output is not None and fmt is None and Path(output).suffix.lower() in FORMATS):
+        if engine != "ray":
+            _check_format(output, recipe)
+        _run(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size,
+             files_from, null, quiet, opts, setup, "classified")
+        return
+    if resume or overwrite:
+        raise click.UsageError("--resume and --overwrite are for -o OUT.parquet, .npz or .csv without --format")
     try:
         paths, total = sources(inputs, files_from, null)
         with _Sink(output) as out:
@@ -179,9 +227,8 @@ def classify(ctx, inputs, top, fmt, output, recipe, files_from, null, quiet, opt
             if vgg.spec.labels is None and vgg.spec.has_fc:
                 click.echo(f"vggembed: note: no labels for {vgg.spec.path}; showing class indices "
                            "(pass --labels FILE)", err=True)
-            emit = _emitter(out, fmt, single=total == 1)
-            summary = runner.classify(vgg, paths, emit, top=top, recipe=recipe.replace(layer="prob"), opts=opts,
-                                      total=total)
+            emit = _emitter(out, fmt or "table", single=total == 1)
+            summary = runner.classify(vgg, paths, emit, top=top, recipe=recipe, opts=opts, total=total)
             emit.close()
     except VGGEmbedError as e:
         fail(str(e))

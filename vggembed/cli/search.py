@@ -84,6 +84,9 @@ tile_option = click.option("--tile", type=click.IntRange(32, 512), default=128, 
                            help="Thumbnail size on the sheet, pixels.")
 output_option = click.option("-o", "--output", type=click.Path(dir_okay=False),
                              help="Write the CSV here instead of stdout.")
+layer_option = click.option("--layer", metavar="NAME",
+                            help="Which vectors of an INDEX that holds several (embed --layer fc2 --layer "
+                                 "pool5:avg): fc2, pool5_avg, ...; default the only one, or the first.")
 
 
 # ------------------------------------------------------------------ search
@@ -101,14 +104,15 @@ output_option = click.option("-o", "--output", type=click.Path(dir_okay=False),
                    'at a URL) (pip install "vggembed[ann]").')
 @click.option("--nprobe", type=click.IntRange(1), default=32, show_default=True,
               help="With --approximate: lists visited per query (more: slower, better recall).")
+@layer_option
 @output_option
 @sheet_option
 @tile_option
 @click.pass_context
-def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe, output, sheet, tile):
+def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe, layer, output, sheet, tile):
     """The indexed images most similar to each query, by cosine.
 
-    INDEX is a .npy, .parquet or .csv output, or an --engine ray folder (a
+    INDEX is a .npy, .npz, .parquet or .csv output, or an --engine ray folder (a
     path or a URL). QUERY is an image file or folder, embedded on the fly
     exactly as INDEX was made. Output (CSV): query, rank, path, score; best first, ties by row.
     A query image that cannot be decoded is reported and skipped (exit 3).
@@ -126,7 +130,7 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
     if not queries and not row_list:
         raise click.UsageError("no query: give query images or folders, or --rows N,M")
     try:
-        with open_vectors(index) as vectors:
+        with open_vectors(index, layer=layer) as vectors:
             if queries and weights is not None:
                 _note_recipe(vectors)
             result = run_search(vectors, list(queries), rows=row_list, k=k, min_score=min_score, weights=weights,
@@ -156,14 +160,15 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
 @click.option("--precision", type=click.Choice(["float32", "bf16"]), default="float32", show_default=True,
               help="bf16: find candidates in bfloat16 (TensorFlow; CPUs with native bf16), re-checked in float32: "
                    "the same groups, faster.")
+@layer_option
 @output_option
 @sheet_option
 @tile_option
 @click.pass_context
-def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile):
+def dedup(ctx, index, threshold, list_redundant, precision, layer, output, sheet, tile):
     """Groups of near-duplicate images: every pair with cosine >= threshold, joined.
 
-    INDEX is a .npy, .parquet or .csv output, or an --engine ray folder (a
+    INDEX is a .npy, .npz, .parquet or .csv output, or an --engine ray folder (a
     path or a URL).
     Output (CSV): group, path, score (cosine to the group's first member,
     in input order). --list-redundant prints the paths a clean-up would
@@ -178,7 +183,7 @@ def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile)
     from ..use.explore import dedup as run_dedup
 
     try:
-        with open_vectors(index) as vectors:
+        with open_vectors(index, layer=layer) as vectors:
             groups = run_dedup(vectors, threshold, precision=precision)
     except VGGEmbedError as e:
         fail(str(e))
@@ -200,14 +205,15 @@ def dedup(ctx, index, threshold, list_redundant, precision, output, sheet, tile)
 @click.argument("index", type=IndexPath())
 @click.option("-k", "k", type=click.IntRange(1), required=True, help="Number of clusters.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same clusters.")
+@layer_option
 @output_option
 @sheet_option
 @tile_option
 @click.pass_context
-def cluster(ctx, index, k, seed, output, sheet, tile):
+def cluster(ctx, index, k, seed, layer, output, sheet, tile):
     """k-means clusters of the (unit-length) vectors.
 
-    INDEX is a .npy, .parquet or .csv output, or an --engine ray folder (a
+    INDEX is a .npy, .npz, .parquet or .csv output, or an --engine ray folder (a
     path or a URL).
     Output (CSV), one line per image in input order: path, cluster,
     distance to the cluster's centre. Needs scikit-learn
@@ -221,7 +227,7 @@ def cluster(ctx, index, k, seed, output, sheet, tile):
     from ..use.explore import cluster as run_cluster
 
     try:
-        with open_vectors(index) as vectors:
+        with open_vectors(index, layer=layer) as vectors:
             found = run_cluster(vectors, k, seed=seed)
     except VGGEmbedError as e:
         fail(str(e))

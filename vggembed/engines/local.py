@@ -7,6 +7,7 @@ recorded failure, in input order; it times decoding-wait and compute apart.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from ..images.decode import DEFAULT_MAX_PIXELS, prepare
 from ..images.pipeline import Item, chunks, decode_stream, stack
 from ..images.sources import fetch_ahead, name_of
 from ..net import arch as arch_mod
-from ..net.model import VGG
+from ..net import pooling
+from ..net.model import VGG, Prediction
 from ..store.recipe import Recipe
 
 
@@ -140,40 +142,148 @@ def skip_done(sources: Iterable, done: list[str]) -> Iterator:
     yield from it
 
 
+def check_outputs(model: VGG, recipe: Recipe) -> Recipe:
+    """Check what `recipe` asks against the loaded network, before any image is read; return it bound to the
+    network's weight file."""
+    if not recipe.outputs and not recipe.top:
+        raise VGGEmbedError("nothing to compute: name a --layer, or --top K")
+    for output in recipe.outputs:
+        model.resolve(output.layer)
+    if recipe.top:
+        model.resolve("prob")
+    head = [o.name for o in recipe.outputs if arch_mod.is_head(o.layer)] + (["--top"] if recipe.top else [])
+    if recipe.resize == "none" and head:
+        w, h = model.spec.input_size
+        what = "--top" if head[0] == "--top" else f"layer {head[0]}"
+        raise LayerError(f"{what} needs the {w}x{h} input the fc layers were trained at: use --resize squash or "
+                         "center-crop, or conv/pool layers only")
+    return recipe.bind(model.spec)
+
+
+def widths(model: VGG, recipe: Recipe) -> dict[str, int]:
+    """The width of each array `recipe` makes (`compute`'s), at the network's input size."""
+    w, h = model.spec.input_size
+    out = {}
+    for o in recipe.outputs:
+        shape = model.output_shape(o.layer, h, w)
+        out[o.name] = shape[0] if len(shape) == 1 else int(np.prod(shape)) if o.pool == "flatten" else shape[2]
+    if recipe.top:
+        out["top_index"] = out["top_prob"] = recipe.top
+    return out
+
+
+def compute(model: VGG, batch: np.ndarray, recipe: Recipe, pad: int | None = None) -> dict[str, np.ndarray]:
+    """Every array `recipe` makes for one preprocessed batch, from one pass of the network (as far as the
+    deepest layer asked, `prob` only with --top): {output name: (N, D) vectors, `top_index`: (N, K) int32,
+    `top_prob`: (N, K) float32}. Ranks are `VGG.top_k`'s (ties: the higher class index first)."""
+    wanted = tuple((o.layer, o.pool) for o in recipe.outputs) + ((("prob", None),) if recipe.top else ())
+    out = model.run_outputs(batch, wanted, pad)
+    arrays = {}
+    for o in recipe.outputs:
+        vectors = out[o.layer, o.pool]
+        arrays[o.name] = pooling.unit_rows(vectors) if recipe.l2_normalize else vectors
+    if recipe.top:
+        probs = out["prob", None]
+        index = np.argsort(probs, axis=1, kind="stable")[:, ::-1][:, : recipe.top]
+        arrays["top_index"] = index.astype(np.int32)
+        arrays["top_prob"] = np.take_along_axis(probs, index, axis=1).astype(np.float32)
+    return arrays
+
+
 def embed(model: VGG, sources: Iterable[str], writer, recipe: Recipe, opts: Options,
           total: int | None = None) -> Summary:
-    """Embed every source into `writer` (an `writer.EmbeddingWriter`) as `recipe` says."""
-    name = model.embedding_layer(recipe.layer, recipe.pool)
-    if recipe.resize == "none" and arch_mod.is_head(name):
-        raise LayerError(f"layer {recipe.layer} needs the {model.spec.input_size[0]}x{model.spec.input_size[1]} "
-                         "input the fc layers were trained at: use --resize squash or center-crop, or a conv/pool layer")
-    recipe = recipe.bind(model.spec, name)
+    """Run every source through the network into `writer` (an `writer.EmbeddingWriter`): each array
+    `recipe` asks (`compute`), a row per image, in input order."""
+    recipe = check_outputs(model, recipe)
     try:
-        writer.begin(recipe)
+        writer.begin(recipe, label=model.spec.label)
         summary = Summary(skipped=writer.done)
         done = writer.resumed_sources
         if done:
             sources = skip_done(sources, done)
             total = None if total is None else total - len(done)
         for chunk, batch, pad in batches(model, sources, recipe, opts, summary, total, before=len(done)):
-            vectors = None if batch is None else model.embed_batch(batch, name, recipe.pool, recipe.l2_normalize, pad)
-            writer.write(chunk, vectors)
+            writer.write(chunk, None if batch is None else compute(model, batch, recipe, pad))
         writer.finish()
     finally:
         writer.close()
     return summary
 
 
+@dataclass
+class Extracted:
+    """What `extract` returns: `arrays` ({name: array}, a row per image that worked, in input order:
+    each output's vectors, and with `top` `top_index`, `top_prob` and `top_label`), the `paths` of those
+    rows, and the `errors` ([(path, error)]) of the images that failed."""
+
+    arrays: dict
+    paths: list
+    errors: list
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+
+def extract(inputs, layers=("fc2",), *, top: int = 0, pool: str | None = None, net: VGG | None = None,
+            weights=None, model: str = "vgg16", precision: str = "float32", resize: str = "squash",
+            dtype: str = "float32", l2_normalize: bool = False, batch_size: int = 16, workers: int = 2,
+            labels=None) -> Extracted:
+    """Run images through the network once into arrays in memory: several layers and the top-K predictions
+    together, as `vggembed embed` writes them (same rows, bit for bit, for the same batch size).
+
+    Args:
+        inputs: an image path, folder, tar shard or URL, or a list of them (listed as the command lists them).
+        layers: `--layer` values: "fc2", "pool5:avg", "fc2,pool5:gem", or a list of them; () with `top` only.
+        top: K for the top-K ImageNet predictions (0: none).
+        pool: the pool of conv/pool layers named without one.
+        net: an already loaded network (`vggembed.load`); otherwise `weights`/`model` and `precision` load one.
+
+    Example:
+        >>> out = vggembed.extract("photos/", ["fc2", "pool5:avg"], top=5, weights="vgg16_weights.npz")
+        >>> out["fc2"].shape, out["top_label"][0]
+    """
+    from ..images.inputs import expand
+    from ..net.arch import parse_outputs
+
+    recipe = Recipe(weights=None if weights is None else str(weights), model=model, precision=precision,
+                    resize=resize, dtype=dtype, l2_normalize=l2_normalize,
+                    outputs=parse_outputs(layers, pool=pool, top=top), top=top)
+    if net is None:
+        from ..net.load import load_recipe
+
+        net = load_recipe(recipe, labels=labels)
+    recipe = check_outputs(net, recipe.replace(precision=net.precision))
+    opts = Options(batch_size=batch_size, workers=workers)
+    given = [inputs] if isinstance(inputs, (str, bytes, os.PathLike)) else list(inputs)
+    sources = list(expand([os.fsdecode(i) for i in given]))
+    vectors = {o.name for o in recipe.outputs}
+    blocks: dict[str, list] = {name: [] for name in recipe.names if name != "top_label"}
+    paths, errors = [], []
+    for chunk, batch, pad in batches(net, sources, recipe, opts, Summary(), total=len(sources)):
+        errors += [(item.source, item.error) for item in chunk if item.error is not None]
+        paths += [item.source for item in chunk if item.error is None]
+        if batch is not None:
+            for name, block in compute(net, batch, recipe, pad).items():
+                blocks[name].append(block.astype(recipe.dtype) if name in vectors else block)
+    arrays = {name: np.concatenate(b) if b else np.zeros((0, 0), np.float32) for name, b in blocks.items()}
+    if recipe.top:
+        arrays["top_label"] = np.array([[net.spec.label(int(i)) for i in row] for row in arrays["top_index"]],
+                                       dtype=str).reshape(len(paths), recipe.top)
+    return Extracted(arrays, paths, errors)
+
+
 def classify(model: VGG, sources: Iterable[str], emit: Callable[[str, list], None], *, top: int, recipe: Recipe,
              opts: Options, total: int | None = None) -> Summary:
-    """Call `emit(source, predictions)` for every image that decodes, in input order."""
-    model.resolve("prob")
+    """Call `emit(source, predictions)` for every image that decodes, in input order: the top-`top`
+    `Prediction`s, the very `top_index`/`top_prob` that `embed --top` writes (`compute`)."""
+    recipe = check_outputs(model, recipe.replace(outputs=(), top=top))
     summary = Summary()
     for chunk, batch, pad in batches(model, sources, recipe, opts, summary, total):
         if batch is None:
             continue
-        probs = model.run(batch, ["prob"], pad_to=pad)["prob"]
+        arrays = compute(model, batch, recipe, pad)
         ok = [item for item in chunk if item.error is None]
-        for item, p in zip(ok, probs):
-            emit(item.source, model.top_k(p, top))
+        for item, index, prob in zip(ok, arrays["top_index"].tolist(), arrays["top_prob"].tolist()):
+            emit(item.source, [Prediction(rank, i, model.spec.label(i), p)
+                               for rank, (i, p) in enumerate(zip(index, prob), 1)])
     return summary

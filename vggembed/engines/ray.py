@@ -40,7 +40,7 @@ from ..images.sources import Source, name_of
 from ..net.load import load_recipe, locate
 from ..store.recipe import Recipe
 from ..store.runfolder import Part, RunDir, Store, part_name, write_part
-from .local import Options, Summary, batches, pad_to
+from .local import Options, Summary, batches, check_outputs, compute, pad_to, widths
 
 RESTART_WAIT = 300.0  # seconds without any live model actor before the run gives up (parts are kept)
 MAX_DEATHS = 3  # a part whose actor dies this often is given up (an image that kills the decoder, say)
@@ -88,24 +88,16 @@ class PartWorker:
         self.store = Store(store)
         self.error = None
         try:
-            recipe = Recipe(**recipe)
+            recipe = Recipe.from_dict(recipe)
             self.model = load_recipe(recipe, device=device)
-            self.name = self.model.embedding_layer(recipe.layer, recipe.pool)
-            self.recipe = recipe.bind(self.model.spec, self.name)
+            self.recipe = check_outputs(self.model, recipe)
             # Decoding threads beside the model, as many as the local engine's default on this node.
             self.opts = Options(**{**options, "workers": min(8, os.cpu_count() or 2), "progress": False})
-            self.width = self._width()
+            self.widths = widths(self.model, self.recipe)
         except VGGEmbedError as e:
             self.error = str(e)
         except Exception as e:  # noqa: BLE001 - anything else still reaches the user as one line
             self.error = f"{type(e).__name__}: {e}"
-
-    def _width(self) -> int:
-        w, h = self.model.spec.input_size
-        shape = self.model.output_shape(self.name, h, w)
-        if len(shape) == 1:
-            return shape[0]
-        return shape[2] if self.recipe.pool in ("avg", "max") else int(np.prod(shape))
 
     def info(self) -> dict:
         """The bound recipe (or the loading error) and where this actor runs."""
@@ -122,16 +114,17 @@ class PartWorker:
         start = time.perf_counter()
         names: list[str] = []
         errors: list[str | None] = []
-        blocks = []
+        blocks: dict[str, list] = {name: [] for name in self.widths}
         summary = Summary()
         for chunk, batch, _ in batches(self.model, open_shards(part.sources), self.recipe, self.opts, summary):
             names += [item.source for item in chunk]
             errors += [item.error for item in chunk]
             if batch is not None:
-                blocks.append(self.model.embed_batch(batch, self.name, self.recipe.pool, self.recipe.l2_normalize,
-                                                     pad))
-        vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.width), np.float32)
-        write_part(self.store, run_id, part, names, errors, vectors, self.recipe)
+                for name, block in compute(self.model, batch, self.recipe, pad).items():
+                    blocks[name].append(block)
+        arrays = {name: np.concatenate(b) if b else np.zeros((0, self.widths[name]), np.float32)
+                  for name, b in blocks.items()}
+        write_part(self.store, run_id, part, names, errors, arrays, self.recipe, self.widths, self.model.spec.label)
         failed = [(n, e) for n, e in zip(names, errors) if e is not None]
         return {"part": part.index, "rows": len(names), "failed": len(failed), "errors": failed[:ERRORS_RETURNED],
                 "seconds": time.perf_counter() - start}
@@ -208,7 +201,7 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
             raise VGGEmbedError(f"the Ray cluster has {cpus:g} CPUs and each model actor needs 1: use --workers "
                                 f"{max(1, int(cpus))} or a bigger cluster")
         actor = ray.remote(PartWorker).options(num_cpus=1, num_gpus=gpus_per_worker or None, max_restarts=-1)
-        pool += [actor.remote(dataclasses.asdict(recipe), store.where, dataclasses.asdict(opts),
+        pool += [actor.remote(recipe.to_dict() | {"weights": recipe.weights}, store.where, dataclasses.asdict(opts),
                               "gpu" if gpus_per_worker else "cpu") for _ in range(opts.workers)]
         infos = ray.get([a.info.remote() for a in pool])
         for info in infos:

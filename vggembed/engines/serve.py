@@ -51,7 +51,8 @@ import numpy as np
 
 from ..errors import ImageError, VGGEmbedError, reason
 from ..images.decode import DEFAULT_MAX_PIXELS, prepare
-from ..net.outputs import Output, compute, input_shape, names
+from ..net.export import input_shape
+from .local import compute
 
 SIGNATURES = ("serving_default", "pixels")
 INPUT_NAMES = {"serving_default": "images", "pixels": "pixels"}
@@ -218,11 +219,10 @@ class Batcher:
 
 # ------------------------------------------------------------------- server
 class Server:
-    def __init__(self, vgg, outputs: list[Output], top: int | None, recipe, config: Config, log=None):
-        self.vgg, self.outputs, self.top, self.config = vgg, outputs, top, config
-        self.recipe = recipe
+    def __init__(self, vgg, recipe, config: Config, log=None):
+        self.vgg, self.recipe, self.config = vgg, recipe, config
         self.shape = input_shape(vgg, recipe.resize)
-        self.names = names(outputs, top)
+        self.names = recipe.names  # embed's: each output's name, then top_index, top_prob, top_label
         self.metrics = Metrics()
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.decoders = ThreadPoolExecutor(config.workers, thread_name_prefix="vggembed-decode")
@@ -230,9 +230,16 @@ class Server:
 
     # --------------------------------------------------------- the model
     def run_batch(self, batch: np.ndarray) -> dict:
-        """One batch through the network (on the model thread), padded to the batch size with `fixed_batch`."""
-        return compute(self.vgg, batch, self.outputs, self.top,
-                       self.config.batch_size if self.config.fixed_batch else None)
+        """One batch through the network (on the model thread), padded to the batch size with `fixed_batch`:
+        `embed`'s arrays (`local.compute`, one pass), vectors in the recipe's dtype, and the top-K labels."""
+        recipe = self.recipe
+        out = compute(self.vgg, batch, recipe, self.config.batch_size if self.config.fixed_batch else None)
+        for o in recipe.outputs:
+            out[o.name] = out[o.name].astype(recipe.dtype, copy=False)
+        if recipe.top:
+            out["top_label"] = np.array([[self.vgg.spec.label(int(i)) for i in row] for row in out["top_index"]],
+                                        object).reshape(len(batch), recipe.top)
+        return out
 
     def warm_up(self) -> None:
         """Build the graph (or the int8 model) before the first request."""

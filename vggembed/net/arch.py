@@ -85,3 +85,66 @@ def resolve(arch: str, name: str, *, embedding: bool = False) -> str:
         known = ", ".join(names + sorted(ALIASES))
         raise LayerError(f"{arch} has no layer {name!r}; known layers: {known}")
     return canonical
+
+
+# How a conv/pool map becomes a vector: avg, max, flatten, and the retrieval descriptors gem and rmac (`pooling`).
+POOLS = ("avg", "max", "flatten", "gem", "rmac")
+MAX_TOP = 1000  # ImageNet's classes
+
+
+def parse_outputs(layers=(), *, pool: str | None = None, top: int = 0):
+    """The `Output`s that `--layer` values name, checked before any weights are read.
+
+    Args:
+        layers: strings, each `NAME` or `NAME:POOL`, or several of them separated by commas
+            (`"fc2,pool5:avg"`); layer names as `resolve` takes them (fc2, fc7, relu7, pool5, conv5_3, ...).
+        pool: the pool of conv/pool layers named without one (the `--pool` option); fc layers ignore it.
+        top: K of `--top K`, 0 to 1000; checked here too.
+
+    Returns:
+        the outputs in the order given, each with its canonical layer and its name (`fc2`, `pool5_avg`).
+
+    Raises:
+        LayerError: an unknown layer or pool, a pool on an fc layer, a conv/pool layer without one, the same
+            output named twice, or `top` outside 0..1000; one line each.
+    """
+    from ..errors import LayerError
+    from ..store.recipe import Output
+
+    if isinstance(layers, str):
+        layers = [layers]
+    if not 0 <= top <= MAX_TOP:
+        raise LayerError(f"--top {top}: must be 0 to {MAX_TOP} (the ImageNet classes)")
+    if pool is not None and pool not in POOLS:
+        raise LayerError(f"unknown pool {pool!r}; pools: {', '.join(POOLS)}")
+    known = layer_names("vgg19")  # every name of either architecture; the weights' own is checked at load
+    outputs: list = []
+    seen: dict = {}
+    for value in layers:
+        for spec in str(value).split(","):
+            spec = spec.strip()
+            if not spec:
+                raise LayerError(f"--layer {value!r}: an empty layer name")
+            name, _, given = spec.partition(":")
+            canonical = EMBEDDING_ALIASES.get(name, name)
+            if canonical not in known:
+                raise LayerError(f"--layer {spec}: no such layer; layers: fc1 (= fc6), fc2 (= fc7), fc8, prob, "
+                                 "conv1_1 .. conv5_4, pool1 .. pool5 (and their relu names)")
+            if is_head(canonical):
+                if given:
+                    raise LayerError(f"--layer {spec}: {name} is a vector already; pools are for conv/pool layers")
+                chosen = None
+            else:
+                chosen = given or pool
+                if not chosen:
+                    raise LayerError(f"--layer {spec}: {name} gives a 3-D map per image; name a pool, as in "
+                                     f"{name}:avg ({', '.join(POOLS)})")
+                if chosen not in POOLS:
+                    raise LayerError(f"--layer {spec}: unknown pool {chosen!r}; pools: {', '.join(POOLS)}")
+            out = Output(canonical, chosen, name + (f"_{chosen}" if chosen else ""))
+            key = (canonical, chosen)
+            if key in seen:
+                raise LayerError(f"--layer {spec}: the same output as {seen[key]}; name each output once")
+            seen[key] = spec
+            outputs.append(out)
+    return tuple(outputs)

@@ -12,8 +12,9 @@ SavedModel (`saved_model`), written as OUT/VERSION/ (TensorFlow Serving's layout
   network;
 - `pixels`: input `pixels`, float32 [N, 224, 224, 3], RGB in 0..255, for
   callers who decode themselves: exactly `embed`'s computation;
-- both return the named outputs of `outputs.Output` (`fc2`, `pool5_avg`, ...)
-  and with `top`, `top_indices`, `top_probabilities`, `top_labels`;
+- both return the recipe's outputs under `embed`'s names (`fc2`,
+  `pool5_avg`, ...) and with `--top K` its `top_index`, `top_prob`,
+  `top_label` (`Recipe.names`);
 - `recipe`: a string variable holding the recipe as JSON (weights MD5,
   layers, resize, vggembed version), readable with plain TensorFlow:
   `json.loads(tf.saved_model.load(DIR).recipe.numpy())`.
@@ -39,9 +40,17 @@ import warnings
 from pathlib import Path
 
 from ..errors import VGGEmbedError
-from .model import _pooled
-from .outputs import Output, groups, input_shape, names
+from ..store.recipe import Recipe
+from .model import _key, _pooled
 from .tfimport import _silenced_stderr, tensorflow
+
+
+def input_shape(vgg, resize: str) -> tuple[int, int, int]:
+    """(H, W, 3): exported and served networks take one fixed input size, so each batch has one shape."""
+    if resize == "none":
+        raise VGGEmbedError("export and serve need a fixed input size: use --resize squash or center-crop")
+    w, h = vgg.spec.input_size
+    return h, w, 3
 
 
 def labels_of(vgg) -> list[str]:
@@ -61,22 +70,33 @@ def _network(vgg):
     return net
 
 
-def _head(net, outputs: list[Output], top: int | None, with_labels: bool):
-    """fn(pixels) -> {output name: tensor}: one pass up to the deepest layer, each output pooled as asked."""
+def _head(net, recipe: Recipe, with_labels: bool):
+    """fn(pixels) -> {output name: tensor}: one pass up to the deepest layer, each output pooled as asked, as
+    `embed` computes the recipe (with --l2-normalize and --dtype)."""
     tf = tensorflow()
-    layers = tuple(dict.fromkeys([o.layer for o in outputs] + (["prob"] if top else [])))
-    inner = net._function(layers, None)
+    top = recipe.top
+    rmac = [o.name for o in recipe.outputs if o.pool == "rmac"]
+    if rmac:
+        raise VGGEmbedError(f"{rmac[0]}: R-MAC's regions follow each map's size and are pooled outside the "
+                            "network; export the map's layer with another pool (gem, avg, max)")
+    inner = net._function(tuple(dict.fromkeys((o.layer, None) for o in recipe.outputs))
+                          + ((("prob", None),) if top else ()))
     table = tf.constant(labels_of(net)) if top and with_labels else None
 
     def run(pixels):
         maps = inner(pixels)
-        out = {o.name: tf.identity(_pooled(maps[o.layer], o.pool), name=o.name) for o in outputs}
+        out = {}
+        for o in recipe.outputs:
+            v = _pooled(maps[_key((o.layer, None))], o.pool)
+            if recipe.l2_normalize:
+                v = v / tf.maximum(tf.norm(v, axis=1, keepdims=True), 1.1754944e-38)
+            out[o.name] = tf.identity(tf.cast(v, recipe.dtype), name=o.name)
         if top:
-            values, indices = tf.math.top_k(maps["prob"], k=top)
-            out["top_indices"] = tf.cast(indices, tf.int64)
-            out["top_probabilities"] = values
+            values, indices = tf.math.top_k(maps[_key(("prob", None))], k=top)
+            out["top_index"] = indices
+            out["top_prob"] = values
             if table is not None:
-                out["top_labels"] = tf.gather(table, indices)
+                out["top_label"] = tf.gather(table, indices)
         return out
 
     return run
@@ -156,24 +176,23 @@ def _decoder(resize: str, h: int, w: int):
     return decode
 
 
-def saved_model(vgg, outputs: list[Output], top: int | None, recipe: dict, out, version: int = 1,
-                overwrite: bool = False) -> Path:
+def saved_model(vgg, recipe: Recipe, out, version: int = 1, overwrite: bool = False) -> Path:
     """Write OUT/VERSION/ (saved_model.pb, variables/); return that folder. See the module docstring."""
     tf = tensorflow()
     if vgg.precision == "int8":
         raise VGGEmbedError("a SavedModel runs in TensorFlow, which has no int8 VGG: use --format tflite for int8, "
                             "or --precision float32/bf16/fp16")
-    h, w, _ = input_shape(vgg, recipe["resize"])
+    h, w, _ = input_shape(vgg, recipe.resize)
     target = Path(out) / str(version)
     if target.exists() and not overwrite:
         raise VGGEmbedError(f"{target} already exists: pass --overwrite, or another --version")
     net = _network(vgg)
-    run = _head(net, outputs, top, with_labels=True)
-    decode = _decoder(recipe["resize"], h, w)
+    run = _head(net, recipe, with_labels=True)
+    decode = _decoder(recipe.resize, h, w)
 
     module = tf.Module()
     module.variables_ = [v for pair in net._params.values() for v in pair]
-    module.recipe = tf.Variable(json.dumps(recipe, sort_keys=True), trainable=False, name="recipe")
+    module.recipe = tf.Variable(json.dumps(recipe.to_dict(), sort_keys=True), trainable=False, name="recipe")
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def from_images(images):
@@ -199,22 +218,22 @@ def saved_model(vgg, outputs: list[Output], top: int | None, recipe: dict, out, 
     return target
 
 
-def tflite(vgg, outputs: list[Output], top: int | None, recipe: dict, out, overwrite: bool = False) -> dict:
+def tflite(vgg, recipe: Recipe, out, overwrite: bool = False) -> dict:
     """Write OUT (.tflite) and OUT.json (recipe, input, outputs in order, labels); return the sidecar."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise VGGEmbedError(f"{out} already exists: pass --overwrite")
-    h, w, _ = input_shape(vgg, recipe["resize"])
+    h, w, _ = input_shape(vgg, recipe.resize)
     if vgg.precision == "int8":
-        content, order = _int8_model(vgg, outputs, top)
+        content, order = _int8_model(vgg, recipe)
     elif vgg.precision == "float32":
-        content = _float_tflite(vgg, outputs, top, h, w)
-        order = [n for n in names(outputs, top) if n != "top_labels"]
+        content = _float_tflite(vgg, recipe, h, w)
+        order = [n for n in recipe.names if n != "top_label"]
     else:
         raise VGGEmbedError(f"--format tflite is float32 or int8; got --precision {vgg.precision}")
-    side = {"recipe": recipe, "input": {"name": "pixels", "shape": [None, h, w, 3], "dtype": "float32",
+    side = {"recipe": recipe.to_dict(), "input": {"name": "pixels", "shape": [None, h, w, 3], "dtype": "float32",
                                         "range": "RGB 0..255, mean subtracted inside"},
-            "outputs": order, "labels": labels_of(vgg) if top else None}
+            "outputs": order, "labels": labels_of(vgg) if recipe.top else None}
     for path, data in ((out, content), (out.with_name(out.name + ".json"),
                                         (json.dumps(side, indent=1) + "\n").encode())):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -226,7 +245,7 @@ def tflite(vgg, outputs: list[Output], top: int | None, recipe: dict, out, overw
     return side
 
 
-def _float_tflite(vgg, outputs: list[Output], top: int | None, h: int, w: int) -> bytes:
+def _float_tflite(vgg, recipe: Recipe, h: int, w: int) -> bytes:
     """The `pixels` function as a float32 .tflite with one signature (serving_default: pixels -> named outputs);
     converted from a SavedModel, which is how the converter keeps signatures and output names."""
     import tempfile
@@ -235,7 +254,7 @@ def _float_tflite(vgg, outputs: list[Output], top: int | None, h: int, w: int) -
     module = tf.Module()
     net = _network(vgg)
     module.variables_ = [v for pair in net._params.values() for v in pair]
-    run = _head(net, outputs, top, with_labels=False)
+    run = _head(net, recipe, with_labels=False)
     module.fn = tf.function(run, input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="pixels")])
     with tempfile.TemporaryDirectory(prefix="vggembed-tflite-") as tmp:
         try:
@@ -248,20 +267,16 @@ def _float_tflite(vgg, outputs: list[Output], top: int | None, h: int, w: int) -
             raise VGGEmbedError(f"{vgg.spec.path}: conversion to .tflite failed: {first}") from None
 
 
-def _int8_model(vgg, outputs: list[Output], top: int | None):
+def _int8_model(vgg, recipe: Recipe):
     """The int8 model `--precision int8` runs for these outputs, and its output names in the file's order."""
-    by_pool = groups(outputs, None)
-    head = [o.name for o in outputs if o.layer in ("fc8", "prob")]
-    if top or head or len(by_pool) > 1:
-        raise VGGEmbedError("an int8 .tflite holds the int8 layers only (fc8 and the softmax run in float32 "
-                            "beside it, and one file has one pool): drop --top and fc8/prob, and give every "
-                            "conv/pool layer the same pool")
-    pool, layers = next(iter(by_pool.items()))
-    body = tuple(sorted(set(layers)))  # as Int8VGG._compute orders its model's outputs
-    if all(vgg.layers[vgg._index[n]].block > 5 for n in body):
-        pool = None
-    by_layer = {o.layer: o.name for o in outputs}
-    return vgg.model_bytes(body, pool), [by_layer[n] for n in body]
+    outside = [o.name for o in recipe.outputs if o.layer in ("fc8", "prob") or o.pool in ("gem", "rmac")]
+    if recipe.top or outside or recipe.l2_normalize or recipe.dtype != "float32":
+        raise VGGEmbedError("an int8 .tflite holds the int8 layers only (fc8, the softmax, GeM and R-MAC pooling, "
+                            "--l2-normalize and --dtype run in float32 beside it in vggembed): drop --top"
+                            + (f" and {', '.join(outside)}" if outside else ""))
+    keys = {(o.layer, o.pool): o.name for o in recipe.outputs}
+    body = tuple(sorted(keys, key=lambda key: (key[0], key[1] or "")))  # as Int8VGG._compute orders them
+    return vgg.model_bytes(body), [keys[key] for key in body]
 
 
 @contextlib.contextmanager

@@ -50,8 +50,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError, VGGEmbedError
-from ..store.recipe import __version__
-from . import tflite
+from ..store.recipe import INT8_SCHEME, __version__
+from . import pooling, tflite
 from .model import VGG, network_layers
 from .tfimport import _silenced_stderr
 from .weights import WeightSpec
@@ -64,7 +64,7 @@ CALIBRATION_DIR = Path(__file__).parent / "calibration"
 MAX_CALIBRATION_IMAGES = 64
 # Bump when the conversion recipe changes, so older cache entries are not used.
 # 3: written by vggembed (tflite.py) instead of TensorFlow's converter; calibration without TensorFlow.
-RECIPE_VERSION = 3
+RECIPE_VERSION = INT8_SCHEME  # in the cache key: a new scheme never reads an old model
 INPUT_RANGE = (0.0, 255.0)
 # Activation ranges are the largest values seen in calibration times this margin: photos outside the set
 # went 15-30% beyond it (measured on 240 views), and clipping the peaks that max-pooling carries on cost more
@@ -148,17 +148,21 @@ class Int8VGG(VGG):
             self._fc8 = (np.asarray(params["fc8"][0], np.float32), np.asarray(params["fc8"][1], np.float32))
 
     # ------------------------------------------------------------- running
-    def _compute(self, batch: np.ndarray, wanted: tuple, pool) -> dict[str, np.ndarray]:
+    def _compute(self, batch: np.ndarray, graph: tuple) -> dict[tuple, np.ndarray]:
         size = tuple(reversed(self.spec.input_size))
         if tuple(batch.shape[1:3]) != size:
             raise VGGEmbedError(f"--precision int8 runs at the {size[1]}x{size[0]} input it was converted for; got "
                                 f"{batch.shape[2]}x{batch.shape[1]}: use resize 'squash' or 'center-crop', or "
                                 "--precision float32")
-        head = [n for n in wanted if n in ("fc8", "prob")]
-        body = tuple(sorted({n for n in wanted if n not in head} | ({"relu7"} if head else set())))
-        if all(self.layers[self._index[n]].block > 5 for n in body):
-            pool = None  # nothing to pool: classify and an fc2 run with --pool share one model
-        interpreter = self._interpreter(body, pool)
+        head = [key for key in graph if key[0] in ("fc8", "prob")]
+        # What the int8 model computes for each key: GeM has no int8 kernel, so its map comes out of the model
+        # and is pooled here in float32 (fc layers come without a pool from `run_outputs`: classify and an fc2
+        # run share one model).
+        source = {key: (key[0], None if key[1] == "gem" else key[1]) for key in graph if key not in head}
+        if head:
+            source["relu7", None] = ("relu7", None)
+        body = tuple(sorted(set(source.values()), key=lambda key: (key[0], key[1] or "")))
+        interpreter = self._interpreter(body)
         x = interpreter.get_input_details()[0]
         if tuple(x["shape"]) != batch.shape:
             interpreter.resize_tensor_input(x["index"], batch.shape)
@@ -166,25 +170,27 @@ class Int8VGG(VGG):
         interpreter.set_tensor(x["index"], np.ascontiguousarray(batch, np.float32))
         interpreter.invoke()
         # Outputs come in `body`'s order (`write_model`).
-        out = {name: interpreter.get_tensor(o["index"]) for name, o in zip(body, interpreter.get_output_details())}
+        got = {key: interpreter.get_tensor(o["index"]) for key, o in zip(body, interpreter.get_output_details())}
+        out = {key: pooling.gem(got[computed]) if key[1] == "gem" else got[computed]
+               for key, computed in source.items()}
         if head:
             w, b = self._fc8
-            logits = out["relu7"] @ w + b
-            out["fc8"] = logits
+            logits = out["relu7", None] @ w + b
+            out["fc8", None] = logits
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            out["prob"] = e / e.sum(axis=1, keepdims=True)
+            out["prob", None] = e / e.sum(axis=1, keepdims=True)
         return out
 
     def walk(self, batch, last):
         raise VGGEmbedError("feature maps run at each image's own size, and an int8 model has the fixed input it "
                             "was converted for; use --precision float32 (or bf16)")
 
-    def _interpreter(self, body: tuple, pool):
-        """The LiteRT interpreter of one layer set (XNNPACK is its default CPU delegate), created once."""
-        key = (body, pool)
+    def _interpreter(self, body: tuple):
+        """The LiteRT interpreter of one output set (XNNPACK is its default CPU delegate), created once."""
+        key = body
         if key not in self._interpreters:
             Interpreter = _interpreter_class()
-            content = self.model_bytes(body, pool)
+            content = self.model_bytes(body)
             quiet = not os.environ.get("VGGEMBED_VERBOSE")
             with _silenced_stderr() if quiet else contextlib.nullcontext():  # "Created ... XNNPACK delegate"
                 interpreter = Interpreter(model_content=content, num_threads=_threads())
@@ -195,10 +201,10 @@ class Int8VGG(VGG):
         return self._interpreters[key]
 
     # ----------------------------------------------------- conversion cache
-    def cache_key(self, body: tuple, pool) -> dict:
+    def cache_key(self, body: tuple) -> dict:
         """Everything that changes the int8 model: a cache entry is used only when all of it matches."""
         return {"recipe": RECIPE_VERSION, "weights_md5": self.spec.md5, "arch": self.spec.arch,
-                "legacy_transpose": self.spec.legacy_transpose, "layers": list(body), "pool": pool,
+                "legacy_transpose": self.spec.legacy_transpose, "outputs": [list(key) for key in body],
                 "input_size": list(self.spec.input_size), "calibration": self.calibration_digest(),
                 "numpy": np.__version__, "litert": metadata.version("ai-edge-litert"), "vggembed": __version__}
 
@@ -208,9 +214,9 @@ class Int8VGG(VGG):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return cache_dir() / "int8" / f"{self.spec.arch}-{self.spec.md5[:8]}-{digest}.tflite"
 
-    def model_bytes(self, body: tuple, pool) -> bytes:
+    def model_bytes(self, body: tuple) -> bytes:
         """The int8 model's bytes: from the cache when its entry is whole and matches, else converted and cached."""
-        key = self.cache_key(body, pool)
+        key = self.cache_key(body)
         path = self.cache_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         # One process converts; others (Ray actors on one machine) wait and then read its result.
@@ -219,23 +225,25 @@ class Int8VGG(VGG):
             content = _read_entry(path, key, self.log)
             if content is None:
                 source = self.calibration or "the built-in set"
-                self.log(f"vggembed: converting {self.spec.path} to int8 for {', '.join(body)}"
-                         f"{f' (pool {pool})' if pool else ''}, calibrating on {len(self.calibration_images())} "
-                         f"images from {source}; VGG16 takes about 40 CPU-seconds and 1.5 GB of memory, once")
+                names = ", ".join(f"{layer}:{pool}" if pool else layer for layer, pool in body)
+                self.log(f"vggembed: converting {self.spec.path} to int8 for {names}, calibrating on "
+                         f"{len(self.calibration_images())} images from {source}; VGG16 takes about 40 "
+                         "CPU-seconds and 1.5 GB of memory, once")
                 start = time.perf_counter()
-                content = self.convert(body, pool)
+                content = self.convert(body)
                 _write_entry(path, key, content)
                 self.log(f"vggembed: converted to int8 in {time.perf_counter() - start:.0f}s; cached as {path}")
         return content
 
-    def convert(self, body: tuple, pool) -> bytes:
-        """The int8 TFLite model of the layers `body` (canonical names, in output order), in this process.
+    def convert(self, body: tuple) -> bytes:
+        """The int8 TFLite model of the outputs `body` ((canonical layer, pool) pairs, in output order), in
+        this process.
 
         `calibrate` makes the plan; `write_model` writes exactly that network; `_check_int8` then
         refuses a model where a conv or fully connected layer would not run on int8 kernels.
         """
-        plan = self.calibrate(body, pool)
-        content = bytes(write_model(self.spec, body, pool, plan))
+        plan = self.calibrate(body)
+        content = bytes(write_model(self.spec, body, plan))
         del plan
         _give_back_freed_memory()  # calibration's arrays, before the run goes on
         _check_int8(content, self.spec.path)
@@ -254,7 +262,7 @@ class Int8VGG(VGG):
             raise VGGEmbedError(f"{self.spec.path} changed while it was in use; run again")
         return params
 
-    def calibrate(self, body: tuple, pool) -> dict:
+    def calibrate(self, body: tuple) -> dict:
         """Measure what the int8 network needs, on the calibration images, layer by layer.
 
         Returns a plan:
@@ -272,7 +280,7 @@ class Int8VGG(VGG):
         as int8 codes (`_int8_stream`). Neither keeps a float32 activation of the whole set but the one
         layer being corrected.
         """
-        stop = max(self._index[n] for n in body)
+        stop = max(self._index[n] for n, _ in body)
         layers = self.layers[: stop + 1]
         images = np.stack(self.calibration_images())
         params = self.weights()
@@ -282,16 +290,16 @@ class Int8VGG(VGG):
                 w, b = params[layer.name]
                 plan["weights"][layer.name] = _round_per_channel(np.asarray(w, np.float32))
                 plan["biases"][layer.name] = np.array(b, np.float32)
-        stats = self._float_statistics(images, layers, params, body, pool)
+        stats = self._float_statistics(images, layers, params, body)
         del params
         for name, peak in stats["peak"].items():
             plan["ranges"][name] = (0.0, RANGE_MARGIN * peak)
         for name, (lo, hi) in stats["spread"].items():
             plan["ranges"][name] = (RANGE_MARGIN * lo, RANGE_MARGIN * hi)
-        self._int8_stream(images, layers, plan, stats["sums"], body)
+        self._int8_stream(images, layers, plan, stats["sums"], {n for n, _ in body})
         return plan
 
-    def _float_statistics(self, images, layers, params, body, pool) -> dict:
+    def _float_statistics(self, images, layers, params, body) -> dict:
         """The float32 network on `images`: per channel sums of every conv/fc output (float64), every ReLU's
         peak, and the min and max of every wanted conv/fc output (before its ReLU) and pooled output.
 
@@ -299,6 +307,7 @@ class Int8VGG(VGG):
         once (one pass over their weights).
         """
         sums, peak, spread = {}, {}, {}
+        names = {n for n, _ in body}
         convs = {}
         mean = np.asarray(self.spec.mean_pixel, np.float32)
 
@@ -307,10 +316,11 @@ class Int8VGG(VGG):
                 sums[layer.name] = sums.get(layer.name, 0) + _channel_sums(x)
             if layer.kind == "relu":
                 peak[layer.name] = max(peak.get(layer.name, 0.0), float(x.max()))
-            if layer.name in body and layer.kind in ("conv", "fc"):
+            if layer.name in names and layer.kind in ("conv", "fc"):
                 _widen(spread, layer.name, x)
-            if layer.name in body and pool is not None and x.ndim == 4:
-                _widen(spread, f"{layer.name}/{pool}", _pool(x, pool))
+            for name, pool in body:
+                if name == layer.name and pool is not None and x.ndim == 4:
+                    _widen(spread, f"{name}/{pool}", _pool(x, pool))
 
         def forward(x, layer):
             if layer.kind == "conv":
@@ -343,7 +353,7 @@ class Int8VGG(VGG):
                 x = forward(x, layer)
         return {"sums": sums, "peak": peak, "spread": spread}
 
-    def _int8_stream(self, images, layers, plan: dict, float_sums: dict, body) -> None:
+    def _int8_stream(self, images, layers, plan: dict, float_sums: dict, names: set) -> None:
         """Run the set "as int8 so far", one layer at a time, and correct each conv/fc bias in `plan` in turn.
 
         Between layers the stream is int8 codes with their (scale, zero point), as the int8 model holds it;
@@ -369,7 +379,7 @@ class Int8VGG(VGG):
                 shift = ((_channel_sums(y) - float_sums[layer.name]) / (y.size // y.shape[-1])).astype(np.float32)
                 plan["biases"][layer.name] = bias - shift
                 _map_rows(lambda rows: np.subtract(rows, shift, out=rows), y)
-                if layer.name in body:  # wanted before its ReLU: an int8 tensor of its own
+                if layer.name in names:  # wanted before its ReLU: an int8 tensor of its own
                     q = qparams(ranges[layer.name])
                     codes, pending = _map_rows(lambda rows: _quantize(rows, q, inplace=True), y, np.int8), None
                 else:
@@ -443,8 +453,9 @@ class _FloatConv:
 _CONV_OPTIONS = [(0, "int8", tflite.SAME), (1, "int32", 1), (2, "int32", 1)]  # stride 1; + the activation
 
 
-def write_model(spec: WeightSpec, body: tuple, pool, plan: dict) -> memoryview:
-    """The int8 TFLite model of `plan` (see `Int8VGG.calibrate`) computing the layers `body`, in that order.
+def write_model(spec: WeightSpec, body: tuple, plan: dict) -> memoryview:
+    """The int8 TFLite model of `plan` (see `Int8VGG.calibrate`) computing the outputs `body` ((canonical
+    layer, pool or None) pairs; GeM and R-MAC are pooled outside the model), in that order.
 
     Input float32 NHWC 0..255 (any batch size), quantized inside (scale 1); the mean is subtracted in
     int8; every conv/fc layer runs on int8 kernels (per-channel weights, int32 biases) with its ReLU fused
@@ -455,7 +466,8 @@ def write_model(spec: WeightSpec, body: tuple, pool, plan: dict) -> memoryview:
     rounded weights, a bias is rounded at input scale times weight scale.
     """
     layers, index = network_layers(spec)
-    layers = layers[: max(index[n] for n in body) + 1]
+    names = {n for n, _ in body}
+    layers = layers[: max(index[n] for n in names) + 1]
     size = sum(plan["weights"][n][0].nbytes + 8 * plan["biases"][n].size for n in plan["weights"])
     g = tflite.Graph(size_hint=size + (1 << 20))
     h, w = spec.input_size[1], spec.input_size[0]
@@ -514,9 +526,9 @@ def write_model(spec: WeightSpec, body: tuple, pool, plan: dict) -> memoryview:
             pass  # a ReLU fused into the layer before it
         elif layer.kind in ("conv", "fc"):
             source = (state["t"], state["q"], state["shape"])
-            relu = after if after is not None and after.kind == "relu" and layer.name not in body else None
+            relu = after if after is not None and after.kind == "relu" and layer.name not in names else None
             state["t"], state["q"], state["shape"] = add(layer, relu)
-            if layer.name in body:
+            if layer.name in names:
                 outputs[layer.name] = (state["t"], state["q"], state["shape"])
                 if layer.kind == "fc" and after is not None and after.kind == "relu":
                     # The converter computes such an fc layer twice: wanted as it is, and again with its ReLU
@@ -537,15 +549,15 @@ def write_model(spec: WeightSpec, body: tuple, pool, plan: dict) -> memoryview:
             g.op(tflite.MAX_POOL_2D, [state["t"]], [out], tflite.POOL_2D_OPTIONS,
                  [(0, "int8", tflite.SAME), (1, "int32", 2), (2, "int32", 2), (3, "int32", 2), (4, "int32", 2)])
             state["t"] = out
-        if layer.name in body and layer.name not in outputs:
+        if layer.name in names and layer.name not in outputs:
             outputs[layer.name] = (state["t"], state["q"], state["shape"])
 
     results = []
-    for name in body:
+    for name, pool in body:
         t, q, shape = outputs[name]
         if pool is not None and len(shape) == 4:
             t, shape = _pooled_output(g, name, pool, t, q, shape, qparams(plan["ranges"][f"{name}/{pool}"]))
-        out = g.tensor(f"{name}/float", tflite.FLOAT32, shape)
+        out = g.tensor(f"{name}/float" if pool is None else f"{name}/{pool}/float", tflite.FLOAT32, shape)
         g.op(tflite.DEQUANTIZE, [t], [out])
         results.append(out)
     return g.finish([x], results, description=f"vggembed {__version__} int8 {spec.arch}")
@@ -559,9 +571,9 @@ def _pooled_output(g, name, pool, t, q, shape, out_q):
         g.op(tflite.RESHAPE, [t, _shape(g, name, flat)], [out])
         t, q, shape = out, q, flat
     else:
-        axes = g.tensor(f"{name}/axes", tflite.INT32, (2,), batch=False, data=np.array([1, 2], np.int32))
+        axes = g.tensor(f"{name}/{pool}/axes", tflite.INT32, (2,), batch=False, data=np.array([1, 2], np.int32))
         if pool == "max" and out_q != q:  # REDUCE_MAX keeps its input's scale: requantize first
-            r = g.tensor(f"{name}/requantized", tflite.INT8, shape, scale=out_q[0], zero_point=out_q[1])
+            r = g.tensor(f"{name}/{pool}/requantized", tflite.INT8, shape, scale=out_q[0], zero_point=out_q[1])
             g.op(tflite.QUANTIZE, [t], [r])
             t, q = r, out_q
         shape = (1, shape[3])

@@ -14,11 +14,12 @@ import numpy as np
 from ..errors import LayerError, VGGEmbedError
 from ..images.decode import DEFAULT_MAX_PIXELS, prepare
 from . import arch as arch_mod
+from . import pooling
 from .readers import aligned_float32
 from .spec import WeightSpec
 from .tfimport import cpu_has_native_bf16, tensorflow
 
-POOLS = ("avg", "max", "flatten")
+POOLS = arch_mod.POOLS
 TF_PRECISIONS = ("float32", "bf16", "fp16")  # what `VGG` itself runs
 PRECISIONS = TF_PRECISIONS + ("int8",)  # int8: `int8.Int8VGG`, through `load()`
 
@@ -107,42 +108,56 @@ class VGG:
         Args:
             batch: float32 or uint8 array.
             layers: canonical layer names.
-            pool: reduce 4-D outputs over space with `avg`, `max` or `flatten`.
+            pool: reduce 4-D outputs over space (`arch.POOLS`: avg, max, flatten, gem, rmac).
             pad_to: pad a short (last) batch with zeros to this size, so every
                 batch has one shape: each row then comes from the same kernels
                 whatever the number of images (oneDNN picks kernels per shape).
         """
+        wanted = tuple(dict.fromkeys(layers))
+        out = self.run_outputs(batch, tuple((name, pool) for name in wanted), pad_to)
+        return {name: out[name, pool] for name in wanted}
+
+    def run_outputs(self, batch: np.ndarray, outputs, pad_to: int | None = None) -> dict[tuple, np.ndarray]:
+        """Run a batch once, as far as the deepest layer asked; return {(layer, pool): array} for each
+        (canonical layer, pool or None) in `outputs` (see `run`). A pool on an fc layer is ignored."""
         n = len(batch)
         if pad_to is not None and n < pad_to:
             batch = np.concatenate([batch, np.zeros((pad_to - n,) + batch.shape[1:], batch.dtype)])
-        wanted = tuple(dict.fromkeys(layers))
         if batch.ndim != 4 or batch.shape[-1] != 3:
             raise VGGEmbedError(f"batch has shape {batch.shape}; expected (N, H, W, 3)")
-        head = [n for n in wanted if self.layers[self._index[n]].block > 5]
+        for name, pool in outputs:
+            if name not in self._index:
+                self.resolve(name)  # raises, naming what is missing
+            if pool is not None and pool not in POOLS:
+                raise VGGEmbedError(f"pool must be one of {POOLS}; received {pool!r}")
+        head = [name for name, _ in outputs if self.layers[self._index[name]].block > 5]
         if head and tuple(batch.shape[1:3]) != tuple(reversed(self.spec.input_size)):
             h, w = self.spec.input_size[1], self.spec.input_size[0]
             raise LayerError(f"layer {head[0]} needs {w}x{h} input (the fc layers' training size); got "
                              f"{batch.shape[2]}x{batch.shape[1]}: use resize 'squash' or 'center-crop', "
                              "or a conv/pool layer")
-        if pool is not None and pool not in POOLS:
-            raise VGGEmbedError(f"pool must be one of {POOLS}; received {pool!r}")
-        out = self._compute(batch, wanted, pool)
-        return {name: out[name][:n] for name in wanted}
+        # What the graph computes: the map itself for rmac (its regions follow each map's size, see pooling).
+        graph = {key: (key[0], None if key[1] == "rmac" or key[0] in head else key[1]) for key in outputs}
+        out = self._compute(batch, tuple(dict.fromkeys(graph.values())))
+        result = {}
+        for key, computed in graph.items():
+            rows = out[computed][:n]
+            result[key] = pooling.rmac(rows) if key[1] == "rmac" and key[0] not in head else rows
+        return result
 
-    def _compute(self, batch: np.ndarray, wanted: tuple, pool) -> dict[str, np.ndarray]:
-        """Every layer in `wanted` for the whole (padded) batch, as numpy arrays."""
+    def _compute(self, batch: np.ndarray, graph: tuple) -> dict[tuple, np.ndarray]:
+        """Every (layer, pool) in `graph` for the whole (padded) batch, as numpy arrays."""
         tf = tensorflow()
         with tf.device(self.device):
-            out = self._function(wanted, pool)(tf.constant(batch, tf.float32))
-        return {name: out[name].numpy() for name in wanted}
+            out = self._function(graph)(tf.constant(batch, tf.float32))
+        return {key: out[_key(key)].numpy() for key in graph}
 
-    def _function(self, wanted: tuple, pool):
-        key = (wanted, pool)
-        if key in self._functions:
-            return self._functions[key]
+    def _function(self, graph: tuple):
+        if graph in self._functions:
+            return self._functions[graph]
         tf = tensorflow()
 
-        stop = max(self._index[n] for n in wanted)
+        stop = max(self._index[name] for name, _ in graph)
         layers = self.layers[: stop + 1]
         mean, dtype = self._mean, self._dtype
 
@@ -152,11 +167,12 @@ class VGG:
             out = {}
             for layer in layers:
                 x = self._apply(layer, x)
-                if layer.name in wanted:
-                    out[layer.name] = _pooled(tf.cast(x, tf.float32), pool)
+                for name, pool in graph:
+                    if name == layer.name:
+                        out[_key((name, pool))] = _pooled(tf.cast(x, tf.float32), pool)
             return out
 
-        self._functions[key] = forward
+        self._functions[graph] = forward
         return forward
 
     def _apply(self, layer, x):
@@ -221,7 +237,7 @@ class VGG:
         """Check an embedding request before any image is read; return the canonical layer."""
         name = self.resolve(layer, embedding=True)
         if self.layers[self._index[name]].block <= 5 and pool is None:
-            raise LayerError(f"layer {layer} gives a 3-D map per image; choose a pool (avg, max or flatten) "
+            raise LayerError(f"layer {layer} gives a 3-D map per image; choose a pool ({', '.join(POOLS)}) "
                              "to make it a vector")
         return name
 
@@ -229,10 +245,7 @@ class VGG:
                     pad_to: int | None = None) -> np.ndarray:
         """Vectors for one preprocessed batch (see `run` for `pad_to`)."""
         vectors = self.run(batch, [name], pool, pad_to)[name]
-        if l2_normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
-        return vectors
+        return pooling.unit_rows(vectors) if l2_normalize else vectors
 
     def classify(self, images, top: int = 5, *, resize: str = "squash", batch_size: int = 32) -> list[list[Prediction]]:
         """Top-k ImageNet classes per image, most probable first."""
@@ -265,8 +278,14 @@ def network_layers(spec: WeightSpec) -> tuple[list, dict]:
     return layers, {layer.name: i for i, layer in enumerate(layers)}
 
 
+def _key(output: tuple) -> str:
+    """A (layer, pool) pair as a key of a traced function's outputs."""
+    return f"{output[0]}/{output[1]}"
+
+
 def _pooled(y, pool):
-    """Reduce a 4-D map to a vector per image (avg, max, flatten); anything else passes."""
+    """Reduce a 4-D map to a vector per image (avg, max, flatten, gem); anything else passes
+    (rmac is `pooling.rmac`, on the map)."""
     tf = tensorflow()
     if pool is None or len(y.shape) != 4:
         return y
@@ -274,6 +293,9 @@ def _pooled(y, pool):
         return tf.reduce_mean(y, axis=[1, 2])
     if pool == "max":
         return tf.reduce_max(y, axis=[1, 2])
+    if pool == "gem":
+        p = pooling.GEM_P
+        return tf.pow(tf.reduce_mean(tf.pow(tf.maximum(y, pooling.EPS), p), axis=[1, 2]), 1.0 / p)
     return tf.reshape(y, [tf.shape(y)[0], -1])
 
 

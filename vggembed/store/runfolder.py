@@ -3,8 +3,11 @@
 A run folder (a local path or an fsspec URL, see `Store`) holds
 `manifest.json` (the inputs' digest, the number of parts, the run's
 `Recipe`) and `part-NNNNN.parquet` files, each a run of inputs in order:
-`path`, `path_bytes`, `status`, `error`, `embedding`, with the part's place
-and the recipe in its schema metadata. Parts are atomic: a local part is
+`path`, `path_bytes`, `status`, `error`, then a fixed-size-list column per
+array of the recipe (`fc2`, `pool5_avg`, ..., and `top_index`, `top_prob`,
+`top_label` with --top; null where the image failed), with the part's place
+and the recipe in its schema metadata. Folders of format 3 (one `embedding`
+column) are still read. Parts are atomic: a local part is
 written under a hidden temporary name and renamed; an object is one PUT of
 the final name. A reader never sees half a part.
 
@@ -28,10 +31,11 @@ import numpy as np
 from ..errors import VGGEmbedError, display, reason
 from ..images.sources import is_url
 from .recipe import Recipe
-from .writer import path_columns, table_paths
+from .writer import fixed_lists, path_columns, table_paths
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: a column per output; 3: one `embedding` column (read, not resumed)
+READABLE_VERSIONS = (3, 4)
 PART_META_KEY = b"vggembed"
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 # What `Store.write` leaves when its writer dies between creating and renaming the file.
@@ -166,25 +170,39 @@ def _digest(names: Iterable[str]) -> str:
 
 
 # ------------------------------------------------------------- part files
-def part_bytes(names: list[str], errors: list[str | None], vectors: np.ndarray, meta: dict) -> bytes:
-    """A part as Parquet: `path`, `path_bytes`, `status`, `error`, `embedding` (null where the image failed),
-    with `meta` (the part's number, its inputs, the recipe) in the schema metadata."""
+def part_bytes(names: list[str], errors: list[str | None], arrays: dict, widths: dict, meta: dict,
+               label=str) -> bytes:
+    """A part as Parquet: `path`, `path_bytes`, `status`, `error`, and a column per array of the recipe
+    (`arrays`: {name: a row per name whose error is None}; `widths`: each array's width; `label(i)` names
+    class i for `top_label`), null where the image failed; `meta` (the part's number, its inputs, the recipe)
+    in the schema metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     ok = np.array([e is None for e in errors], dtype=bool)
-    dtype = np.dtype(meta["recipe"]["dtype"])
-    value_type = pa.float32() if dtype == np.float32 else pa.float16()
-    full = np.zeros((len(names), vectors.shape[1]), dtype)
-    full[ok] = vectors
-    column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), type=value_type), vectors.shape[1],
-                                               mask=pa.array(~ok))
-    table = pa.table({
+    mask = pa.array(~ok)
+    columns = {
         **path_columns(names),
         "status": pa.array(["ok" if o else "error" for o in ok], pa.string()),
         "error": pa.array([None if e is None else display(e) for e in errors], pa.string()),
-        "embedding": column,
-    })
+    }
+    recipe = Recipe.from_dict(meta["recipe"])
+    dtypes = {**{o.name: np.dtype(recipe.dtype) for o in recipe.outputs},
+              "top_index": np.dtype(np.int32), "top_prob": np.dtype(np.float32)}
+    for name, dtype in dtypes.items():
+        if name not in widths:
+            continue
+        full = np.zeros((len(names), widths[name]), dtype)
+        full[ok] = arrays[name]
+        value_type = {np.dtype(np.float32): pa.float32(), np.dtype(np.float16): pa.float16(),
+                      np.dtype(np.int32): pa.int32()}[dtype]
+        columns[name] = fixed_lists(full, pa.list_(value_type, widths[name]), mask)
+        if name == "top_index":
+            labels = np.array([[label(int(i)) for i in row] for row in full.tolist()], dtype=object)
+            columns["top_label"] = fixed_lists(labels.reshape(len(names), widths[name]),
+                                               pa.list_(pa.string(), widths[name]), mask)
+    order = ["path", "path_bytes", "status", "error", *recipe.names]
+    table = pa.table({c: columns[c] for c in order})
     table = table.replace_schema_metadata({PART_META_KEY: json.dumps(meta).encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -192,13 +210,16 @@ def part_bytes(names: list[str], errors: list[str | None], vectors: np.ndarray, 
 
 
 def write_part(store: Store, run_id: str, part: Part, names: list[str], errors: list[str | None],
-               vectors: np.ndarray, recipe: Recipe) -> None:
-    """Write one finished part: a row per name (its vector, or its error), with what `merge` checks
-    (the run, the part's number and first input) in its metadata."""
+               arrays, recipe: Recipe, widths: dict | None = None, label=str) -> None:
+    """Write one finished part: a row per name (its arrays, or its error), with what `merge` checks
+    (the run, the part's number and first input) in its metadata. `arrays` may be a bare matrix for a
+    recipe with one output and no --top."""
+    if isinstance(arrays, np.ndarray):
+        arrays, widths = {recipe.outputs[0].name: arrays}, {recipe.outputs[0].name: arrays.shape[1]}
     meta = {"version": FORMAT_VERSION, "run": run_id, "part": part.index, "first": part.first,
             "inputs": len(part.sources), "rows": len(names), "failed": sum(e is not None for e in errors),
             "recipe": recipe.to_dict()}
-    store.write(part_name(part.index), part_bytes(names, errors, vectors, meta))
+    store.write(part_name(part.index), part_bytes(names, errors, arrays, widths, meta, label))
 
 
 
@@ -222,6 +243,9 @@ class RunDir:
             if not resume:
                 raise VGGEmbedError(f"{store.where}: holds an earlier run; pass --resume to continue it or "
                                     "--overwrite to start over")
+            if old.get("version") != FORMAT_VERSION:
+                raise VGGEmbedError(f"{store.where}: an older vggembed wrote this run, whose parts --resume "
+                                    "cannot continue; pass --overwrite to start over")
             for key in ("inputs_sha256", "part_size"):
                 if old.get(key) != self.manifest[key]:
                     raise VGGEmbedError(f"{store.where}: --resume with other {key.replace('_sha256', '')} than "
@@ -280,7 +304,7 @@ class FinishedRun:
             raise VGGEmbedError(f"{display(store.where)}: no {MANIFEST}; not an --engine ray output folder")
         manifest = read_manifest(store)
         where = display(store.name(MANIFEST))
-        if manifest.get("version", 0) < FORMAT_VERSION or "recipe" not in manifest:
+        if manifest.get("version", 0) not in READABLE_VERSIONS or "recipe" not in manifest:
             raise VGGEmbedError(f"{where}: written by an older vggembed; run the embedding again")
         if (not isinstance(manifest.get("inputs"), int) or not isinstance(manifest.get("id"), str)
                 or not isinstance(manifest["recipe"], dict)):
@@ -295,6 +319,10 @@ class FinishedRun:
     def name(self, rel: str) -> str:
         """A file of the run as messages show it."""
         return display(self.store.name(rel))
+
+    def arrays(self) -> list[str]:
+        """The columns of the parts that hold the recipe's arrays (`embedding` in format 3)."""
+        return self.recipe.names if self.manifest["version"] >= 4 else ["embedding"]
 
     def parts(self):
         """(file name, pyarrow Table) of each part in order, one in memory at a time; every part is checked
@@ -316,9 +344,10 @@ class FinishedRun:
                 raise VGGEmbedError(f"{self.name(name)}: belongs to another run or place (part {got.get('part')}, "
                                     f"first input {got.get('first')}); run again with --overwrite")
             columns = table.schema.names
-            lacking = [c for c in ("path", "status", "error", "embedding") if c not in columns]
-            if lacking or not pa.types.is_fixed_size_list(table.schema.field("embedding").type):
-                what = f"no {', '.join(lacking)} column" if lacking else "an embedding column of another type"
+            arrays = self.arrays()
+            lacking = [c for c in ("path", "status", "error", *arrays) if c not in columns]
+            if lacking or not all(pa.types.is_fixed_size_list(table.schema.field(c).type) for c in arrays):
+                what = f"no {', '.join(lacking)} column" if lacking else "a column of another type"
                 raise VGGEmbedError(f"{self.name(name)}: not a readable part ({what})")
             first += meta["inputs"]
             yield name, table
@@ -339,17 +368,23 @@ def merge(out, output, *, overwrite=False) -> tuple[int, int]:
 
     run = FinishedRun(out)
     writer = EmbeddingWriter(output, overwrite=overwrite)
+    labels: dict[int, str] = {}  # the class names the parts hold, for the writer's top_label
     try:
-        writer.begin(run.recipe)
+        writer.begin(run.recipe, label=labels.__getitem__)
+        columns = dict(zip(run.arrays(), run.recipe.names if run.manifest["version"] >= 4 else
+                           [run.recipe.outputs[0].name]))
         for _, table in run.parts():
             errors = table["error"].to_pylist()
             chunk = [Item(i, p, error=e) for i, (p, e) in enumerate(zip(table_paths(table), errors))]
             ok = np.array([e is None for e in errors], dtype=bool)
-            vectors = None
+            arrays = None
             if ok.any():
-                emb = table["embedding"].combine_chunks().filter(pa.array(ok))
-                vectors = emb.flatten().to_numpy(zero_copy_only=False).reshape(int(ok.sum()), -1)
-            writer.write(chunk, vectors)
+                good = table.filter(pa.array(ok))
+                arrays = {name: _matrix(good[column]) for column, name in columns.items() if name != "top_label"}
+                if run.recipe.top:
+                    labels.update(zip(arrays["top_index"].ravel().tolist(),
+                                      _matrix(good["top_label"]).ravel().tolist()))
+            writer.write(chunk, arrays)
         writer.finish()
     except BaseException:
         writer.discard()  # nothing half-merged is left: the parts are kept, and merge is simply run again
@@ -357,3 +392,9 @@ def merge(out, output, *, overwrite=False) -> tuple[int, int]:
     finally:
         writer.close()
     return writer.rows, writer.failed
+
+
+def _matrix(column) -> np.ndarray:
+    """A fixed-size-list column without nulls as a (rows, width) array."""
+    lists = column.combine_chunks()
+    return lists.flatten().to_numpy(zero_copy_only=False).reshape(len(lists), lists.type.list_size)

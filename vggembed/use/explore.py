@@ -65,16 +65,16 @@ class Assignment:
     row: int
 
 
-def _opened(index) -> tuple[Vectors, bool]:
+def _opened(index, layer=None) -> tuple[Vectors, bool]:
     if isinstance(index, Vectors):
         return index, False
-    return open_vectors(index), True
+    return open_vectors(index, layer=layer), True
 
 
 # ------------------------------------------------------------------ search
 def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 10, min_score: float | None = None,
-           weights=None, approximate: bool = False, nprobe: int = 32, block_rows: int = similarity.BLOCK_ROWS
-           ) -> SearchResult:
+           weights=None, approximate: bool = False, nprobe: int = 32, block_rows: int = similarity.BLOCK_ROWS,
+           layer: str | None = None) -> SearchResult:
     """The k most similar indexed images to each query.
 
     Args:
@@ -92,7 +92,7 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
     Returns:
         A `SearchResult`: hits ordered by query, then rank (ties: earlier row first).
     """
-    vectors, mine = _opened(index)
+    vectors, mine = _opened(index, layer)
     try:
         names, matrix, exclude, failed = [], [], [], []
         rows = [int(r) for r in rows]
@@ -118,11 +118,13 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
             from . import ann
 
             source = str(vectors.source)
-            # saved as INDEX.faiss beside a local INDEX; built for this search alone from a URL
+            # saved as INDEX.faiss (INDEX.NAME.faiss for one of several outputs) beside a local INDEX; built for
+            # this search alone from a URL
             if is_url(source):
                 built = ann.build(vectors)
             else:
-                built = ann.load_or_build(vectors, Path(source.rstrip("/\\") + ".faiss"))
+                which = f".{vectors.name}" if len(vectors.names) > 1 else ""
+                built = ann.load_or_build(vectors, Path(source.rstrip("/\\") + which + ".faiss"))
             found = ann.search(built, vectors, q, k, nprobe=nprobe, exclude=exclude)
             if min_score is not None:
                 found = [[(r, s) for r, s in hits if s >= min_score] for hits in found]
@@ -137,7 +139,7 @@ def search(index, queries: Iterable = (), *, rows: Iterable[int] = (), k: int = 
 
 
 # ------------------------------------------------------------------- dedup
-def dedup(index, threshold: float = DEFAULT_THRESHOLD, *, precision: str = "float32",
+def dedup(index, threshold: float = DEFAULT_THRESHOLD, *, layer: str | None = None, precision: str = "float32",
           block_rows: int = similarity.BLOCK_ROWS) -> list[list[Member]]:
     """Groups of near-duplicates: connected components of the pairs with cosine >= threshold.
 
@@ -145,7 +147,7 @@ def dedup(index, threshold: float = DEFAULT_THRESHOLD, *, precision: str = "floa
         Groups ordered by their first member (input order); within a group,
         members in input order, each with its cosine to the first member.
     """
-    vectors, mine = _opened(index)
+    vectors, mine = _opened(index, layer)
     try:
         found = similarity.pairs(vectors, threshold, block_rows=block_rows, precision=precision)
         out = []
@@ -159,9 +161,10 @@ def dedup(index, threshold: float = DEFAULT_THRESHOLD, *, precision: str = "floa
 
 
 # ----------------------------------------------------------------- cluster
-def cluster(index, k: int, *, seed: int = 0, block_rows: int = similarity.BLOCK_ROWS) -> list[Assignment]:
+def cluster(index, k: int, *, seed: int = 0, block_rows: int = similarity.BLOCK_ROWS, layer: str | None = None
+            ) -> list[Assignment]:
     """k-means over the unit-length vectors (deterministic for a seed); one assignment per row, in row order."""
-    vectors, mine = _opened(index)
+    vectors, mine = _opened(index, layer)
     try:
         labels, dist = similarity.kmeans(vectors, k, seed=seed, block_rows=block_rows)
         return [Assignment(p, int(c), float(d), r) for r, (p, c, d) in enumerate(zip(vectors.paths, labels, dist))]
@@ -228,27 +231,27 @@ def embed_queries(vectors: Vectors, sources: list[str], *, weights=None
     Returns:
         (sources that worked, their vectors, [(source, error)] for those that failed).
     """
-    from ..engines.local import Options, Summary, batches
+    from ..engines.local import Options, Summary, batches, check_outputs, compute
     from ..images.inputs import expand
     from ..net.load import load_recipe
 
     recipe = query_recipe(vectors.recipe, weights, str(vectors.source))
     model = load_recipe(recipe)
-    name = model.embedding_layer(recipe.layer, recipe.pool)
-    recipe = recipe.bind(model.spec, name)  # as embed binds it: the loaded file's MD5 and arch, the canonical layer
+    recipe = check_outputs(model, recipe)  # as embed binds it: the loaded file's MD5 and arch
     if vectors.recipe is not None:
         recipe.check_same(vectors.recipe, f"{vectors.source}: its queries would not be comparable: it",
                           f"{recipe.weights} is not the file it records")
+    name = recipe.outputs[0].name
     opts = Options(batch_size=QUERY_BATCH, workers=2)
     ok, out, failed = [], [], []
     for chunk, batch, pad in batches(model, expand(sources), recipe, opts, Summary()):
         failed += [(item.source, item.error) for item in chunk if item.error is not None]
         if batch is not None:
-            out.append(model.embed_batch(batch, name, recipe.pool, recipe.l2_normalize, pad))
+            out.append(compute(model, batch, recipe, pad)[name])
             ok += [item.source for item in chunk if item.error is None]
     matrix = np.concatenate(out) if out else np.zeros((0, vectors.dim), np.float32)
     if matrix.shape[1] != vectors.dim:
         raise RecipeError(f"{vectors.source}: holds {vectors.dim}-d vectors but {recipe.weights} gives "
-                          f"{matrix.shape[1]}-d {recipe.layer} vectors; pass the weights and options it was made with")
+                          f"{matrix.shape[1]}-d {name} vectors; pass the weights and options it was made with")
     # rows stored as float16 were rounded; round the queries alike
     return ok, matrix.astype(recipe.dtype).astype(np.float32), failed
