@@ -105,16 +105,19 @@ def test_saved_model_cli_shows_clean_signatures(tmp_path, tiny16):
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "saved-model", "--precision", "int8"], "--format tflite"),
-    (["--format", "saved-model", "--resize", "none"], "fixed input size"),
-    (["--format", "saved-model", "--layer", "pool5"], "choose a pool"),
-    (["--format", "saved-model", "--layer", "nope"], "has no layer 'nope'"),
-    (["--format", "tflite", "--precision", "bf16"], "float32 or int8"),
+@pytest.mark.parametrize("args, code, message", [
+    (["--format", "saved-model", "--precision", "int8"], 1, "--format tflite"),
+    (["--format", "saved-model", "--resize", "none"], 1, "fixed input size"),
+    (["--format", "saved-model", "--layer", "pool5:rmac"], 1, "R-MAC"),
+    (["--format", "tflite", "--precision", "bf16"], 1, "float32 or int8"),
+    # embed's own parser of --layer: usage errors before any weights are read
+    (["--format", "saved-model", "--layer", "pool5"], 2, "name a pool"),
+    (["--format", "saved-model", "--layer", "nope"], 2, "no such layer"),
 ])
-def test_export_refuses_what_it_cannot_write(tmp_path, tiny16, args, message):
+def test_export_refuses_what_it_cannot_write(tmp_path, tiny16, args, code, message):
     r = vggembed("export", tmp_path / "out", "--weights", tiny16, *args)
-    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == code and message in r.stderr and "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) <= 3, r.stderr  # click: usage, hint, error
     assert not (tmp_path / "out").exists()
 
 

@@ -19,9 +19,8 @@ def _loaded(recipe, setup):
     from ..net.export import input_shape
 
     vgg = setup.load(recipe)
-    bound = check_outputs(vgg, recipe)
-    input_shape(vgg, bound.resize)
-    return vgg, bound
+    input_shape(vgg, recipe.resize)  # first: --resize none is refused for what it is, whatever the layers
+    return vgg, check_outputs(vgg, recipe)
 
 
 # ------------------------------------------------------------------- export
