@@ -10,7 +10,7 @@ from .store.recipe import __version__
 _LAZY = {
     "VGG": "vggembed.net.model", "Prediction": "vggembed.net.model", "WeightSpec": "vggembed.net.spec",
     "load": "vggembed.net.load", "load_weights": "vggembed.net.weights",
-    "extract": "vggembed.engines.local", "Extracted": "vggembed.engines.local",
+    "extract": "vggembed.use.extract", "Extracted": "vggembed.use.extract",
     "search": "vggembed.use.explore", "dedup": "vggembed.use.explore", "cluster": "vggembed.use.explore",
 }
 

@@ -93,7 +93,7 @@ MAX_TOP = 1000  # ImageNet's classes
 
 
 def parse_outputs(layers=(), *, pool: str | None = None, top: int = 0):
-    """The `Output`s that `--layer` values name, checked before any weights are read.
+    """The outputs that `--layer` values name, checked before any weights are read.
 
     Args:
         layers: strings, each `NAME` or `NAME:POOL`, or several of them separated by commas
@@ -102,14 +102,14 @@ def parse_outputs(layers=(), *, pool: str | None = None, top: int = 0):
         top: K of `--top K`, 0 to 1000; checked here too.
 
     Returns:
-        the outputs in the order given, each with its canonical layer and its name (`fc2`, `pool5_avg`).
+        the outputs in the order given, as (canonical layer, pool, name) tuples (`("relu7", None, "fc2")`,
+        `("pool5", "avg", "pool5_avg")`): a `Recipe` takes them as its `outputs` (`store.recipe.Output`).
 
     Raises:
         LayerError: an unknown layer or pool, a pool on an fc layer, a conv/pool layer without one, the same
             output named twice, or `top` outside 0..1000; one line each.
     """
     from ..errors import LayerError
-    from ..store.recipe import Output
 
     if isinstance(layers, str):
         layers = [layers]
@@ -141,7 +141,7 @@ def parse_outputs(layers=(), *, pool: str | None = None, top: int = 0):
                                      f"{name}:avg ({', '.join(POOLS)})")
                 if chosen not in POOLS:
                     raise LayerError(f"--layer {spec}: unknown pool {chosen!r}; pools: {', '.join(POOLS)}")
-            out = Output(canonical, chosen, name + (f"_{chosen}" if chosen else ""))
+            out = (canonical, chosen, name + (f"_{chosen}" if chosen else ""))
             key = (canonical, chosen)
             if key in seen:
                 raise LayerError(f"--layer {spec}: the same output as {seen[key]}; name each output once")

@@ -104,6 +104,10 @@ class Recipe:
     weights_md5: str | None = None
     vggembed_version: str = __version__
 
+    def __post_init__(self):
+        # outputs may be given as (layer, pool, name) tuples, as `net.arch.parse_outputs` makes them
+        object.__setattr__(self, "outputs", tuple(o if isinstance(o, Output) else Output(*o) for o in self.outputs))
+
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
