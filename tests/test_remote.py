@@ -20,6 +20,7 @@ import pytest
 from vggembed.errors import ImageError
 from vggembed.images import sources
 
+from .conftest import interruptible
 from .servers import FileServer, S3Server, self_signed
 from .test_sources import embed, index, reference, write_local
 
@@ -176,7 +177,7 @@ def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path
         cmd = [sys.executable, "-m", "vggembed", "embed", *args, "-o", str(out), "--weights", str(tiny16),
                "--batch-size", "1", "--workers", "1", "-q"]
         env = dict(os.environ, VGGEMBED_DEADLINE="3000", VGGEMBED_TIMEOUT="3000")  # only the signal can end it
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
         try:
             limit = time.monotonic() + 300
             while srv.sent["/trickle/a.png"] < 2:  # the read is under way, a byte at a time
