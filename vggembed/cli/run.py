@@ -33,6 +33,24 @@ from .process import data_stdout
 RESUME_HINT = "the finished batches are kept: run the same command with --resume"
 
 
+def output_run_options(f):
+    """What embed and classify share about their output: --resume, --overwrite, and the engine that writes it
+    (--engine ray with --address, --gpus-per-worker, --part-size)."""
+    for option in reversed([
+        click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+        click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="ray: run on a Ray cluster; OUT is then a folder of Parquet parts (see `vggembed merge`)."),
+        click.option("--address", help="Ray cluster to join (auto, or ray://HOST:PORT); default: start one here."),
+        click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="With --engine ray: GPUs per model actor (--workers is then the number of actors)."),
+        click.option("--part-size", type=click.IntRange(1), default=1000, show_default=True,
+                     help="With --engine ray: images per Parquet part, the unit of --resume."),
+    ]):
+        f = option(f)
+    return f
+
+
 # -------------------------------------------------------------------- embed
 @click.command(context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1)
@@ -40,15 +58,7 @@ RESUME_HINT = "the finished batches are kept: run the same command with --resume
               help="OUT.npy (one output), OUT.npz, OUT.csv or OUT.parquet (rows in input order; OUT.index.csv "
                    "maps rows to paths); a folder with --engine ray.")
 @recipe_options(vector=True, inputs=True)
-@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: run on a Ray cluster; OUT is then a folder of Parquet parts (see `vggembed merge`).")
-@click.option("--address", help="Ray cluster to join (auto, or ray://HOST:PORT); default: start one here.")
-@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="With --engine ray: GPUs per model actor (--workers is then the number of actors).")
-@click.option("--part-size", type=click.IntRange(1), default=1000, show_default=True,
-              help="With --engine ray: images per Parquet part, the unit of --resume.")
+@output_run_options
 @run_options
 @load_options
 @click.pass_context
@@ -178,15 +188,7 @@ def merge(run_dir, output, overwrite):
               help="OUT.parquet, OUT.npz or OUT.csv without --format: top_index, top_prob and top_label per "
                    "image, as embed --top writes them (resumable, --engine ray); with --format, the report.")
 @recipe_options(inputs=True)
-@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command (-o OUT file).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing -o OUT file.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: run on a Ray cluster; OUT is then a folder of Parquet parts (see `vggembed merge`).")
-@click.option("--address", help="Ray cluster to join (auto, or ray://HOST:PORT); default: start one here.")
-@click.option("--gpus-per-worker", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="With --engine ray: GPUs per model actor.")
-@click.option("--part-size", type=click.IntRange(1), default=1000, show_default=True,
-              help="With --engine ray: images per Parquet part, the unit of --resume.")
+@output_run_options
 @run_options
 @load_options
 @click.pass_context
