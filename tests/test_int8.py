@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -225,6 +226,41 @@ def test_calibration_folder_makes_its_own_model(tmp_path, tiny16, image_dir):
     refused = run("embed", image_dir, "-o", tmp_path / "x.npy", "--weights", tiny16, "--precision", "int8",
                   "--calibration", image_dir)
     assert refused.exit_code == 1 and "bad.jpg" in refused.stderr and "--calibration" in refused.stderr
+
+
+def test_builtin_calibration_views_are_the_same_pixels_on_every_machine():
+    """The int8 model follows the calibration pixels to its last bit, and Pillow's resampling changed between
+    12.3 and 13.0: the built-in views are resized by vggembed in integer arithmetic, to these exact pixels."""
+    images = int8.calibration_images()
+    assert len(images) == 40 and all(im.shape == (224, 224, 3) and im.dtype == np.uint8 for im in images)
+    digest = hashlib.sha256()
+    for im in images:
+        digest.update(im.tobytes())
+    assert digest.hexdigest() == int8.BUILTIN_SHA256
+
+
+def test_exact_resize_is_bilinear_resampling(photos):
+    """`_resize_exact` is a triangle filter as Pillow's BILINEAR is: within one level of it on a real photo,
+    flat areas stay flat, and it upsamples too."""
+    from PIL import Image
+
+    photo = np.asarray(Image.open(photos[-1]).convert("RGB").resize((300, 391)))
+    mine = int8._resize_exact(photo, (224, 224)).astype(int)
+    pillow = np.asarray(Image.fromarray(photo).resize((224, 224), Image.BILINEAR)).astype(int)
+    assert np.abs(mine - pillow).max() <= 1 and np.abs(mine - pillow).mean() < 0.3
+    flat = np.full((50, 70, 3), 200, np.uint8)
+    assert (int8._resize_exact(flat, (224, 160)) == 200).all()
+    assert int8._resize_exact(photo[:20, :30], (224, 224)).shape == (224, 224, 3)
+
+
+@needs_int8
+def test_conversion_on_other_calibration_pixels_says_its_model_will_differ(tmp_path, monkeypatch, tiny16):
+    monkeypatch.setenv("VGGEMBED_HOME", str(tmp_path))
+    monkeypatch.setattr(int8, "BUILTIN_SHA256", "0" * 64)
+    lines = []
+    model = int8.Int8VGG(*vggembed.load_weights(tiny16), log=lines.append)
+    model.model_bytes((("relu7", None),))
+    assert any("calibration photos decode to other pixels" in line for line in lines)
 
 
 # -------------------------------------------------------------------- CLI

@@ -62,8 +62,6 @@ CALIBRATION_DIR = Path(__file__).parent / "calibration"
 # Calibration holds the "int8 so far" stream of every image at one layer (VGG16, 40 images: 0.65 GB at the
 # widest), so it is capped.
 MAX_CALIBRATION_IMAGES = 64
-# Bump when the conversion recipe changes, so older cache entries are not used.
-# 3: written by vggembed (tflite.py) instead of TensorFlow's converter; calibration without TensorFlow.
 RECIPE_VERSION = INT8_SCHEME  # in the cache key: a new scheme never reads an old model
 INPUT_RANGE = (0.0, 255.0)
 # Activation ranges are the largest values seen in calibration times this margin: photos outside the set
@@ -77,6 +75,9 @@ FLOAT_ROWS = 2
 # fc layers of the "int8 so far" stream multiply this many kernel rows at a time, so the rounded float
 # weights exist one slice at a time (fc6 whole: 411 MB).
 FC_ROWS = 2048
+# The built-in calibration set at 224x224 (SHA-256 of its 40 views' pixels, `calibration_digest`): the same on
+# every machine (`_resize_exact`); a conversion on pixels that differ says so, since its model will too.
+BUILTIN_SHA256 = "c23071e641c398d381da6b120d52672aca2b780424075c1b45dd085021d0630a"
 # Fixed views of each calibration photo (fractions of width and height: left, top, right, bottom; mirrored):
 # the whole photo, its centre, and two mirrored corners, so ranges cover framings a user's photos have.
 VIEWS = ((0, 0, 1, 1, False), (0.15, 0.15, 0.85, 0.85, False), (0, 0, 0.7, 0.7, True), (0.3, 0.3, 1, 1, True))
@@ -229,6 +230,11 @@ class Int8VGG(VGG):
                 self.log(f"vggembed: converting {self.spec.path} to int8 for {names}, calibrating on "
                          f"{len(self.calibration_images())} images from {source}; VGG16 takes about 40 "
                          "CPU-seconds and 1.5 GB of memory, once")
+                if (self.calibration is None and tuple(self.spec.input_size) == (224, 224)
+                        and self.calibration_digest() != BUILTIN_SHA256):
+                    self.log("vggembed: warning: the built-in calibration photos decode to other pixels here "
+                             "than where vggembed was made (a different JPEG decoder?); this int8 model will "
+                             "differ from other machines' in the last bits")
                 start = time.perf_counter()
                 content = self.convert(body)
                 _write_entry(path, key, content)
@@ -708,9 +714,12 @@ def calibration_images(folder=None, size=(224, 224)) -> list[np.ndarray]:
     """Preprocessed calibration inputs.
 
     Without `folder`: four fixed views (`VIEWS`) of each photo shipped in
-    `vggembed/calibration/` (see its SOURCES.md). With `folder`: its images
-    (recursive, sorted as `embed` sorts them), each squashed to `size`;
-    above MAX_CALIBRATION_IMAGES an evenly spaced selection of them.
+    `calibration/` (see its SOURCES.md), squashed to `size` by `_resize_exact`,
+    so they are the same pixels (`BUILTIN_SHA256`) on every machine and with
+    every Pillow. With `folder`: its images (recursive, sorted as `embed` sorts
+    them), each squashed to `size` as `embed` does (Pillow, whose resampling
+    changed in its last bits between 12.3 and 13.0); above
+    MAX_CALIBRATION_IMAGES an evenly spaced selection of them.
 
     Raises:
         VGGEmbedError: the folder is missing or has no images; ImageError for one that does not decode.
@@ -721,13 +730,11 @@ def calibration_images(folder=None, size=(224, 224)) -> list[np.ndarray]:
     if folder is None:
         out = []
         for path in sorted(CALIBRATION_DIR.glob("*.jpg")):
-            img = load_rgb(str(path))
+            photo = np.asarray(load_rgb(str(path)))
+            h, w = photo.shape[:2]
             for left, top, right, bottom, mirror in VIEWS:
-                w, h = img.size
-                view = img.crop((round(left * w), round(top * h), round(right * w), round(bottom * h)))
-                if mirror:
-                    view = view.transpose(0)  # PIL.Image.Transpose.FLIP_LEFT_RIGHT
-                out.append(prepare(view, size=size))
+                view = photo[round(top * h): round(bottom * h), round(left * w): round(right * w)]
+                out.append(_resize_exact(view[:, ::-1] if mirror else view, size))
         return out
     folder = Path(folder)
     if not folder.is_dir():
@@ -744,6 +751,32 @@ def calibration_images(folder=None, size=(224, 224)) -> list[np.ndarray]:
         except ImageError as e:
             raise VGGEmbedError(f"{e} (in the --calibration folder; remove it or fix it)") from None
     return out
+
+
+def _resize_exact(image: np.ndarray, size) -> np.ndarray:
+    """An HxWx3 uint8 image squashed to `size` (width, height) by a triangle (bilinear, antialiased) filter,
+    in integer arithmetic: the same pixels on every machine.
+
+    Weights are whole numbers (14 bits), so every sum is an exact integer in float64 (below 2**53): the
+    product does not depend on the BLAS or its order of summation, and the result is rounded half up by
+    integer division.
+    """
+    rows, cols = _filter_weights(image.shape[0], size[1]), _filter_weights(image.shape[1], size[0])
+    channels = np.moveaxis(image, 2, 0).astype(np.float64)  # (3, H, W)
+    acc = np.moveaxis(rows @ channels @ cols.T, 0, 2).astype(np.int64)
+    denom = rows.sum(axis=1).astype(np.int64)[:, None, None] * cols.sum(axis=1).astype(np.int64)[None, :, None]
+    return np.clip((2 * acc + denom) // (2 * denom), 0, 255).astype(np.uint8)
+
+
+def _filter_weights(source: int, target: int) -> np.ndarray:
+    """(target, source) whole-number weights of a triangle filter as wide as one target pixel (at least one
+    source pixel), centred on each target pixel's centre."""
+    scale = source / target
+    support = max(scale, 1.0)
+    centres = (np.arange(target) + 0.5) * scale
+    distance = np.abs((np.arange(source) + 0.5)[None, :] - centres[:, None]) / support
+    weights = np.maximum(0.0, 1.0 - distance)
+    return np.floor(weights / weights.sum(axis=1, keepdims=True) * (1 << 14) + 0.5)
 
 
 def _give_back_freed_memory() -> None:

@@ -29,8 +29,10 @@ COMPARED = ("weights_md5", "arch", "outputs", "top", "resize", "precision", "dty
 
 # How `--precision int8` plans and builds its model (net/int8.py's cache key carries it too). A change that moves
 # int8 vectors bumps it, so outputs made before are not mixed with new ones (resume, merge, search queries).
-# 3: the model written by vggembed from a plan computed by LiteRT and numpy (2: TensorFlow's converter).
-INT8_SCHEME = 3
+# 2: TensorFlow's converter; 3: the model written by vggembed from a plan computed by LiteRT and numpy;
+# 4: the built-in calibration views resized by vggembed in integer arithmetic instead of by Pillow (whose
+# resampling changed between 12.3 and 13.0), so every machine makes the same model.
+INT8_SCHEME = 4
 
 
 # The columns (Parquet, CSV) and arrays (.npz) of `--top K`: K class indices, probabilities and labels per image.
