@@ -72,10 +72,10 @@ CALIBRATION_ROWS = 8
 # The float32 network's statistics go through every layer this many images at a time: each layer's LiteRT
 # model holds its input and output for them (VGG16: about 40 MB per image over all layers).
 FLOAT_ROWS = 2
-# fc layers of the "int8 so far" stream multiply this many kernel rows at a time, so the rounded float
-# weights exist one slice at a time (fc6 whole: 411 MB).
+# fc layers in calibration multiply this many kernel rows at a time in float64, so a float64 copy of the
+# kernel exists one slice at a time (fc6 whole: 822 MB).
 FC_ROWS = 2048
-# The built-in calibration set at 224x224 (SHA-256 of its 40 views' pixels, `calibration_digest`): the same on
+# The built-in calibration set at 224x224 (SHA-256 of its 40 views' pixels, `_pixels_digest`): the same on
 # every machine (`_resize_exact`); a conversion on pixels that differ says so, since its model will too.
 BUILTIN_SHA256 = "c23071e641c398d381da6b120d52672aca2b780424075c1b45dd085021d0630a"
 # Fixed views of each calibration photo (fractions of width and height: left, top, right, bottom; mirrored):
@@ -231,7 +231,7 @@ class Int8VGG(VGG):
                          f"{len(self.calibration_images())} images from {source}; VGG16 takes about 40 "
                          "CPU-seconds and 1.5 GB of memory, once")
                 if (self.calibration is None and tuple(self.spec.input_size) == (224, 224)
-                        and self.calibration_digest() != BUILTIN_SHA256):
+                        and _pixels_digest(self.calibration_images()) != BUILTIN_SHA256):
                     self.log("vggembed: warning: the built-in calibration photos decode to other pixels here "
                              "than where vggembed was made (a different JPEG decoder?); this int8 model will "
                              "differ from other machines' in the last bits")
@@ -335,7 +335,7 @@ class Int8VGG(VGG):
                 x = convs[layer.name](x)
             elif layer.kind == "fc":
                 w, b = params[layer.name]
-                x = x.reshape(len(x), -1) @ w + b
+                x = _dense64(x.reshape(len(x), -1), w) + b
             elif layer.kind == "relu":
                 np.maximum(x, 0, out=x)
             elif layer.kind == "pool":
@@ -381,7 +381,9 @@ class Int8VGG(VGG):
                     y = _map_rows(conv, codes, np.float32)
                     del conv
                 else:
-                    y = _dense_rounded(_dequantize(codes, q).reshape(len(codes), -1), kernel, scale, bias)
+                    # Exact: whole-number codes times whole-number weights, as the int8 kernel's int32 sum.
+                    steps = _dense64(codes.reshape(len(codes), -1).astype(np.float64) - q[1], kernel)
+                    y = (steps * (q[0] * scale.astype(np.float64)) + bias).astype(np.float32)
                 shift = ((_channel_sums(y) - float_sums[layer.name]) / (y.size // y.shape[-1])).astype(np.float32)
                 plan["biases"][layer.name] = bias - shift
                 _map_rows(lambda rows: np.subtract(rows, shift, out=rows), y)
@@ -412,10 +414,25 @@ class Int8VGG(VGG):
         return self._calibration_images
 
     def calibration_digest(self) -> str:
+        """The calibration inputs, for the cache key. The built-in set by what makes its pixels (its photos'
+        bytes, the views, the size, Pillow's version for the JPEG decoder; the resize is exact), so a cached
+        run decodes nothing; a --calibration folder by its images' pixels."""
         h = hashlib.sha256()
-        for im in self.calibration_images():
-            h.update(im.tobytes())
-        return h.hexdigest()
+        if self.calibration is None:
+            from PIL import __version__ as pillow
+
+            h.update(json.dumps([VIEWS, list(self.spec.input_size), pillow]).encode())
+            for path in sorted(CALIBRATION_DIR.glob("*.jpg")):
+                h.update(path.name.encode() + b"\0" + path.read_bytes())
+            return h.hexdigest()
+        return _pixels_digest(self.calibration_images())
+
+
+def _pixels_digest(images) -> str:
+    h = hashlib.sha256()
+    for im in images:
+        h.update(im.tobytes())
+    return h.hexdigest()
 
 
 class _FloatConv:
@@ -659,12 +676,18 @@ def _rounded(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return codes.astype(np.float32) * scale
 
 
-def _dense_rounded(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """x @ rounded weights + bias, FC_ROWS input rows of the kernel at a time (never all of it in float32)."""
-    out = np.zeros((len(x), codes.shape[1]), np.float32)
-    for i in range(0, codes.shape[0], FC_ROWS):
-        out += x[:, i: i + FC_ROWS] @ _rounded(codes[i: i + FC_ROWS], scale)
-    out += bias
+def _dense64(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w in float64, FC_ROWS rows of w at a time.
+
+    The fc layers of calibration run in float64 so that the plan does not depend on the BLAS: on whole
+    numbers (int8 codes and weights) every sum is exact in any order, and on floats its order moves only
+    bits that the float32 plan does not keep (OpenBLAS's AVX2 and AVX-512 kernels gave different fc biases
+    in float32).
+    """
+    x = np.asarray(x, np.float64)
+    out = np.zeros((len(x), w.shape[1]), np.float64)
+    for i in range(0, w.shape[0], FC_ROWS):
+        out += x[:, i: i + FC_ROWS] @ w[i: i + FC_ROWS].astype(np.float64)
     return out
 
 
