@@ -30,16 +30,16 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 BODY = (("relu7", None),)
-# (label, how, environment, one CPU)
-VARIANTS = [
-    ("now: LiteRT and numpy, 2 threads", "now", {}, False),
-    ("now, one thread", "now", {"OPENBLAS_NUM_THREADS": "1"}, True),
-    ("now, OpenBLAS's AVX2 (Haswell) kernels", "now", {"OPENBLAS_CORETYPE": "Haswell"}, False),
-    ("now, views resized by Pillow (scheme 3)", "pillow", {}, False),
-    ("scheme 2: TensorFlow, oneDNN (AVX-512 here)", "tf", {}, False),
-    ("scheme 2, oneDNN capped at AVX2", "tf", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
-    ("scheme 2, TensorFlow's Eigen kernels", "tf", {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
-]
+# key: (label, how, environment, one CPU)
+VARIANTS = {
+    "now": ("now: LiteRT and numpy, all CPUs", "now", {}, False),
+    "one-thread": ("now, one thread", "now", {"OPENBLAS_NUM_THREADS": "1"}, True),
+    "haswell": ("now, OpenBLAS's AVX2 (Haswell) kernels", "now", {"OPENBLAS_CORETYPE": "Haswell"}, False),
+    "pillow": ("now, views resized by Pillow (scheme 3)", "pillow", {}, False),
+    "tf": ("scheme 2: TensorFlow, oneDNN (AVX-512 here)", "tf", {}, False),
+    "tf-avx2": ("scheme 2, oneDNN capped at AVX2", "tf", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+    "tf-eigen": ("scheme 2, TensorFlow's Eigen kernels", "tf", {"TF_ENABLE_ONEDNN_OPTS": "0"}, False),
+}
 
 
 def plan_now(model, images) -> dict:
@@ -156,6 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="a VGG16 .npz/.mat (default: full-size random weights)")
     parser.add_argument("--views", type=int, default=4, help="views per photo (8 photos)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, 'now' and 'tf' always included (default: all of {','.join(VARIANTS)})")
     parser.add_argument("--child", choices=["now", "pillow", "tf"], help=argparse.SUPPRESS)
     parser.add_argument("--one-cpu", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -172,9 +174,10 @@ def main() -> None:
     views = photo_views(list(sample_photos()), per_photo=args.views)
     print(f"weights {weights}; {len(views)} views of 8 photos; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs", flush=True)
+    keys = ["now", "tf"] + [k for k in args.variants.split(",") if k not in ("now", "tf")]
     plans = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, how, env, one_cpu in VARIANTS:
+        for label, how, env, one_cpu in (VARIANTS[k] for k in sorted(keys, key=list(VARIANTS).index)):
             out = Path(tmp) / f"{len(plans)}.pkl"
             cmd = [sys.executable, __file__, "--child", how, "--weights", str(weights), "--out", str(out)]
             subprocess.run(cmd + ["--one-cpu"] * one_cpu, env={**os.environ, **env}, check=True,
@@ -186,7 +189,7 @@ def main() -> None:
     del params
     vectors = {label: fc2(spec, {k: plan[k] for k in ("biases", "ranges")}, rounded, views)
                for label, plan in plans.items()}
-    now, old = vectors[VARIANTS[0][0]], vectors[VARIANTS[4][0]]
+    now, old = vectors[VARIANTS["now"][0]], vectors[VARIANTS["tf"][0]]
 
     def cell(a, b):
         c = cosines(a, b)

@@ -78,3 +78,22 @@ def test_multi_output_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "multi_output.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--images" in out and "one pass" in out
+
+
+def test_int8_agreement_benchmark_plans_one_model_whatever_the_thread_count(tiny16):
+    """Planned on one thread or all of them, with OpenBLAS's AVX2 kernels or its own: the same int8 model."""
+    import pytest
+
+    from vggembed.net.int8 import cpu_has_int8_dot
+
+    pytest.importorskip("ai_edge_litert")
+    if not cpu_has_int8_dot():
+        pytest.skip("needs a CPU with VNNI/AMX")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_agreement.py"), "--weights", str(tiny16),
+                          "--views", "1", "--variants", "now,one-thread,haswell,tf"],
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    rows = {line[:44].strip(): line[44:].split() for line in out.split("vs float32\n")[1].splitlines()}
+    assert list(rows) == ["now: LiteRT and numpy, all CPUs", "now, one thread", "now, OpenBLAS's AVX2 (Haswell) kernels",
+                          "scheme 2: TensorFlow, oneDNN (AVX-512 here)"]
+    assert all(rows[label][1] == "identical" for label in list(rows)[:3])
+    assert rows["scheme 2: TensorFlow, oneDNN (AVX-512 here)"][-4] == "identical"  # its own column

@@ -15,11 +15,14 @@ do one float32, and XNNPACK's int8 kernels use them; no TensorFlow path does.
   ranges (RECIPE_VERSION 2 had the converter build it: from the same plan
   its model computes the same to the bit, but it took 12 GB and 2 minutes
   for VGG16). `_check_int8` refuses a model where a conv or fully connected
-  layer would run float. One weight file and calibration set always give
-  the same int8 model.
+  layer would run float.
 - No TensorFlow anywhere: calibration's convolutions run in float32 on
-  LiteRT (one small model per layer), the rest in numpy. VGG16 converts in
-  about 40 CPU-seconds, peaking at 1.5 GB (docs/startup.md).
+  LiteRT (one small model per layer), its fc layers in float64 (exact on
+  int8 codes), the rest in numpy; the built-in views are resized in
+  integer arithmetic (`_resize_exact`). So one weight file and calibration
+  set give the same int8 model to the byte on every machine checked
+  (docs/startup.md): the model follows its calibration's last bits. VGG16
+  converts in about 40 CPU-seconds, peaking at 1.5 GB.
 - One model per set of requested layers and pool, converted on first use and
   cached in the weights cache (`$VGGEMBED_HOME/int8/`), keyed by everything
   that changes the result, written atomically and checked by SHA-256 before
