@@ -20,7 +20,7 @@ import click
 from ..errors import VGGEmbedError
 from ..net.arch import POOLS as _POOLS
 from ..net.arch import parse_outputs
-from ..store.recipe import Recipe
+from ..store.recipe import PRECISIONS, Recipe
 
 EXIT_SOME_FAILED = 3
 ON_INTERRUPT = "vggembed.on_interrupt"  # ctx.meta key: what the interrupted line adds (how to resume)
@@ -75,7 +75,7 @@ def recipe_options(*, vector: bool = False, inputs: bool = False):
         click.option("--legacy-transpose", is_flag=True,
                      help="Transpose .mat conv kernels (1,0,2,3) as the VGG19 seed did (wrong for the "
                           "published files; only to reproduce its feature maps)."),
-        click.option("--precision", type=click.Choice(["float32", "bf16", "fp16", "int8"]), default="float32",
+        click.option("--precision", type=click.Choice(PRECISIONS), default="float32",
                      show_default=True, help="bf16 only where the CPU has AVX512_BF16/AMX, or on GPUs; int8 on "
                                              'CPUs with VNNI/AMX (pip install "vggembed[int8]").'),
         click.option("--calibration", type=click.Path(exists=True, file_okay=False),

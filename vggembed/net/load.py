@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 
 from ..errors import VGGEmbedError
+from ..store.recipe import PRECISIONS
 from . import int8
 from .download import find_weights
-from .model import PRECISIONS, VGG
+from .model import VGG
 from .tfimport import tensorflow
 from .weights import load_weights
 

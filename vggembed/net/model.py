@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import LayerError, VGGEmbedError
 from ..images.decode import DEFAULT_MAX_PIXELS, prepare
+from ..store.recipe import PRECISIONS
 from . import arch as arch_mod
 from . import pooling
 from .readers import aligned_float32
@@ -20,8 +21,7 @@ from .spec import WeightSpec
 from .tfimport import cpu_has_native_bf16, tensorflow
 
 POOLS = arch_mod.POOLS
-TF_PRECISIONS = ("float32", "bf16", "fp16")  # what `VGG` itself runs
-PRECISIONS = TF_PRECISIONS + ("int8",)  # int8: `int8.Int8VGG`, through `load()`
+TF_PRECISIONS = tuple(p for p in PRECISIONS if p != "int8")  # what `VGG` itself runs
 
 
 @dataclass(frozen=True)

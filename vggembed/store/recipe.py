@@ -27,6 +27,9 @@ __version__ = "0.2.0"
 COMPARED = ("weights_md5", "arch", "outputs", "top", "resize", "precision", "dtype", "l2_normalize", "fast_decode",
             "legacy_transpose", "calibration", "int8_scheme")
 
+# `--precision`: float32, bf16 and fp16 run on TensorFlow (`net.model.VGG`), int8 on LiteRT (`net.int8.Int8VGG`).
+PRECISIONS = ("float32", "bf16", "fp16", "int8")
+
 # How `--precision int8` plans and builds its model (net/int8.py's cache key carries it too). A change that moves
 # int8 vectors bumps it, so outputs made before are not mixed with new ones (resume, merge, search queries).
 # 2: TensorFlow's converter; 3: the model written by vggembed from a plan computed by LiteRT and numpy;
