@@ -261,6 +261,14 @@ def test_a_slow_client_holds_no_worker_and_times_out(tiny16, photos):
         answer = slow.recv(4096)
         slow.close()
         assert answer.startswith(b"HTTP/1.1 408") and b"not received within 2s" in answer
+        # A client that never finishes its request head (slowloris) is closed too (aiohttp alone waits an hour),
+        # and so is one that connects and says nothing.
+        for head in (b"POST /embed HTTP/1.1\r\nHost: x\r\n", b""):
+            stalled = socket.create_connection(("127.0.0.1", s.port))
+            stalled.sendall(head)
+            stalled.settimeout(HANG_GUARD)
+            assert stalled.recv(4096) == b""
+            stalled.close()
 
 
 def test_token_is_required_when_given_and_other_addresses_need_one(tiny16, photos):

@@ -88,7 +88,8 @@ def export(out, fmt, model_version, overwrite, recipe, setup):
 @click.option("--max-body", type=click.IntRange(1), default=64 << 20, show_default=True,
               help="Largest request body in bytes (413 above).")
 @click.option("--read-timeout", type=click.FloatRange(0.001), default=30.0, show_default=True,
-              help="Seconds a client has to send its body (408 after).")
+              help="Seconds a client has to send its body (408 after); a connection that sends no whole "
+                   "request head in that time, or idles that long, is closed.")
 @click.option("--workers", type=click.IntRange(1), default=min(8, os.cpu_count() or 2),
               show_default="CPU count, at most 8", help="Decoding threads.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None,

@@ -26,7 +26,8 @@ At most `queue_size` images are admitted and not yet running; past that a
 request is refused at once with 503 and `Retry-After`, so load never builds an
 unbounded backlog. Bodies are read asynchronously (a slow client holds a
 connection, never the model or a decoding thread) with `read_timeout`, and
-above `max_body` bytes refused with 413. SIGTERM (and SIGINT, SIGHUP) stops
+above `max_body` bytes refused with 413; a connection that sends no whole
+request head within `read_timeout`, or idles that long, is closed. SIGTERM (and SIGINT, SIGHUP) stops
 listening, runs what is waiting at once, answers every request in flight and
 returns.
 """
@@ -479,7 +480,11 @@ class Server:
             loop.add_signal_handler(sig, on_signal, sig)
         self.batcher = Batcher(self.run_batch, self.config.batch_size, self.config.max_wait, self.metrics)
         batching = asyncio.create_task(self.batcher.run())
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=self.config.read_timeout + 60)
+        # keepalive_timeout: a connection that has not sent a whole request (headers) within read_timeout, or
+        # sits idle that long between requests, is closed (aiohttp's own default is an hour: slow-header
+        # clients could hold every file descriptor).
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=self.config.read_timeout + 60,
+                               keepalive_timeout=self.config.read_timeout)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.config.host, self.config.port, backlog=1024)
