@@ -150,6 +150,46 @@ def test_the_written_model_is_the_plan(m8, tiny_params, photos):
     assert int8.qparams((0.0, 0.0)) == (pytest.approx(1e-6 / 255), -128)  # all zeros on the calibration set
 
 
+# What the tiny VGG16's int8 model carries (every tensor's quantization, every conv/fc kernel and bias), as
+# planned from the built-in calibration set, by INT8_SCHEME: (the LiteRT release whose float kernels ran the
+# calibration's convolutions, digest). Measured the same with 1 and 2 threads and OpenBLAS's Haswell and
+# SkylakeX kernels on an Intel Xeon (AMX).
+PLAN_DIGESTS = {4: ("2.3.0", "6babb882b2be5fcb9376fdb5863610d99c6d8d9f0186d91697dc4545d739eb1f")}
+
+
+def model_digest(interpreter) -> str:
+    """The int8 model's numbers as LiteRT reads them, whatever the flatbuffers package wrote around them."""
+    h = hashlib.sha256()
+    for t in sorted(interpreter.get_tensor_details(), key=lambda t: t["index"]):
+        q = t["quantization_parameters"]
+        h.update(f'{t["name"]} {np.dtype(t["dtype"]).str} {tuple(t["shape"])}'.encode())
+        h.update(np.asarray(q["scales"], np.float32).tobytes() + np.asarray(q["zero_points"], np.int64).tobytes())
+    for op in interpreter._get_ops_details():
+        h.update(op["op_name"].encode())
+        if op["op_name"] in ("CONV_2D", "FULLY_CONNECTED"):
+            for i in op["inputs"][1:]:  # kernel and bias
+                h.update(interpreter.get_tensor(i).tobytes())
+    return h.hexdigest()
+
+
+@needs_int8
+def test_the_same_weights_and_photos_make_the_same_model(m8, photos):
+    """The promise that lets --resume, merge and Ray workers join int8 vectors: one model per scheme, to the bit.
+    A change that moves any bit of it changes users' vectors, so it must come with a new INT8_SCHEME
+    (store/recipe.py), which keeps the two kinds of vectors apart; then record the new digest above."""
+    from importlib.metadata import version
+
+    from vggembed.store.recipe import INT8_SCHEME
+
+    assert INT8_SCHEME in PLAN_DIGESTS, f"record the tiny model's digest for INT8_SCHEME {INT8_SCHEME}"
+    litert, expected = PLAN_DIGESTS[INT8_SCHEME]
+    if version("ai-edge-litert") != litert:
+        pytest.skip(f"digest recorded with LiteRT {litert}; this is {version('ai-edge-litert')}")
+    m8.embed(photos[:1], batch_size=1)
+    assert model_digest(m8._interpreters[(("relu7", None),)]) == expected, (
+        f"the int8 model changed under INT8_SCHEME {INT8_SCHEME}: if that is meant, bump INT8_SCHEME")
+
+
 @needs_int8
 def test_a_model_with_float_layers_is_refused():
     from vggembed.net import tflite
