@@ -15,12 +15,14 @@ same views of real photos; the table compares their fc2 vectors.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +192,8 @@ def main() -> None:
     vectors = {label: fc2(spec, {k: plan[k] for k in ("biases", "ranges")}, rounded, views)
                for label, plan in plans.items()}
     now, old = vectors[VARIANTS["now"][0]], vectors[VARIANTS["tf"][0]]
+    planned = {k: plans[VARIANTS["now"][0]][k] for k in ("biases", "ranges")}
+    model = hashlib.sha256(bytes(int8.write_model(spec, BODY, {"weights": rounded, **planned}))).hexdigest()
 
     def cell(a, b):
         c = cosines(a, b)
@@ -200,6 +204,8 @@ def main() -> None:
     for label, v in vectors.items():
         print(f"{label:<44} {plans[label]['cpu_s']:>6.1f} {cell(v, now):>21} {cell(v, old):>21} "
               f"{cell(v, float32):>21}")
+    print(f"\nthe model planned now: SHA-256 {model} (LiteRT {version('ai-edge-litert')}, flatbuffers "
+          f"{version('flatbuffers')}); the same weights give the same digest on every machine that plans alike")
 
 
 if __name__ == "__main__":

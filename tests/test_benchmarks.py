@@ -80,11 +80,15 @@ def test_multi_output_benchmark_has_help():
     assert "--images" in out and "one pass" in out
 
 
-def test_int8_agreement_benchmark_plans_one_model_whatever_the_thread_count(tiny16):
-    """Planned on one thread or all of them, with OpenBLAS's AVX2 kernels or its own: the same int8 model."""
+def test_int8_agreement_benchmark_plans_one_model_whatever_the_thread_count(tiny16, tmp_path, monkeypatch):
+    """Planned on one thread or all of them, with OpenBLAS's AVX2 kernels or its own: the same int8 model, whose
+    digest is the one of the model `--precision int8` caches for the same file."""
+    import hashlib
+
     import pytest
 
-    from vggembed.net.int8 import cpu_has_int8_dot
+    import vggembed
+    from vggembed.net.int8 import Int8VGG, cpu_has_int8_dot
 
     pytest.importorskip("ai_edge_litert")
     if not cpu_has_int8_dot():
@@ -92,8 +96,12 @@ def test_int8_agreement_benchmark_plans_one_model_whatever_the_thread_count(tiny
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_agreement.py"), "--weights", str(tiny16),
                           "--views", "1", "--variants", "now,one-thread,haswell,tf"],
                          capture_output=True, text=True, check=True, timeout=600).stdout
-    rows = {line[:44].strip(): line[44:].split() for line in out.split("vs float32\n")[1].splitlines()}
+    table, digest = out.split("vs float32\n")[1].split("\n\n")
+    rows = {line[:44].strip(): line[44:].split() for line in table.splitlines()}
     assert list(rows) == ["now: LiteRT and numpy, all CPUs", "now, one thread", "now, OpenBLAS's AVX2 (Haswell) kernels",
                           "scheme 2: TensorFlow, oneDNN (AVX-512 here)"]
     assert all(rows[label][1] == "identical" for label in list(rows)[:3])
     assert rows["scheme 2: TensorFlow, oneDNN (AVX-512 here)"][-4] == "identical"  # its own column
+    monkeypatch.setenv("VGGEMBED_HOME", str(tmp_path))
+    cached = Int8VGG(*vggembed.load_weights(tiny16)).model_bytes((("relu7", None),))
+    assert digest.startswith(f"the model planned now: SHA-256 {hashlib.sha256(cached).hexdigest()} (LiteRT ")
