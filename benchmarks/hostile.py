@@ -119,9 +119,8 @@ def bench_memory(tmp: Path) -> None:
 
     fc_in, wide = members["fc6_W"].shape[0], 60000
     bomb_members = dict(members, fc6_b=np.zeros(wide, np.float32), fc7_W=np.zeros((wide, 32), np.float32))
-    zeros = bytes(fc_in * wide * 4)
-    bomb = write_npz(tmp / "bomb.npz", bomb_members, {"fc6_W": ((fc_in, wide), lambda f: f.write(zeros), True)})
-    del zeros
+    bomb = write_npz(tmp / "bomb.npz", bomb_members,  # the zeros exist only while they are written
+                     {"fc6_W": ((fc_in, wide), lambda f: f.write(bytes(fc_in * wide * 4)), True)})
     cases.append(("npz deflate bomb", bomb, fc_in * wide * 4, f"load_weights({str(bomb)!r})"))
 
     mat = synthetic.write_mat(params["vgg16"], tmp / "extra.mat", labels=[str(i) for i in range(10)])

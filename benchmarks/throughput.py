@@ -153,10 +153,27 @@ def bench_bf16(params, m32, args, gflop, photos):
               "indicative; pass --weights with the real file for the figure that counts)")
 
 
-def bench_int8(params, m32, args, gflop, photos, tmp: Path):
-    """int8 (LiteRT + XNNPACK) beside vggembed float32/bf16 and Keras float32/mixed_bfloat16, in turn."""
+def int8_contenders(params, m32, m8) -> dict:
+    """int8 and what it is timed against (vggembed float32/bf16, Keras float32/mixed_bfloat16), each a function
+    of a batch; the networks live only as long as the dict."""
     import tensorflow as tf
 
+    mean = np.float32(m32.spec.mean_pixel)
+    kf = keras_vgg(params)
+    kffn = tf.function(lambda x: kf(x, training=False))
+    fns = {"int8": lambda b: m8.run(b, ["relu7"]), "vggembed float32": lambda b: m32.run(b, ["relu7"]),
+           "keras float32": lambda b: kffn(tf.constant(b - mean)).numpy()}
+    if cpu_has_native_bf16():
+        m16 = vggembed.VGG(params, m32.spec, precision="bf16")
+        kb = keras_vgg(params, policy="mixed_bfloat16")
+        kbfn = tf.function(lambda x: kb(x, training=False))
+        fns["vggembed bf16"] = lambda b: m16.run(b, ["relu7"])
+        fns["keras mixed_bfloat16"] = lambda b: kbfn(tf.constant(b - mean)).numpy()
+    return fns
+
+
+def bench_int8(params, m32, args, gflop, photos, tmp: Path):
+    """int8 (LiteRT + XNNPACK) beside vggembed float32/bf16 and Keras float32/mixed_bfloat16, in turn."""
     from vggembed.net.int8 import Int8VGG
 
     print("\n## int8 (LiteRT, XNNPACK) against vggembed float32/bf16 and Keras float32/mixed_bfloat16, "
@@ -169,18 +186,7 @@ def bench_int8(params, m32, args, gflop, photos, tmp: Path):
     m8.run(np.zeros((1, 224, 224, 3), np.float32), ["relu7", "prob"])  # converts, or reads the cache
     print(f"int8 model ready in {time.perf_counter() - start:.1f}s (converted in this process, or the cached model: "
           "see above; benchmarks/startup.py measures the conversion alone)")
-    mean = np.float32(m32.spec.mean_pixel)
-    kf = keras_vgg(params)
-    kffn = tf.function(lambda x: kf(x, training=False))
-    fns = {"int8": lambda b: m8.run(b, ["relu7"]), "vggembed float32": lambda b: m32.run(b, ["relu7"]),
-           "keras float32": lambda b: kffn(tf.constant(b - mean)).numpy()}
-    m16 = kb = kbfn = None
-    if cpu_has_native_bf16():
-        m16 = vggembed.VGG(params, m32.spec, precision="bf16")
-        kb = keras_vgg(params, policy="mixed_bfloat16")
-        kbfn = tf.function(lambda x: kb(x, training=False))
-        fns["vggembed bf16"] = lambda b: m16.run(b, ["relu7"])
-        fns["keras mixed_bfloat16"] = lambda b: kbfn(tf.constant(b - mean)).numpy()
+    fns = int8_contenders(params, m32, m8)
     print(f"{'batch':>6} " + " ".join(f"{name:>22}" for name in fns) + "   int8 / each other")
     rng = np.random.default_rng(7)
     for bs in args.int8_batch_sizes:
@@ -189,7 +195,7 @@ def bench_int8(params, m32, args, gflop, photos, tmp: Path):
         cells = [f"{r:>6.2f} ({r * gflop:>4.0f} GFLOP/s)" for r in rates.values()]
         ratios = ", ".join(f"{rates['int8'] / r:.2f}x {name}" for name, r in rates.items() if name != "int8")
         print(f"{bs:>6} " + " ".join(f"{c:>22}" for c in cells) + f"   {ratios}")
-    del kf, kffn, fns, m16, kb, kbfn  # only the two networks compared below stay in memory
+    del fns  # the Keras and bf16 networks go with it: only the two compared below stay in memory
     batch = photo_views(photos, per_photo=args.int8_views)
     bs = args.int8_batch_sizes[-1]
     e32, e8 = run_all(m32, batch, bs), run_all(m8, batch, bs)
