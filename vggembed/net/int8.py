@@ -231,7 +231,7 @@ class Int8VGG(VGG):
                 source = self.calibration or "the built-in set"
                 names = ", ".join(f"{layer}:{pool}" if pool else layer for layer, pool in body)
                 self.log(f"vggembed: converting {self.spec.path} to int8 for {names}, calibrating on "
-                         f"{len(self.calibration_images())} images from {source}; VGG16 takes about 40 "
+                         f"{len(self.calibration_images())} images from {source}; a full-size VGG16 takes about 40 "
                          "CPU-seconds and 1.5 GB of memory, once")
                 if (self.calibration is None and tuple(self.spec.input_size) == (224, 224)
                         and _pixels_digest(self.calibration_images()) != BUILTIN_SHA256):
