@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from vggembed.net import synthetic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure  # noqa: E402
 
 
 def main() -> None:
@@ -51,15 +52,12 @@ def main() -> None:
             listing = tmp / f"list{n}.txt"
             listing.write_text("\n".join(str(p) for p in all_images[:n]) + "\n")
             out = tmp / f"out{n}{args.ext}"
-            start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "vggembed", "embed", "--files-from", str(listing),
-                                     "-o", str(out), "--weights", str(weights), "--batch-size", str(args.batch_size),
-                                     "-q"] + (["--layer", args.layer] if args.layer else []))
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
-            seconds = time.perf_counter() - start
-            if status != 0:
-                sys.exit(f"vggembed embed failed with status {status}")
-            print(f"{n:>8} {seconds:>8.1f} {n / seconds:>9.1f} {usage.ru_maxrss / 1024:>13.0f}")
+            run = measure([sys.executable, "-m", "vggembed", "embed", "--files-from", str(listing),  # its own peak
+                           "-o", str(out), "--weights", str(weights), "--batch-size", str(args.batch_size),
+                           "-q"] + (["--layer", args.layer] if args.layer else []))
+            if run.returncode != 0:
+                sys.exit(f"vggembed embed failed with status {run.returncode}")
+            print(f"{n:>8} {run.wall:>8.1f} {n / run.wall:>9.1f} {run.peak_mib:>13.0f}")
             os.remove(out)
 
 

@@ -45,6 +45,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measure import Launch  # noqa: E402
 GIB = 1 << 30
 
 
@@ -165,18 +167,17 @@ def faiss_recall(index: str, queries: int = 1000, k: int = 10) -> dict:
 
 
 def run_child(kind: str, args: dict, *, address_space: int | None = None, env=None) -> dict:
-    """Run one measurement in a fresh interpreter; peak RSS from wait4."""
+    """Run one measurement in a fresh interpreter; peak RSS from wait4, its own (`measure.py`)."""
     def limit():
         if address_space:
             resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
-    proc = subprocess.Popen([sys.executable, __file__, "--child", kind, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=limit, env=env)
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    result = {"peak_rss_mib": usage.ru_maxrss / 1024, "ok": code == 0}
+    launch = Launch([sys.executable, __file__, "--child", kind, json.dumps(args)], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, preexec_fn=limit, env=env)
+    out, err = launch.proc.communicate()
+    run = launch.wait()
+    code = run.returncode
+    result = {"peak_rss_mib": run.peak_mib, "ok": code == 0}
     if result["ok"]:
         result.update(json.loads(out.decode().strip().splitlines()[-1]))
     else:

@@ -2,7 +2,8 @@
 
 Each figure is a fresh process, timed from its start to its exit, median of --runs (the machine may be
 busy: user+system CPU seconds are printed beside the wall time). Peak memory is that of the whole process
-tree (the process and every child it waited for, from wait4's rusage).
+tree (the process and every child it waited for, from wait4's rusage; started by `measure.py`'s launcher,
+so none of this script's own memory is counted).
 
     python benchmarks/startup.py                          # full-size random VGG16, this checkout
     python benchmarks/startup.py --before ../old-checkout # the same commands run on another checkout too
@@ -22,11 +23,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from measure import measure  # noqa: E402
 
 from vggembed.net.int8 import cpu_has_int8_dot  # noqa: E402
 from vggembed.net.tfimport import cpu_has_native_bf16  # noqa: E402
@@ -47,16 +50,12 @@ print(int(model.predict(x, verbose=0).argmax()))
 def timed(cmd, env, cwd) -> tuple[float, float, float, str]:
     """(wall seconds, CPU seconds, peak RSS MiB of the process tree, stderr tail) of one run."""
     with tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - start
-        p.returncode = os.waitstatus_to_exitcode(status)
+        run = measure(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()[-1:]
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({p.returncode}): {tail}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, tail[0] if tail else ""
+    if run.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({run.returncode}): {tail}")
+    return run.wall, run.cpu, run.peak_mib, tail[0] if tail else ""
 
 
 def row(label, runs) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,22 @@ def test_int8_agreement_benchmark_plans_one_model_whatever_the_thread_count(tiny
     monkeypatch.setenv("VGGEMBED_HOME", str(tmp_path))
     cached = Int8VGG(*vggembed.load_weights(tiny16)).model_bytes((("relu7", None),))
     assert digest.startswith(f"the model planned now: SHA-256 {hashlib.sha256(cached).hexdigest()} (LiteRT ")
+
+
+def test_measure_counts_the_commands_memory_and_none_of_ours(monkeypatch):
+    """Linux starts a child's ru_maxrss at its parent's size: a benchmark holding 400 MB would report 400 MB for
+    `vggembed --help`. measure.py's launcher reports the command's own peak, its children's included."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from measure import measure
+
+    ballast = b"x" * (400 << 20)
+    plain = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert os.wait4(plain.pid, 0)[2].ru_maxrss / 1024 > 400  # the trap measure.py avoids
+    small = measure([sys.executable, "-c", "pass"])
+    assert small.returncode == 0 and small.peak_mib < 100 and small.wall > 0 and small.cpu > 0
+    grandchild = measure([sys.executable, "-c", "import subprocess, sys; "
+                          "sys.exit(subprocess.run([sys.executable, '-c', 'b = b\"x\" * (200 << 20)']).returncode)"])
+    assert grandchild.returncode == 0 and 200 < grandchild.peak_mib < 350
+    assert measure([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"]).returncode == -9
+    assert measure([sys.executable, "-c", "raise SystemExit(3)"]).returncode == 3
+    del ballast
