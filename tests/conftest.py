@@ -94,10 +94,12 @@ def env_without_tf_noise():
 
 
 def interruptible():
-    """preexec_fn for a child that Ctrl-C must reach: a shell starts background
-    jobs (a CI step, `pytest &`) with SIGINT ignored, and Python keeps an
-    ignored SIGINT ignored, so the child would never see the signal."""
+    """preexec_fn for a child that Ctrl-C or SIGHUP must reach: a shell starts
+    background jobs (a CI step, `pytest &`) with SIGINT ignored, `nohup pytest`
+    ignores SIGHUP, and both stay ignored across exec (vggembed keeps an
+    ignored SIGHUP ignored, as nohup means), so the child would never see them."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def write_ray_folder(folder, names, errors, vectors, recipe, part_size):

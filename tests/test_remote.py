@@ -166,9 +166,18 @@ def test_shards_over_http_resume_a_cut_and_give_up_on_a_stall(tmp_path, members,
     assert np.array_equal(np.load(out), reference(tmp_path, write_local(tmp_path / "l", members[:2]), tiny16))
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)],
-                         ids=["SIGTERM", "SIGHUP", "Ctrl-C"])
-def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path, members, tiny16, signum, code):
+def under_nohup():
+    interruptible()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum,code,preexec",
+                         [(signal.SIGTERM, 143, interruptible), (signal.SIGHUP, 129, interruptible),
+                          (signal.SIGINT, 130, interruptible), (signal.SIGHUP, 143, under_nohup)],
+                         ids=["SIGTERM", "SIGHUP", "Ctrl-C", "SIGHUP-under-nohup"])
+def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path, members, tiny16, signum, code,
+                                                                         preexec):
+    """Under nohup, SIGHUP is left ignored: the run is still reading a second later, and SIGTERM stops it."""
     local = write_local(tmp_path / "local", members)
     with FileServer({"/a.png": members[1][1]}, trickle_seconds=0.5) as srv:
         trickle = srv.url("/trickle/a.png")
@@ -176,8 +185,9 @@ def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path
         out = tmp_path / "x.npy"
         cmd = [sys.executable, "-m", "vggembed", "embed", *args, "-o", str(out), "--weights", str(tiny16),
                "--batch-size", "1", "--workers", "1", "-q"]
-        env = dict(os.environ, VGGEMBED_DEADLINE="3000", VGGEMBED_TIMEOUT="3000")  # only the signal can end it
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+        # only the signal can end it: no deadline, no minimum rate
+        env = dict(os.environ, VGGEMBED_DEADLINE="3000", VGGEMBED_TIMEOUT="3000", VGGEMBED_MIN_RATE="0")
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
         try:
             limit = time.monotonic() + 300
             while srv.sent["/trickle/a.png"] < 2:  # the read is under way, a byte at a time
@@ -185,6 +195,12 @@ def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path
                 time.sleep(0.1)
             signalled = time.monotonic()
             proc.send_signal(signum)
+            if preexec is under_nohup:
+                sent = srv.sent["/trickle/a.png"]
+                while srv.sent["/trickle/a.png"] < sent + 2 and proc.poll() is None:
+                    time.sleep(0.1)
+                assert proc.poll() is None, "SIGHUP stopped a run started under nohup"
+                proc.send_signal(signal.SIGTERM)
             _, stderr = proc.communicate(timeout=HANG_GUARD)
             stopped = time.monotonic() - signalled
         finally:
@@ -193,12 +209,13 @@ def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path
                 proc.wait()
         assert proc.returncode == code, stderr
         assert stopped < 30  # a hang guard: the run does not wait for the read
-        said = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        said = {130: "interrupted", 129: "stopped by SIGHUP", 143: "stopped by SIGTERM"}[code]
         assert f"vggembed: {said}" in stderr and "--resume" in stderr and "Traceback" not in stderr
         if signum != signal.SIGTERM:
             return
         # the interrupted read is not done: --resume reads it again (now under a short deadline)
         env["VGGEMBED_DEADLINE"] = "2"
+        del env["VGGEMBED_MIN_RATE"]
         resumed = subprocess.run(cmd[:-1] + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 3, resumed.stderr
     assert "already done by the interrupted run" in resumed.stderr
