@@ -77,11 +77,11 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(weights, *args, token=None):
+def serve(weights, *args, token=None, preexec_fn=None):
     cmd = [sys.executable, "-m", "vggembed", "serve", "--weights", str(weights), "--port", "0",
            *map(str, args)] + (["--token", token] if token else [])
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env_without_tf_noise())
+                            text=True, env=env_without_tf_noise(), preexec_fn=preexec_fn)
     served = Served(proc, token=token)
     try:
         assert served.bound.wait(HANG_GUARD), "server never said where it listens"
@@ -293,6 +293,20 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tiny16, photos):
         s.proc.send_signal(signal.SIGTERM)
         t.join(HANG_GUARD)
         assert answers[0].status_code == 200 and len(answers[0].json()["predictions"]) == 1
+        assert s.proc.wait(HANG_GUARD) == 0
+        assert "stopped by SIGTERM" in s.stderr()
+
+
+def test_under_nohup_sighup_leaves_the_server_serving(tiny16, photos):
+    """`nohup vggembed serve &` outlives its terminal: an ignored SIGHUP stays ignored, and the server goes on
+    answering (a handled one drains it and stops listening within moments: it would fail here)."""
+    with serve(tiny16, "--batch-size", "1", preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as s:
+        s.proc.send_signal(signal.SIGHUP)
+        for _ in range(20):
+            r = requests.post(f"{s.url}/embed", data=photos[0].read_bytes(), timeout=HANG_GUARD)
+            assert r.status_code == 200 and s.proc.poll() is None
+            time.sleep(0.1)
+        s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(HANG_GUARD) == 0
         assert "stopped by SIGTERM" in s.stderr()
 

@@ -465,7 +465,7 @@ class Server:
 
     # ---------------------------------------------------------- running
     async def serve(self, ready=None) -> str:
-        """Listen until SIGTERM/SIGINT/SIGHUP; then drain and return the signal's name."""
+        """Listen until SIGTERM/SIGINT/SIGHUP (those not ignored); then drain and return the signal's name."""
         from aiohttp import web
 
         loop = asyncio.get_running_loop()
@@ -476,7 +476,11 @@ class Server:
             received.append(sig)
             stop.set()
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # A signal the process was started with ignored stays ignored: `nohup vggembed serve &` outlives the
+        # terminal that started it, as `embed` does (cli/process.py).
+        signals = [sig for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                   if signal.getsignal(sig) is not signal.SIG_IGN]
+        for sig in signals:
             loop.add_signal_handler(sig, on_signal, sig)
         self.batcher = Batcher(self.run_batch, self.config.batch_size, self.config.max_wait, self.metrics)
         batching = asyncio.create_task(self.batcher.run())
@@ -498,7 +502,7 @@ class Server:
             self.batcher.close()
             await batching
             self.decoders.shutdown(wait=True)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
         return signal.Signals(received[0]).name if received else "stop"
 
