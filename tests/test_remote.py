@@ -177,7 +177,8 @@ def under_nohup():
                          ids=["SIGTERM", "SIGHUP", "Ctrl-C", "SIGHUP-under-nohup"])
 def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path, members, tiny16, signum, code,
                                                                          preexec):
-    """Under nohup, SIGHUP is left ignored: the run is still reading a second later, and SIGTERM stops it."""
+    """SIGTERM, SIGHUP and Ctrl-C stop a run waiting on a trickling read at once, and --resume reads it again.
+    Under nohup, SIGHUP is left ignored: the run is still reading a second later, and SIGTERM stops it."""
     local = write_local(tmp_path / "local", members)
     with FileServer({"/a.png": members[1][1]}, trickle_seconds=0.5) as srv:
         trickle = srv.url("/trickle/a.png")
@@ -197,7 +198,7 @@ def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path
             proc.send_signal(signum)
             if preexec is under_nohup:
                 sent = srv.sent["/trickle/a.png"]
-                while srv.sent["/trickle/a.png"] < sent + 2 and proc.poll() is None:
+                while srv.sent["/trickle/a.png"] < sent + 2 and proc.poll() is None and time.monotonic() < limit:
                     time.sleep(0.1)
                 assert proc.poll() is None, "SIGHUP stopped a run started under nohup"
                 proc.send_signal(signal.SIGTERM)
