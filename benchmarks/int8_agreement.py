@@ -135,7 +135,8 @@ def child(args) -> None:
     Path(args.out).write_bytes(pickle.dumps(plan))
 
 
-def fc2(spec, plan: dict, weights: dict, views: np.ndarray) -> np.ndarray:
+def fc2(spec, plan: dict, weights: dict, views: np.ndarray) -> tuple[np.ndarray, str]:
+    """The fc2 vectors of the int8 model written from `plan`, and the model's SHA-256."""
     from vggembed.net import int8
     from vggembed.net.tfimport import _silenced_stderr
 
@@ -151,7 +152,7 @@ def fc2(spec, plan: dict, weights: dict, views: np.ndarray) -> np.ndarray:
             interpreter.set_tensor(x, batch)
             interpreter.invoke()
             out.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
-    return np.concatenate(out)
+    return np.concatenate(out), hashlib.sha256(content).hexdigest()
 
 
 def main() -> None:
@@ -189,11 +190,11 @@ def main() -> None:
     rounded = {name: int8._round_per_channel(np.asarray(w, np.float32)) for name, (w, _) in params.items()
                if name != "fc8"}
     del params
-    vectors = {label: fc2(spec, {k: plan[k] for k in ("biases", "ranges")}, rounded, views)
+    results = {label: fc2(spec, {k: plan[k] for k in ("biases", "ranges")}, rounded, views)
                for label, plan in plans.items()}
+    vectors = {label: v for label, (v, _) in results.items()}
     now, old = vectors[VARIANTS["now"][0]], vectors[VARIANTS["tf"][0]]
-    planned = {k: plans[VARIANTS["now"][0]][k] for k in ("biases", "ranges")}
-    model = hashlib.sha256(bytes(int8.write_model(spec, BODY, {"weights": rounded, **planned}))).hexdigest()
+    model = results[VARIANTS["now"][0]][1]
 
     def cell(a, b):
         c = cosines(a, b)

@@ -194,7 +194,6 @@ def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path
             while srv.sent["/trickle/a.png"] < 2:  # the read is under way, a byte at a time
                 assert proc.poll() is None and time.monotonic() < limit, "the run never reached the trickle"
                 time.sleep(0.1)
-            signalled = time.monotonic()
             proc.send_signal(signum)
             if preexec is under_nohup:
                 sent = srv.sent["/trickle/a.png"]
@@ -202,6 +201,7 @@ def test_a_signal_stops_a_run_stuck_on_a_trickle_at_once_and_it_resumes(tmp_path
                     time.sleep(0.1)
                 assert proc.poll() is None, "SIGHUP stopped a run started under nohup"
                 proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()  # the signal that stops it has been sent
             _, stderr = proc.communicate(timeout=HANG_GUARD)
             stopped = time.monotonic() - signalled
         finally:
