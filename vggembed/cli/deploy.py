@@ -8,7 +8,7 @@ import re
 import click
 
 from ..errors import VGGEmbedError
-from .common import CONTEXT, fail, load_options, recipe_options
+from .common import CONTEXT, fail, head_option, head_recipe, load_options, recipe_options
 
 
 # ------------------------------------------------------------------ the network
@@ -23,6 +23,16 @@ def _loaded(recipe, setup):
     return vgg, check_outputs(vgg, recipe)
 
 
+def _with_head(ctx, recipe, head_path):
+    """With --head: the head's features and classes (`top_label` carries them; every class unless --top K).
+    The vectors asked with --layer stay; without --layer only the classes are answered."""
+    if head_path is None:
+        return recipe
+    if ctx.get_parameter_source("layers") in (click.core.ParameterSource.DEFAULT, None):
+        recipe = recipe.replace(outputs=())
+    return head_recipe(ctx, recipe, head_path, recipe.top)
+
+
 # ------------------------------------------------------------------- export
 @click.command(context_settings=CONTEXT)
 @click.argument("out", type=click.Path())
@@ -32,9 +42,11 @@ def _loaded(recipe, setup):
 @click.option("--version", "model_version", type=click.IntRange(1), default=1, show_default=True,
               help="saved-model: the version folder under OUT (TensorFlow Serving serves the highest).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT/VERSION or OUT.tflite.")
+@head_option
 @recipe_options(vector=True, inputs=True)
 @load_options
-def export(out, fmt, model_version, overwrite, recipe, setup):
+@click.pass_context
+def export(ctx, out, fmt, model_version, overwrite, head_path, recipe, setup):
     """Write the network as a TensorFlow SavedModel or a .tflite file.
 
     The SavedModel's serving_default signature takes encoded images (decoded,
@@ -46,9 +58,11 @@ def export(out, fmt, model_version, overwrite, recipe, setup):
     Examples:
       vggembed export models/vgg16 --format saved-model --layer fc2 --top 5
       vggembed export vgg16.tflite --format tflite --layer pool5:avg
+      vggembed export models/mine --format saved-model --head head.npz
     """
     from ..net import export as exporting
 
+    recipe = _with_head(ctx, recipe, head_path)
     try:
         if fmt == "saved-model" and recipe.precision == "int8":
             fail("--precision int8 is a .tflite model: use --format tflite")
@@ -94,10 +108,12 @@ def export(out, fmt, model_version, overwrite, recipe, setup):
               show_default="CPU count, at most 8", help="Decoding threads.")
 @click.option("--max-pixels", type=click.IntRange(1), default=None,
               help="Refuse larger images (default Pillow's 89.5 million), as embed does.")
+@head_option
 @recipe_options(vector=True, inputs=True)
 @load_options
-def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, queue_size, max_body, read_timeout,
-          workers, max_pixels, recipe, setup):
+@click.pass_context
+def serve(ctx, host, port, name, token, insecure, batch_size, fixed_batch, max_wait, queue_size, max_body,
+          read_timeout, workers, max_pixels, head_path, recipe, setup):
     """Serve the network over HTTP with TensorFlow Serving's REST predict API.
 
     POST /v1/models/NAME:predict with {"instances": [{"b64": "..."}]} answers
@@ -113,6 +129,7 @@ def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, 
     from ..engines import serve as serving
     from ..images.decode import DEFAULT_MAX_PIXELS
 
+    recipe = _with_head(ctx, recipe, head_path)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise click.BadParameter("letters, digits, '_', '.' and '-' only (it is part of the URL)",
                                  param_hint="--name")
