@@ -37,7 +37,8 @@ class Served:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.lines: list[str] = []
         self.bound = threading.Event()
-        self.port = None
+        self.grpc_bound = threading.Event()  # with --grpc-port: the line naming it was read
+        self.port = self.grpc_port = None
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -48,7 +49,12 @@ class Served:
             if m and self.port is None:
                 self.port = int(m.group(1))
                 self.bound.set()
+            m = re.search(r"gRPC \(.*\) on 127\.0\.0\.1:(\d+)", line)
+            if m and self.grpc_port is None:
+                self.grpc_port = int(m.group(1))
+                self.grpc_bound.set()
         self.bound.set()  # the process ended: whoever waits sees it
+        self.grpc_bound.set()
 
     @property
     def url(self) -> str:
