@@ -143,6 +143,8 @@ def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, 
     except ImportError:
         fail('vggembed serve needs aiohttp: pip install "vggembed[serve]"')
     if grpc_port is not None:
+        # gRPC's own C++ log (a failed bind is also our one-line error) only when asked, as TensorFlow's.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if setup.verbose else "NONE")
         try:
             import grpc  # noqa: F401
             import google.protobuf  # noqa: F401

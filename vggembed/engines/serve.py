@@ -427,11 +427,15 @@ class Server:
         batching = asyncio.create_task(self.batcher.run())
         fronts = []
         try:
-            fronts.append(await serve_rest.start(self))
-            if self.config.grpc_port is not None:
-                from . import serve_grpc
+            try:
+                fronts.append(await serve_rest.start(self))
+                if self.config.grpc_port is not None:
+                    from . import serve_grpc
 
-                fronts.append(await serve_grpc.start(self))
+                    fronts.append(await serve_grpc.start(self))
+            except BaseException:
+                await asyncio.gather(*(f.stop() for f in fronts))  # one could not listen: neither serves
+                raise
             if ready is not None:
                 ready({f.protocol: f.address for f in fronts})
             await stop.wait()

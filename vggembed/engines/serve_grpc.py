@@ -247,10 +247,10 @@ async def start(server: Server) -> Front:
     host = f"[{config.host}]" if ":" in config.host else config.host
     try:
         port = listening.add_insecure_port(f"{host}:{config.grpc_port}")
-    except RuntimeError as e:
-        raise OSError(f"gRPC cannot listen on {host}:{config.grpc_port}: {e}") from None
+    except RuntimeError:
+        port = 0
     if not port:
-        raise OSError(f"gRPC cannot listen on {host}:{config.grpc_port}")
+        raise OSError(0, "the gRPC port could not be bound (in use, or not allowed)")
     await listening.start()
 
     async def stop():
