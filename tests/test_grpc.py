@@ -216,6 +216,10 @@ def test_token_deadline_full_queue_shared_batches_and_sigterm(tiny16, photos):
         assert "stopped by SIGTERM" in s.stderr()
 
 
+# An HTTP/2 client's connection preface and an empty SETTINGS frame: what a gRPC client sends first.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 @pytest.fixture
 def many_files():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -263,8 +267,25 @@ def test_idle_connections_and_slowloris_on_both_apis_leave_requests_answered(tin
                     refusals.append(data)
             assert refusals and b"too many connections: 1020 are open (--max-connections)" in refusals[0]
             assert b"Retry-After: 1" in refusals[0]
-            for c in extra + held[:100]:
+            # And a new gRPC connection beyond it is closed at once (the client sees UNAVAILABLE and retries).
+            grpc_extra, grpc_refused = [], 0
+            for _ in range(20):
+                c = socket.create_connection(("127.0.0.1", s.grpc_port), timeout=HANG_GUARD)
+                c.sendall(HTTP2_PREFACE)
+                grpc_extra.append(c)
+            for c in grpc_extra:
+                try:
+                    grpc_refused += c.recv(4096) == b""  # an accepted one answers with its SETTINGS
+                except ConnectionResetError:
+                    grpc_refused += 1
+            assert grpc_refused > 0
+            for c in extra + grpc_extra + held[:100] + held[1000:1100]:
                 c.close()
+            fresh = grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}")
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(fresh)
+            again = stub.Predict(images_request([photos[0].read_bytes()]), HANG_GUARD, wait_for_ready=True)
+            assert np.array_equal(again.outputs["fc2"].tensor_content, answer.outputs["fc2"].tensor_content)
+            fresh.close()
             s.wait_for("refusals counted", lambda m: m['vggembed_refused_connections_total{protocol="rest"}']
                        == len(refusals))
         finally:
