@@ -163,6 +163,11 @@ def test_predict_equals_rest_and_embed_and_metadata_names_everything(tiny16, tin
         wrong_input.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(good))
         code, words = code_of(lambda: s.stub.Predict(wrong_input, HANG_GUARD))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "'images'" in words and "'image_bytes'" in words
+        garbage = grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}")
+        code, words = code_of(lambda: garbage.unary_unary("/tensorflow.serving.PredictionService/Predict")(
+            b"\xff\xff\xff", timeout=HANG_GUARD))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words.startswith("the request is not a PredictRequest")
+        garbage.close()
         for method, request in (("Classify", classification_pb2.ClassificationRequest()),
                                 ("Regress", regression_pb2.RegressionRequest()),
                                 ("MultiInference", inference_pb2.MultiInferenceRequest())):
@@ -171,6 +176,7 @@ def test_predict_equals_rest_and_embed_and_metadata_names_everything(tiny16, tin
         m = s.metrics()
         assert m['vggembed_grpc_requests_total{method="Predict",code="OK"}'] == 6
         assert m['vggembed_grpc_requests_total{method="Predict",code="NOT_FOUND"}'] == 3
+        assert m['vggembed_grpc_requests_total{method="Predict",code="INVALID_ARGUMENT"}'] == 4
 
 
 def test_token_deadline_full_queue_shared_batches_and_sigterm(tiny16, photos):

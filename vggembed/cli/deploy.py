@@ -126,6 +126,7 @@ def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, 
       curl -s localhost:8501/embed --data-binary @cat.jpg
     """
     from ..engines import serve as serving
+    from ..engines import serve_rest
     from ..images.decode import DEFAULT_MAX_PIXELS
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -171,7 +172,12 @@ def serve(host, port, name, token, insecure, batch_size, fixed_batch, max_wait, 
                 click.echo(f"vggembed: gRPC (tensorflow.serving.PredictionService, ModelService) on "
                            f"{shown(addresses['grpc'])}", err=True)
 
-        how = serving.run(server, ready)
+        protocols = [serve_rest.start]
+        if grpc_port is not None:
+            from ..engines import serve_grpc
+
+            protocols.append(serve_grpc.start)
+        how = serving.run(server, protocols, ready)
     except OSError as e:
         fail(f"cannot listen on {host} (port {port}{'' if grpc_port is None else f', gRPC {grpc_port}'}): "
              f"{e.strerror or e}")

@@ -83,6 +83,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass
+class Front:
+    """A protocol listening, as `Server.serve` sees it: its name, where it listens, and `stop()` (a coroutine
+    function: stop listening, answer every request in flight)."""
+
+    protocol: str
+    address: tuple
+    stop: object
+
+
 class Refused(Exception):
     """A request the server will not run, in words; `kind` says why, and each protocol maps it to its code:
 
@@ -403,11 +413,10 @@ class Server:
                 self.log(f"vggembed: open files are limited to {new} (ulimit -Hn): fewer than --max-connections "
                          f"{self.config.max_connections} may be open at once")
 
-    async def serve(self, ready=None) -> str:
-        """Listen until SIGTERM/SIGINT/SIGHUP (those not ignored); then drain and return the signal's name.
-        `ready` gets {"rest": (host, port), "grpc": (host, port)} once both listen."""
-        from . import serve_rest
-
+    async def serve(self, protocols, ready=None) -> str:
+        """Listen with each of `protocols` (each a coroutine function `start(server)` -> `Front`: `serve_rest.start`,
+        `serve_grpc.start`) until SIGTERM/SIGINT/SIGHUP (those not ignored); then drain and return the signal's
+        name. `ready` gets {protocol: (host, port)} once all listen."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         received = []
@@ -422,17 +431,14 @@ class Server:
                    if signal.getsignal(sig) is not signal.SIG_IGN]
         for sig in signals:
             loop.add_signal_handler(sig, on_signal, sig)
-        self._room_for_connections(1 + (self.config.grpc_port is not None))
+        self._room_for_connections(len(protocols))
         self.batcher = Batcher(self.run_batch, self.config.batch_size, self.config.max_wait, self.metrics)
         batching = asyncio.create_task(self.batcher.run())
         fronts = []
         try:
             try:
-                fronts.append(await serve_rest.start(self))
-                if self.config.grpc_port is not None:
-                    from . import serve_grpc
-
-                    fronts.append(await serve_grpc.start(self))
+                for start in protocols:
+                    fronts.append(await start(self))
             except BaseException:
                 await asyncio.gather(*(f.stop() for f in fronts))  # one could not listen: neither serves
                 raise
@@ -451,5 +457,5 @@ class Server:
         return signal.Signals(received[0]).name if received else "stop"
 
 
-def run(server: Server, ready=None) -> str:
-    return asyncio.run(server.serve(ready))
+def run(server: Server, protocols, ready=None) -> str:
+    return asyncio.run(server.serve(protocols, ready))

@@ -35,8 +35,7 @@ from grpc import aio
 
 from ..errors import reason
 from . import serve_protos as pb
-from .serve import INPUT_NAMES, TF_DTYPES, Refused, Server
-from .serve_rest import Front
+from .serve import INPUT_NAMES, TF_DTYPES, Front, Refused, Server
 
 CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "not_found": grpc.StatusCode.NOT_FOUND,
          "too_large": grpc.StatusCode.INVALID_ARGUMENT, "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,

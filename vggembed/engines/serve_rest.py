@@ -31,12 +31,11 @@ import hmac
 import json
 import re
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import reason
-from .serve import INPUT_NAMES, Refused, Server
+from .serve import INPUT_NAMES, Front, Refused, Server
 
 STATUS = {"invalid": 400, "not_found": 404, "too_large": 413, "busy": 503, "unavailable": 503, "internal": 500}
 # TensorFlow Serving's model paths: NAME, then /versions/N or /labels/L, then :VERB or /metadata.
@@ -76,15 +75,6 @@ def _b64(i: int, value) -> bytes:
         return base64.b64decode(value["b64"], validate=True)
     except (binascii.Error, ValueError) as e:
         raise HTTPError(400, f"instance {i}: bad base64: {e}") from None
-
-
-@dataclass
-class Front:
-    """A listening protocol, as `serve.Server.serve` sees it."""
-
-    protocol: str
-    address: tuple
-    stop: object
 
 
 class Rest:
