@@ -68,8 +68,11 @@ def code_of(call) -> tuple:
 
 
 def test_predict_equals_rest_and_embed_and_metadata_names_everything(tiny16, tiny_model, photos, tmp_path):
+    # --max-connection-age 1: every connection is asked to go away after a second; the client reconnects on its
+    # own, so every call below (over several seconds, on one channel) is answered.
     with serve_grpc(tiny16, "--batch-size", "4", "--fixed-batch", "--layer", "fc2,pool5:avg", "--top", "3",
-                    "--version-label", "stable") as s:
+                    "--version-label", "stable", "--max-connection-age", "1") as s:
+        assert goaway_after_connecting(s.grpc_port) == 0  # NO_ERROR: going away for its age, not for a fault
         datas = [p.read_bytes() for p in photos]
         answer = s.stub.Predict(images_request(datas), HANG_GUARD)
         # An empty signature_name is serving_default, echoed resolved, with the version served.
@@ -224,6 +227,31 @@ def test_token_deadline_full_queue_shared_batches_and_sigterm(tiny16, photos):
 
 # An HTTP/2 client's connection preface and an empty SETTINGS frame: what a gRPC client sends first.
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def goaway_after_connecting(port: int) -> int:
+    """Connect as an HTTP/2 client (preface, SETTINGS, acknowledging the server's) and wait, sending nothing more,
+    for the server's GOAWAY frame; its error code."""
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as c:
+        c.sendall(HTTP2_PREFACE)
+        buffer = b""
+        while True:
+            while len(buffer) < 9:
+                data = c.recv(65536)
+                assert data, "the connection closed without GOAWAY"
+                buffer += data
+            length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+            while len(buffer) < 9 + length:
+                data = c.recv(65536)
+                assert data, "the connection closed inside a frame"
+                buffer += data
+            payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+            if kind == 4 and not flags & 1:  # SETTINGS, not an ACK: acknowledge it
+                c.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
+            elif kind == 6 and not flags & 1:  # PING: answer it
+                c.sendall(len(payload).to_bytes(3, "big") + b"\x06\x01\x00\x00\x00\x00" + payload)
+            elif kind == 7:  # GOAWAY: last stream id, error code
+                return int.from_bytes(payload[4:8], "big")
 
 
 @pytest.fixture

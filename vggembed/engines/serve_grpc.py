@@ -234,6 +234,9 @@ async def start(server: Server) -> Front:
         ("grpc.max_receive_message_length", config.max_body),
         ("grpc.max_send_message_length", -1),
         ("grpc.max_allowed_incoming_connections", config.max_connections),
+        # Calls at once on one connection (HTTP/2's usual floor): more wait in the client's transport, so one
+        # connection cannot hold an unbounded number of messages in the server.
+        ("grpc.max_concurrent_streams", 100),
         ("grpc.max_connection_idle_ms", int(config.read_timeout * 1000)),
         ("grpc.server_handshake_timeout_ms", int(config.read_timeout * 1000)),
         ("grpc.so_reuseport", 0),  # a second server on the same port is an error, not a silent share
