@@ -312,8 +312,12 @@ def test_classify_with_a_head_on_ray_equals_the_local_engine_after_merge(tmp_pat
     labels = tmp_path / "labels.csv"
     with open(labels, "w", newline="") as f:
         csv.writer(f).writerows((p, "early" if i < 120 else "late") for i, p in enumerate(images))
-    head = tmp_path / "head.npz"
-    assert run("train", folder, "--labels", labels, "-o", head, "--weights", tiny16, "--C", 1).exit_code == 3
+    head = tmp_path / "head.npz"  # trained on Ray too: the features are a run folder, read back as vectors
+    result = run("train", folder, "--labels", labels, "-o", head, "--weights", tiny16, "--C", 1, "--engine", "ray",
+                 "--part-size", 100)
+    assert result.exit_code == 3, result.output
+    assert (tmp_path / "head.features" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "head.metrics.json").read_text())["trained"] == 238  # 2 of 240 failed
     local = tmp_path / "local.npz"
     assert run("classify", folder, "--head", head, "-o", local, "--weights", tiny16, "--batch-size", 8).exit_code == 3
     parts = tmp_path / "parts"
