@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from click.testing import CliRunner
 
 import vggembed
@@ -372,6 +373,12 @@ def test_export_and_serve_with_the_head_equal_classify_head(tmp_path, head, clas
                                                  for p in images]})
         assert response.status_code == 200, response.text
         got = response.json()["predictions"]
+        # TF Serving's :classify: [label, score] pairs, the head's classes
+        examples = {"examples": [{"images": {"b64": base64.b64encode(p.read_bytes()).decode()}} for p in images]}
+        classified = requests.post(f"{served.url}/v1/models/vggembed:classify", json=examples, timeout=HANG)
+        assert classified.status_code == 200, classified.text
+        assert classified.json()["result"] == [[[label, pytest.approx(float(p), abs=1e-6)] for label, p in zip(ls, ps)]
+                                               for ls, ps in zip(want["top_label"].tolist(), want["top_prob"])]
     assert [p["top_label"] for p in got] == want["top_label"].tolist()
     np.testing.assert_allclose([p["top_prob"] for p in got], want["top_prob"], atol=1e-6)
 

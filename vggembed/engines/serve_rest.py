@@ -177,7 +177,7 @@ class Rest:
         if verb == "classify":
             request["route"] = "classify"
             if not self.server.recipe.top:
-                raise HTTPError(400, "classify answers labels: start vggembed serve with --top K")
+                raise HTTPError(400, "classify answers labels: start vggembed serve with --top K or --head HEAD.npz")
             items = await loop.run_in_executor(self.server.decoders, self.parse_classify, body)
             results = await self.server.predict("serving_default", items)
             return json.dumps({"result": [[[str(label), float(p)] for label, p in zip(r["top_label"], r["top_prob"])]
