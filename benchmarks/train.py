@@ -97,7 +97,7 @@ def fc2_like(rows: int, dim: int, classes: int, seed: int = 0, block: int = 8192
     rng = np.random.default_rng(seed)
     latent = 256
     mixing = (rng.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
-    centres = rng.normal(0, 0.35, (classes, latent)).astype(np.float32)
+    centres = rng.normal(0, 0.2, (classes, latent)).astype(np.float32)  # classes that overlap, as real ones
     y = rng.integers(0, classes, rows)
 
     def blocks():

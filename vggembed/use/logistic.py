@@ -136,7 +136,7 @@ class Problem:
             theta0 = np.concatenate([init.coef.astype(np.float64).ravel(), init.intercept.astype(np.float64)])
         result = scipy.optimize.minimize(f, theta0, jac=True, method="L-BFGS-B",
                                          options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-12,
-                                                  "maxcor": 20})
+                                                  "maxcor": 10})
         theta = result.x
         return Fit(coef=theta[: D * K].reshape(D, K).astype(np.float32), intercept=theta[D * K:].astype(np.float32),
                    scale=scale.astype(np.float32), C=C, iterations=int(result.nit),
