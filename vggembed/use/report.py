@@ -492,7 +492,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
   const fmt = (v) => v === null || v === undefined ? "" : (Number.isInteger(v) ? String(v) : v.toFixed(4));
   const name = (i) => D.dirs[D.files[i][0]][0] + D.files[i][1];
   const low = (s) => (s || "").toLowerCase();
-  let vi = 0, page = 0, shown = [], keep = null;
+  let vi = 0, page = 0, shown = [], keep = null, applied = 0;
 
   function href(i) {
     const f = D.files[i];
@@ -602,6 +602,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
     shown = idx;
     page = 0;
     render();
+    document.body.dataset.applied = String(++applied);  // for tests: the filter has been applied
   }
 
   function render() {
