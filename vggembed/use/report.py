@@ -522,7 +522,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
     }
     fig.append(box);
     const cap = el("figcaption");
-    if (m[3]) cap.append(el("span", "v", m[3] + " "));
+    if (m[3]) cap.append(el("span", "v o", m[3]), " ");
     if (m[1] !== null && m[1] !== undefined) { const s = el("span", "v", fmt(m[1])); s.title = v.value; cap.append(s); }
     if (f) { const n = el("span", "n", f[1]); n.title = name(i); cap.append(n); }
     if (m[2]) cap.append(el("span", "l", m[2]));
@@ -539,7 +539,6 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
   function section(s, v) {
     const sec = el("section");
     sec.append(el("h2", null, s.t));
-    if (s.l) sec.querySelector("h2").append(" ", el("span", "l", s.l));
     if (s.d) sec.append(el("p", "detail", s.d));
     const members = (keep && v.narrow) ? s.m.filter(keep) : s.m;
     const grid = el("div", "grid");
