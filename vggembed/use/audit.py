@@ -222,19 +222,27 @@ def rank_label_issues(proba: np.ndarray, given: np.ndarray, neighbours_idx: np.n
                        int(suggested[r])) for r in order]
 
 
-def knn_proba(given: np.ndarray, neighbours_idx: np.ndarray, classes: int, smoothing: float = 1.0) -> np.ndarray:
+def knn_proba(given: np.ndarray, neighbours_idx: np.ndarray, classes: int, sim: np.ndarray | None = None,
+              smoothing: float = 1.0) -> np.ndarray:
     """Class probabilities from the neighbours' labels (a row is never its own neighbour, so they are out of
-    sample): (votes for c + smoothing * prior(c)) / (labelled neighbours + smoothing)."""
+    sample): (votes for c + smoothing * prior(c)) / (all votes + smoothing), with each neighbour's vote
+    weighted by 1 / (cosine distance + 0.01) when `sim` (its cosine) is given, so that a few near copies
+    outvote many loose neighbours from a large class."""
     given = np.asarray(given, np.int64)
     n = len(given)
     labels = np.where(neighbours_idx >= 0, np.concatenate([given, [-1]])[neighbours_idx], -1)
+    weights = np.ones(labels.shape) if sim is None else 1.0 / (1.0 - np.clip(sim, -1, 1) + 0.01)
     prior = np.bincount(given[given >= 0], minlength=classes).astype(np.float64)
     prior /= max(prior.sum(), 1)
     votes = np.zeros((n, classes))
-    for col in labels.T:
+    for col, w in zip(labels.T, weights.T):
         ok = col >= 0
-        votes[np.flatnonzero(ok), col[ok]] += 1
-    return (votes + smoothing * prior) / (votes.sum(axis=1, keepdims=True) + smoothing)
+        votes[np.flatnonzero(ok), col[ok]] += w[ok]
+    total = votes.sum(axis=1, keepdims=True)
+    # the smoothing is worth one average vote of the row
+    count = np.maximum((labels >= 0).sum(axis=1, keepdims=True), 1)
+    weight = smoothing * total / count + (total == 0)
+    return (votes + weight * prior) / (total + weight)
 
 
 def out_of_fold_proba(rows: Rows, given: np.ndarray, classes: int, nb: Neighbours) -> tuple[np.ndarray, str]:
@@ -243,7 +251,8 @@ def out_of_fold_proba(rows: Rows, given: np.ndarray, classes: int, nb: Neighbour
     try:
         from .train import out_of_fold  # the own-classes head (issue 26), when present
     except ImportError:
-        return knn_proba(given, nb.idx, classes), f"{nb.idx.shape[1]} nearest neighbours' labels"
+        return (knn_proba(given, nb.idx, classes, nb.sim),
+                f"the labels of the {nb.idx.shape[1]} nearest neighbours, weighted by closeness")
     x = similarity.normalize(rows.read(0, rows.rows))
     proba, _ = out_of_fold(x, given, folds=5, seed=0)
     return np.asarray(proba, np.float64), "the out-of-fold logistic head (5 folds)"
