@@ -27,7 +27,7 @@ import signal
 import click
 
 from ..store.recipe import __version__
-from . import audit, deploy, pictures, process, run, search, weights
+from . import audit, deploy, pictures, process, run, search, train, weights
 from .common import CONTEXT, ON_INTERRUPT
 
 
@@ -73,6 +73,7 @@ def main(ctx, verbose):
       vggembed embed images/ -o feats.npy
       find photos -name '*.jpg' | vggembed embed - -o feats.parquet --layer fc2
       vggembed classify laska.png
+      vggembed train photos/ -o head.npz
       vggembed search feats.npy cat.jpg -k 5
       vggembed info weights/vgg16_weights.npz
     """
@@ -82,6 +83,6 @@ def main(ctx, verbose):
         os.environ["VGGEMBED_VERBOSE"] = "1"
 
 
-for command in (run.embed, run.merge, run.classify, search.search, search.dedup, search.cluster, audit.audit, weights.info,
-                weights.weights, pictures.maps, pictures.plot, deploy.export, deploy.serve):
+for command in (run.embed, run.merge, run.classify, train.train, search.search, search.dedup, search.cluster,
+                audit.audit, weights.info, weights.weights, pictures.maps, pictures.plot, deploy.export, deploy.serve):
     main.add_command(command)

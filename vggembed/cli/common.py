@@ -201,11 +201,61 @@ def no_images(inputs, files_from):
     fail(f"no images to process: {', '.join(given)} named no image files; nothing was written")
 
 
-def finish(ctx, summary, verb, quiet, tail=""):
-    """The one summary line on stderr, and the exit code."""
+def report(ctx, summary, verb, quiet, tail=""):
+    """The one summary line on stderr (with -v, the first batch's timings before it)."""
     if ctx.obj["verbose"] and summary.first_batch_seconds is not None:
         click.echo(f"vggembed: first batch (decode, graph build, run) {summary.first_batch_seconds:.2f}s; waited "
                    f"for decoding {summary.wait_seconds:.2f}s of {summary.seconds:.2f}s", err=True)
     if not quiet:
         click.echo("vggembed: " + summary.line(verb) + tail, err=True)
+
+
+def finish(ctx, summary, verb, quiet, tail=""):
+    """The one summary line on stderr, and the exit code."""
+    report(ctx, summary, verb, quiet, tail)
     ctx.exit(EXIT_SOME_FAILED if summary.failed else 0)
+
+
+# --------------------------------------------------------------------- head
+# The options whose value a head's recipe gives when the user leaves them at their default (option, field).
+HEAD_FIELDS = (("precision", "precision"), ("resize", "resize"), ("fast_decode", "fast-decode"),
+               ("legacy_transpose", "legacy-transpose"), ("calibration", "calibration"))
+
+
+def head_option(f):
+    return click.option("--head", "head_path", type=click.Path(exists=True, dir_okay=False),
+                        help="A head trained by `vggembed train` (HEAD.npz): rank its classes instead of "
+                             "ImageNet's, on features made as it records (weights by MD5, layer, resize, "
+                             "precision).")(f)
+
+
+def head_recipe(ctx, recipe: Recipe, path, top: int) -> Recipe:
+    """The recipe that runs the head at `path`: the features it was trained on (its weights, found by MD5 when
+    --weights is not given; its resize and precision where the options were left at their defaults), `top`
+    ranks its classes (at most its number; 0: all). An option given with another value is a usage error naming
+    both."""
+    from ..net.download import find_by_md5
+    from ..net.head import read_head
+
+    try:
+        head = read_head(path)
+    except VGGEmbedError as e:
+        fail(str(e))
+    trained = head.recipe
+    changes = {}
+    for name, option in HEAD_FIELDS:
+        mine, theirs = getattr(recipe, name), getattr(trained, name)
+        if name == "calibration" and theirs is not None:
+            theirs = os.path.abspath(theirs) if os.path.isdir(theirs) else theirs
+        if ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None):
+            changes[name] = theirs
+        elif mine != theirs:
+            raise click.UsageError(f"--{option} {mine}: {path} was trained on features made with "
+                                   f"{option} {theirs}; leave it out (the head's is used) or train a head on these")
+    if recipe.weights is None and trained.weights_md5:
+        try:
+            changes["weights"] = str(find_by_md5(trained, path))
+        except VGGEmbedError as e:
+            fail(str(e))
+    k = len(head.classes)
+    return recipe.replace(**changes, head=os.path.abspath(path), top=min(top, k) if top > 0 else k)

@@ -21,7 +21,10 @@ from .common import (
     ON_INTERRUPT,
     fail,
     finish,
+    head_option,
+    head_recipe,
     load_options,
+    report,
     no_images,
     outputs_option,
     recipe_options,
@@ -97,7 +100,17 @@ def _check_format(output, recipe) -> None:
 
 def _run(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size, files_from,
          null, quiet, opts, setup, verb):
-    """embed and classify -o FILE: the inputs through the network into the writer, or on Ray into parts."""
+    """embed and classify -o FILE: the inputs through the network into the writer, or on Ray into parts; then
+    the exit code."""
+    failed = produce(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size,
+                     files_from, null, quiet, opts, setup, verb)
+    ctx.exit(EXIT_SOME_FAILED if failed else 0)
+
+
+def produce(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size, files_from,
+            null, quiet, opts, setup, verb) -> int:
+    """Write `recipe`'s arrays for the inputs into `output` (locally or on Ray), print the summary line, and
+    return how many images failed."""
     from ..engines import local as runner
     from ..store.writer import EmbeddingWriter
 
@@ -106,9 +119,8 @@ def _run(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_p
             opts = dataclasses.replace(opts, workers=1)  # model actors, not decoding threads, on Ray
         if opts.strict:
             raise click.UsageError("--strict stops at the first bad image; --engine ray records them as rows")
-        _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
-                   address=address, part_size=part_size, resume=resume, overwrite=overwrite, verb=verb)
-        return
+        return _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, gpus_per_worker=gpus_per_worker,
+                          address=address, part_size=part_size, resume=resume, overwrite=overwrite, verb=verb)
     ctx.meta[ON_INTERRUPT] = RESUME_HINT
     try:
         paths, total = sources(inputs, files_from, null)
@@ -116,13 +128,14 @@ def _run(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpus_p
             if writer.complete:
                 if not quiet:
                     click.echo(f"vggembed: {output} is already complete; nothing left to do", err=True)
-                ctx.exit(0)
+                return 0
             vgg = setup.load(recipe)
             runner.check_outputs(vgg, recipe)
             summary = runner.embed(vgg, paths, writer, recipe, opts, total=total)
     except VGGEmbedError as e:
         fail(str(e))
-    finish(ctx, summary, verb, quiet, f"; wrote {output} ({writer.describe()})")
+    report(ctx, summary, verb, quiet, f"; wrote {output} ({writer.describe()})")
+    return summary.failed
 
 
 def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, verb="embedded", **kw):
@@ -152,7 +165,7 @@ def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, verb=
                    + (f"; {counts.skipped} of {counts.planned} parts already done" if counts.skipped else "")
                    + f"; parts in {output} (vggembed merge {output} -o "
                      f"{'feats.npy' if len(recipe.names) == 1 else 'feats.npz'})", err=True)
-    ctx.exit(EXIT_SOME_FAILED if counts.failed else 0)
+    return counts.failed
 
 
 @click.command(context_settings=CONTEXT)
@@ -187,14 +200,15 @@ def merge(run_dir, output, overwrite):
 @click.option("-o", "--output", type=click.Path(),
               help="OUT.parquet, OUT.npz or OUT.csv without --format: top_index, top_prob and top_label per "
                    "image, as embed --top writes them (resumable, --engine ray); with --format, the report.")
+@head_option
 @recipe_options(inputs=True)
 @output_run_options
 @run_options
 @load_options
 @click.pass_context
-def classify(ctx, inputs, top, fmt, output, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size,
-             files_from, null, quiet, opts, setup):
-    """Top ImageNet predictions with their labels.
+def classify(ctx, inputs, top, fmt, output, head_path, recipe, resume, overwrite, engine, address, gpus_per_worker,
+             part_size, files_from, null, quiet, opts, setup):
+    """Top ImageNet predictions with their labels, or your own classes with --head.
 
     For one image the table reads as the VGG16 tutorial's:
     "1. weasel (0.6934)". For several, one row per image and rank:
@@ -204,16 +218,23 @@ def classify(ctx, inputs, top, fmt, output, recipe, resume, overwrite, engine, a
     predictions are written as `embed --top K` writes them: resumable with
     --resume, and on Ray with --engine ray.
 
+    With --head HEAD.npz (from `vggembed train`), the classes are the head's,
+    on features made as it records.
+
     \b
     Examples:
       vggembed classify laska.png
       vggembed classify photos/ --format csv -o preds.csv
       vggembed classify photos/ -o preds.parquet --resume
+      vggembed classify new/ --head head.npz --format csv
     """
     from ..engines import local as runner
     from ..store.writer import FORMATS
 
     recipe = recipe.replace(**outputs_option((), None, top))
+    if head_path is not None:
+        recipe = head_recipe(ctx, recipe, head_path, top)
+        top = recipe.top
     if engine == "ray" or (output is not None and fmt is None and Path(output).suffix.lower() in FORMATS):
         if engine != "ray":
             _check_format(output, recipe)
@@ -226,7 +247,7 @@ def classify(ctx, inputs, top, fmt, output, recipe, resume, overwrite, engine, a
         paths, total = sources(inputs, files_from, null)
         with _Sink(output) as out:
             vgg = setup.load(recipe)
-            if vgg.spec.labels is None and vgg.spec.has_fc:
+            if vgg.head is None and vgg.spec.labels is None and vgg.spec.has_fc:
                 click.echo(f"vggembed: note: no labels for {vgg.spec.path}; showing class indices "
                            "(pass --labels FILE)", err=True)
             emit = _emitter(out, fmt or "table", single=total == 1)

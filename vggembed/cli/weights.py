@@ -17,7 +17,9 @@ from .process import data_stdout
 @click.argument("weights", type=click.Path(dir_okay=False))
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False))
 def info(weights, labels):
-    """Describe a weight file: format, layout, layers and shapes, checksum.
+    """Describe a weight file: format, layout, layers and shapes, checksum;
+    or a head from `vggembed train`: its classes, C, figures and the features
+    it reads.
 
     Reads the file with numpy/scipy only; TensorFlow is not started.
     """
@@ -25,6 +27,9 @@ def info(weights, labels):
     from ..net.weights import load_weights
 
     data_stdout()
+    if _is_head(weights):
+        _head_info(weights)
+        return
     try:
         params, spec = load_weights(weights, labels=labels)
     except VGGEmbedError as e:
@@ -50,6 +55,43 @@ def info(weights, labels):
         alias = f" (= {aliases[name]})" if name in aliases else ""
         lines.append(f"  {name + alias:<16} {spec.output_shape(name, h, w)}")
     click.echo("\n".join(lines))
+
+
+def _is_head(path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return "format.npy" in z.namelist() and "coef.npy" in z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _head_info(path) -> None:
+    from ..errors import display
+    from ..net.head import read_head
+
+    try:
+        head = read_head(path)
+    except VGGEmbedError as e:
+        fail(str(e))
+    r, m, o = head.recipe, head.metrics, head.output
+    figures = f"top-1 {m['top1']:.4f}" + (f", top-5 {m['top5']:.4f}" if "top5" in m else "") + \
+        f", balanced accuracy {m['balanced_accuracy']:.4f} ({m.get('evaluation', '?')}, {m['rows']} images)" \
+        if "top1" in m else "none recorded"
+    shown = ", ".join(display(c) for c in head.classes[:20]) + (f", ... ({len(head.classes)})"
+                                                                if len(head.classes) > 20 else "")
+    click.echo("\n".join([
+        f"file          {path}",
+        f"head          {head.kind}, {head.dim} -> {len(head.classes)} classes, C = {head.C:.6g}",
+        f"classes       {shown}",
+        f"figures       {figures}",
+        f"features      {o.name} ({o.layer}{':' + o.pool if o.pool else ''}) of {r.weights} "
+        f"(MD5 {r.weights_md5}, {r.arch}), resize {r.resize}, precision {r.precision}"
+        + (", l2-normalized" if r.l2_normalize else "") + (", fast decode" if r.fast_decode else ""),
+        f"made by       vggembed {r.vggembed_version}",
+        f"md5           {head.md5}",
+    ]))
 
 
 # ------------------------------------------------------------------ weights

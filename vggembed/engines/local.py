@@ -148,15 +148,17 @@ def check_outputs(model: VGG, recipe: Recipe) -> Recipe:
         raise VGGEmbedError("nothing to compute: name a --layer, or --top K")
     for output in recipe.outputs:
         model.resolve(output.layer)
+    classifier = model.head.output.layer if model.head is not None else "prob"
     if recipe.top:
-        model.resolve("prob")
-    head = [o.name for o in recipe.outputs if arch_mod.is_head(o.layer)] + (["--top"] if recipe.top else [])
+        model.resolve(classifier)
+    head = [o.name for o in recipe.outputs if arch_mod.is_head(o.layer)] + (
+        ["--top"] if recipe.top and arch_mod.is_head(model.resolve(classifier)) else [])
     if recipe.resize == "none" and head:
         w, h = model.spec.input_size
         what = "--top" if head[0] == "--top" else f"layer {head[0]}"
         raise LayerError(f"{what} needs the {w}x{h} input the fc layers were trained at: use --resize squash or "
                          "center-crop, or conv/pool layers only")
-    return recipe.bind(model.spec)
+    return recipe.bind(model.spec, model.head)
 
 
 def widths(model: VGG, recipe: Recipe) -> dict[str, int]:
@@ -195,7 +197,7 @@ def embed(model: VGG, sources: Iterable[str], writer, recipe: Recipe, opts: Opti
     `recipe` asks (`compute`), a row per image, in input order."""
     recipe = check_outputs(model, recipe)
     try:
-        writer.begin(recipe, label=model.spec.label)
+        writer.begin(recipe, label=model.label)
         summary = Summary(skipped=writer.done)
         done = writer.resumed_sources
         if done:
@@ -221,6 +223,6 @@ def classify(model: VGG, sources: Iterable[str], emit: Callable[[str, list], Non
         arrays = compute(model, batch, recipe, pad)
         ok = [item for item in chunk if item.error is None]
         for item, index, prob in zip(ok, arrays["top_index"].tolist(), arrays["top_prob"].tolist()):
-            emit(item.source, [Prediction(rank, i, model.spec.label(i), p)
+            emit(item.source, [Prediction(rank, i, model.label(i), p)
                                for rank, (i, p) in enumerate(zip(index, prob), 1)])
     return summary

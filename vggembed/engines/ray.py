@@ -124,7 +124,7 @@ class PartWorker:
                     blocks[name].append(block)
         arrays = {name: np.concatenate(b) if b else np.zeros((0, self.widths[name]), np.float32)
                   for name, b in blocks.items()}
-        write_part(self.store, run_id, part, names, errors, arrays, self.recipe, self.widths, self.model.spec.label)
+        write_part(self.store, run_id, part, names, errors, arrays, self.recipe, self.widths, self.model.label)
         failed = [(n, e) for n, e in zip(names, errors) if e is not None]
         return {"part": part.index, "rows": len(names), "failed": len(failed), "errors": failed[:ERRORS_RETURNED],
                 "seconds": time.perf_counter() - start}

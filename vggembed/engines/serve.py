@@ -238,7 +238,7 @@ class Server:
         for o in recipe.outputs:
             out[o.name] = out[o.name].astype(recipe.dtype, copy=False)
         if recipe.top:
-            out["top_label"] = np.array([[self.vgg.spec.label(int(i)) for i in row] for row in out["top_index"]],
+            out["top_label"] = np.array([[self.vgg.label(int(i)) for i in row] for row in out["top_index"]],
                                         object).reshape(len(batch), recipe.top)
         return out
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import DownloadError, VGGEmbedError
 from ..store.destination import Destination
-from .cache import cache_dir
+from .cache import cache_dir, cached_md5
 from .registry import DEFAULT_FOR_ARCH, PUBLISHED, Published, file_md5
 
 
@@ -51,6 +51,27 @@ def find_weights(model: str = "vgg16") -> Path:
         f"no {name} weights found (looked for {filename} in $VGGEMBED_WEIGHTS, ./weights/ and {cache_dir()}); "
         f"run: vggembed weights fetch {name}   (or pass --weights PATH)"
     )
+
+
+def find_by_md5(recipe, where) -> Path:
+    """The weight file whose MD5 the recipe records: $VGGEMBED_WEIGHTS, then ./weights/ and the cache
+    (the recorded file name first, then every other .npz/.mat there)."""
+    candidates = []
+    if os.environ.get("VGGEMBED_WEIGHTS"):
+        candidates.append(Path(os.environ["VGGEMBED_WEIGHTS"]))
+    folders = [f for f in search_folders() if f.is_dir()]
+    if recipe.weights:
+        candidates += [f / Path(recipe.weights).name for f in folders]
+    candidates += sorted(p for f in folders for p in f.iterdir() if p.suffix.lower() in (".npz", ".mat"))
+    seen = set()
+    for c in candidates:
+        if c in seen or not c.is_file():
+            continue
+        seen.add(c)
+        if cached_md5(c) == recipe.weights_md5:
+            return c
+    raise VGGEmbedError(f"{where}: was made with {recipe.weights or 'weights'} (MD5 {recipe.weights_md5}), which "
+                        "is not in $VGGEMBED_WEIGHTS, ./weights/ or the cache; pass --weights PATH")
 
 
 def fetch(name: str, *, dest: Path | None = None, mirror: str | None = None, progress: bool = True,

@@ -54,8 +54,8 @@ def input_shape(vgg, resize: str) -> tuple[int, int, int]:
 
 
 def labels_of(vgg) -> list[str]:
-    n = vgg.spec.num_classes or 0
-    return [vgg.spec.label(i) for i in range(n)]
+    """The names of `prob`'s classes: the attached head's, or the weight file's."""
+    return [vgg.label(i) for i in range(vgg.num_classes or 0)]
 
 
 def _network(vgg):

@@ -14,7 +14,8 @@ import time
 from ..errors import VGGEmbedError
 from ..store.recipe import PRECISIONS
 from . import int8
-from .download import find_weights
+from .download import find_by_md5, find_weights
+from .head import Head, read_head
 from .model import VGG
 from .tfimport import tensorflow
 from .weights import load_weights
@@ -63,9 +64,35 @@ def load(path=None, *, model: str = "vgg16", labels=None, legacy_transpose: bool
 
 
 def load_recipe(recipe, *, labels=None, device: str = "auto", timings: dict | None = None) -> VGG:
-    """The network a `Recipe` names (its weights, precision and kernel layout)."""
-    return load(recipe.weights, model=recipe.model, labels=labels, legacy_transpose=recipe.legacy_transpose,
-                precision=recipe.precision, device=device, calibration=recipe.calibration, timings=timings)
+    """The network a `Recipe` names (its weights, precision and kernel layout), with its head attached when
+    it names one (after checking that the head was trained on this network's features)."""
+    head = read_head(recipe.head) if recipe.head else None  # a bad head file fails before the weights load
+    vgg = load(recipe.weights, model=recipe.model, labels=labels, legacy_transpose=recipe.legacy_transpose,
+               precision=recipe.precision, device=device, calibration=recipe.calibration, timings=timings)
+    if head is not None:
+        head.check_features(recipe.bind(vgg.spec), str(vgg.spec.path))
+        vgg.attach_head(head)
+    return vgg
+
+
+def load_head(path, *, weights=None, device: str = "auto") -> Head:
+    """A trained head (`vggembed train`'s HEAD.npz) that can also classify images itself (`Head.classify`):
+    its network is loaded on first use from `weights`, or from the file its recipe records (found by MD5 in
+    $VGGEMBED_WEIGHTS, ./weights/ and the cache)."""
+    head = read_head(path)
+    network = None
+
+    def open_network():
+        nonlocal network
+        if network is None:
+            top = len(head.classes)
+            recipe = head.recipe.replace(weights=str(weights) if weights else str(find_by_md5(head.recipe, path)),
+                                         outputs=(), top=top, head=head.path)
+            network = load_recipe(recipe, device=device)
+        return network
+
+    head.network = open_network
+    return head
 
 
 def locate(recipe):

@@ -83,6 +83,33 @@ class VGG:
         array.flags.writeable = False  # shared from here on
         return tensor
 
+    # ------------------------------------------------------------------ head
+    head = None  # a `head.Head` whose classes `prob` ranks instead of ImageNet's (`attach_head`)
+
+    def attach_head(self, head) -> None:
+        """Run `head` (a `net.head.Head`) as this network's classifier: `prob` becomes its probabilities on
+        its output (layer and pool), and `label` its class names. `load.load_recipe` checks its recipe first
+        (`Head.check_features`)."""
+        layer = self.resolve(head.output.layer)
+        w, h = self.spec.input_size
+        shape = self.spec.output_shape(layer, h, w)
+        dim = shape[0] if len(shape) == 1 else int(np.prod(shape)) if head.output.pool == "flatten" else shape[2]
+        if dim != head.dim:
+            raise VGGEmbedError(f"{head.path}: takes {head.dim}-d {head.output.name} vectors but {self.spec.path} "
+                                f"gives {dim}-d ones")
+        self.head = head
+
+    def label(self, index: int) -> str:
+        """The name of class `index` of `prob`: the head's classes when one is attached, else the file's."""
+        if self.head is not None:
+            classes = self.head.classes
+            return classes[index] if 0 <= index < len(classes) else f"class {index}"
+        return self.spec.label(index)
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.head.classes) if self.head is not None else self.spec.num_classes
+
     # ----------------------------------------------------------------- names
     @property
     def layer_names(self) -> list[str]:
@@ -119,7 +146,17 @@ class VGG:
 
     def run_outputs(self, batch: np.ndarray, outputs, pad_to: int | None = None) -> dict[tuple, np.ndarray]:
         """Run a batch once, as far as the deepest layer asked; return {(layer, pool): array} for each
-        (canonical layer, pool or None) in `outputs` (see `run`). A pool on an fc layer is ignored."""
+        (canonical layer, pool or None) in `outputs` (see `run`). A pool on an fc layer is ignored. With a head
+        attached, `prob` is the head's probabilities on its output, from the same pass."""
+        if self.head is not None and any(name == "prob" for name, _ in outputs):
+            feature = (self.head.output.layer, self.head.output.pool)
+            rest = tuple(o for o in outputs if o[0] != "prob")
+            out = self.run_outputs(batch, tuple(dict.fromkeys(rest + (feature,))), pad_to)
+            vectors = out[feature]
+            if self.head.recipe.l2_normalize:
+                vectors = pooling.unit_rows(vectors)
+            probs = self.head.predict_proba(vectors)
+            return {**{o: out[o] for o in rest}, **{o: probs for o in outputs if o[0] == "prob"}}
         n = len(batch)
         if pad_to is not None and n < pad_to:
             batch = np.concatenate([batch, np.zeros((pad_to - n,) + batch.shape[1:], batch.dtype)])
@@ -248,8 +285,9 @@ class VGG:
         return pooling.unit_rows(vectors) if l2_normalize else vectors
 
     def classify(self, images, top: int = 5, *, resize: str = "squash", batch_size: int = 32) -> list[list[Prediction]]:
-        """Top-k ImageNet classes per image, most probable first."""
-        self.resolve("prob")
+        """Top-k classes per image (ImageNet's, or the attached head's), most probable first."""
+        if self.head is None:
+            self.resolve("prob")
         images = _as_list(images)
         out = []
         for i in range(0, len(images), batch_size):
@@ -260,7 +298,7 @@ class VGG:
 
     def top_k(self, probs: np.ndarray, k: int) -> list[Prediction]:
         order = np.argsort(probs, kind="stable")[::-1][:k]
-        return [Prediction(r + 1, int(i), self.spec.label(int(i)), float(probs[i])) for r, i in enumerate(order)]
+        return [Prediction(r + 1, int(i), self.label(int(i)), float(probs[i])) for r, i in enumerate(order)]
 
     def _stack(self, images, resize) -> np.ndarray:
         arrays = [prepare(im, resize_mode=resize, size=self.spec.input_size, max_pixels=DEFAULT_MAX_PIXELS)

@@ -25,7 +25,7 @@ __version__ = "0.2.0"
 
 # The fields two vector files must share for their rows to be comparable.
 COMPARED = ("weights_md5", "arch", "outputs", "top", "resize", "precision", "dtype", "l2_normalize", "fast_decode",
-            "legacy_transpose", "calibration", "int8_scheme")
+            "legacy_transpose", "calibration", "int8_scheme", "head_md5")
 
 # `--precision`: float32, bf16 and fp16 run on TensorFlow (`net.model.VGG`), int8 on LiteRT (`net.int8.Int8VGG`).
 PRECISIONS = ("float32", "bf16", "fp16", "int8")
@@ -90,6 +90,9 @@ class Recipe:
         calibration: int8 only: the folder of calibration images (None: the built-in set).
         int8_scheme: int8 only, known once bound: `INT8_SCHEME`, how the int8 model was planned and built.
         arch, weights_md5: known once the weight file is read (`bind`).
+        head: a trained head (`vggembed train`'s HEAD.npz) on this machine: with it, `top` ranks the head's own
+            classes instead of ImageNet's (`net.head`).
+        head_md5: the head file's MD5, recorded and compared as the weights' is.
         vggembed_version: the version that made the vectors.
     """
 
@@ -107,6 +110,8 @@ class Recipe:
     int8_scheme: int | None = None
     arch: str | None = None
     weights_md5: str | None = None
+    head: str | None = None
+    head_md5: str | None = None
     vggembed_version: str = __version__
 
     def __post_init__(self):
@@ -116,10 +121,13 @@ class Recipe:
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
 
-    def bind(self, spec) -> "Recipe":
-        """Fill in what the loaded weight file says: its architecture and its MD5 (and, for int8, the scheme)."""
+    def bind(self, spec, head=None) -> "Recipe":
+        """Fill in what the loaded weight file says: its architecture and its MD5 (and, for int8, the scheme);
+        with a head (`net.head.Head`) that `top` ranks, its file and MD5."""
         return self.replace(weights=spec.path, arch=spec.arch, weights_md5=spec.md5,
-                            int8_scheme=INT8_SCHEME if self.precision == "int8" else None)
+                            int8_scheme=INT8_SCHEME if self.precision == "int8" else None,
+                            head=head.path if head is not None and self.top else None,
+                            head_md5=head.md5 if head is not None and self.top else None)
 
     @property
     def names(self) -> list[str]:
@@ -157,6 +165,8 @@ class Recipe:
             "legacy_transpose": self.legacy_transpose,
             "calibration": self.calibration,
             "int8_scheme": self.int8_scheme,
+            "head": os.path.basename(self.head) if self.head else None,
+            "head_md5": self.head_md5,
         }
 
     @classmethod

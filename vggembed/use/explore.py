@@ -174,30 +174,6 @@ def cluster(index, k: int, *, seed: int = 0, block_rows: int = similarity.BLOCK_
 
 
 # --------------------------------------------------- queries, as the index
-def find_recorded_weights(recipe: Recipe, where: str) -> Path:
-    """The weight file whose MD5 the recipe records: $VGGEMBED_WEIGHTS, then ./weights/ and the cache
-    (the recorded file name first, then every other .npz/.mat there)."""
-    from ..net.cache import cached_md5
-    from ..net.download import search_folders
-
-    candidates = []
-    if os.environ.get("VGGEMBED_WEIGHTS"):
-        candidates.append(Path(os.environ["VGGEMBED_WEIGHTS"]))
-    folders = [f for f in search_folders() if f.is_dir()]
-    if recipe.weights:
-        candidates += [f / Path(recipe.weights).name for f in folders]
-    candidates += sorted(p for f in folders for p in f.iterdir() if p.suffix.lower() in (".npz", ".mat"))
-    seen = set()
-    for c in candidates:
-        if c in seen or not c.is_file():
-            continue
-        seen.add(c)
-        if cached_md5(c) == recipe.weights_md5:
-            return c
-    raise RecipeError(f"{where}: was made with {recipe.weights or 'weights'} (MD5 {recipe.weights_md5}), which is "
-                      "not in $VGGEMBED_WEIGHTS, ./weights/ or the cache; pass --weights PATH")
-
-
 def query_recipe(recipe: Recipe | None, weights, where: str) -> Recipe:
     """The index's recipe with `weights` set to a file on this machine that has the recorded MD5.
 
@@ -206,12 +182,13 @@ def query_recipe(recipe: Recipe | None, weights, where: str) -> Recipe:
     embed command's defaults (fc2, squash, float32).
     """
     from ..net.cache import cached_md5
+    from ..net.download import find_by_md5
 
     if weights is None:
         if recipe is None:
             raise RecipeError(f"{where}: records no recipe (written before vggembed recorded one), so query images "
                               "need --weights: the file it was made with")
-        return recipe.replace(weights=str(find_recorded_weights(recipe, where)))
+        return recipe.replace(weights=str(find_by_md5(recipe, where)))
     weights = Path(weights)
     if not weights.is_file():
         raise VGGEmbedError(f"{weights}: no such weight file")

@@ -73,6 +73,6 @@ def extract(inputs, layers=("fc2",), *, top: int = 0, pool: str | None = None, n
                 blocks[name].append(block.astype(recipe.dtype) if name in vectors else block)
     arrays = {name: np.concatenate(b) if b else np.zeros((0, 0), np.float32) for name, b in blocks.items()}
     if recipe.top:
-        arrays["top_label"] = np.array([[net.spec.label(int(i)) for i in row] for row in arrays["top_index"]],
+        arrays["top_label"] = np.array([[net.label(int(i)) for i in row] for row in arrays["top_index"]],
                                        dtype=str).reshape(len(paths), recipe.top)
     return Extracted(arrays, paths, errors)

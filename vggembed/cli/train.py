@@ -1,0 +1,197 @@
+"""train: a head on your own classes, from folders of photos or an embedding output."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import click
+
+from ..errors import VGGEmbedError, display
+from ..store.destination import Destination
+from .common import CONTEXT, EXIT_SOME_FAILED, Setup, fail, recipe_options, run_options
+from .run import output_run_options, produce
+
+# What `train -o HEAD.npz` writes beside the head: suffix -> what it holds.
+SIDE_FILES = {
+    ".metrics.json": "the evaluation (also inside HEAD.npz)",
+    ".oof.npz": "the probabilities the figures come from: paths, given, proba, fold, classes",
+    ".oof.csv": "path, fold, given, predicted, p_given, p_predicted per evaluated image",
+    ".confusion.csv": "the confusion matrix (rows: given class, columns: predicted)",
+    ".confusion.png": "the confusion matrix as a picture",
+}
+
+
+def side_paths(head: Path) -> dict[str, Path]:
+    stem = head.with_suffix("") if head.suffix.lower() == ".npz" else head
+    return {suffix: stem.with_name(stem.name + suffix) for suffix in SIDE_FILES}
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="HEAD.npz; beside it HEAD.metrics.json, HEAD.oof.npz, HEAD.oof.csv, HEAD.confusion.csv and "
+                   "HEAD.confusion.png.")
+@click.option("--labels", "label_table", type=click.Path(exists=True, dir_okay=False),
+              help="A table of labels: CSV path,label (UTF-8) or Parquet with path and label columns. Default: "
+                   "folders (photos/cat/a.jpg is cat).")
+@click.option("--val", multiple=True, metavar="INPUT",
+              help="Repeatable: a validation set (images or an embedding output), labelled as the inputs; "
+                   "evaluated instead of the k folds.")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="k of the stratified k-fold.")
+@click.option("--C", "C", type=click.FloatRange(0, min_open=True),
+              help="The inverse L2 strength (scikit-learn's C). Default: chosen by a sweep on fold 1.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The folds' shuffle.")
+@click.option("--features", type=click.Path(),
+              help="Where image inputs' vectors are written (default HEAD.features.npy, HEAD.val-features.npy for "
+                   "--val; a folder with --engine ray): train again from it without embedding.")
+@recipe_options(vector=True, inputs=True)
+@output_run_options
+@run_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.pass_context
+def train(ctx, inputs, output, label_table, val, folds, C, seed, features, recipe, resume, overwrite, engine,
+          address, gpus_per_worker, part_size, files_from, null, quiet, opts, device):
+    """Train a classifier head on your own classes and evaluate it.
+
+    INPUT is a folder whose subfolders are the classes (photos/cat/,
+    photos/dog/), image files with --labels, or an embedding output (.npy,
+    .npz, .parquet, .csv, a Ray folder) with its recorded recipe. Images are
+    embedded on the way (resumable with --resume), as `embed` would.
+
+    The head is a multinomial logistic regression on standardised features
+    of one layer (--layer, default fc2). C is chosen on fold 1 by a sweep
+    unless --C is given; the figures printed are out-of-fold (--folds) or on
+    --val. Use the head with `classify --head`, `export --head`, `serve --head`.
+
+    \b
+    Examples:
+      vggembed train photos/ -o head.npz
+      vggembed train feats.npy --labels labels.csv -o head.npz --C 0.01
+      vggembed train photos/train -o head.npz --val photos/val
+    """
+    from ..use import evaluate
+    from ..use.train import fit_head, is_embedding_output, read_label_table
+
+    out = Path(output)
+    if out.suffix.lower() != ".npz":
+        raise click.UsageError(f"-o {output}: a head is written as HEAD.npz")
+    if len(recipe.outputs) != 1 or recipe.top:
+        raise click.UsageError("a head reads one output: give one --layer, and no --top")
+    if not inputs and not files_from:
+        fail("no input: give folders of class folders, image files with --labels, or an embedding output")
+    given_images = [i for i in inputs if not is_embedding_output(i)]
+    if given_images and len(given_images) != len(inputs):
+        raise click.UsageError("give either images (folders, files, shards) or embedding outputs, not both")
+    if val and any(is_embedding_output(v) for v in val) and not all(is_embedding_output(v) for v in val):
+        raise click.UsageError("--val: give either images or embedding outputs, not both")
+    targets = [out, *side_paths(out).values()]
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        fail(f"{existing[0]}: exists; pass --overwrite to replace it")
+    log = (lambda line: None) if quiet else (lambda line: click.echo(f"vggembed: {line}", err=True))
+    table = None
+    if label_table:
+        try:
+            table = read_label_table(label_table)
+        except VGGEmbedError as e:
+            fail(str(e))
+    failed = 0
+    setup = Setup(device=device, verbose=ctx.obj["verbose"])
+    stem = out.with_suffix("")
+    sources, val_sources = list(inputs), list(val)
+    # Images are embedded first, into files that --resume continues and a later train can read.
+    if given_images or files_from:
+        where = features or str(stem) + (".features" if engine == "ray" else ".features.npy")
+        failed += produce(ctx, inputs, where, recipe, resume, overwrite and not resume, engine, address,
+                          gpus_per_worker, part_size, files_from, null, quiet, opts, setup, "embedded")
+        sources = [where]
+    if val and not is_embedding_output(val[0]):
+        where = str(stem) + (".val-features" if engine == "ray" else ".val-features.npy")
+        failed += produce(ctx, list(val), where, recipe, resume, overwrite and not resume, engine, address,
+                          gpus_per_worker, part_size, None, null, quiet, opts, setup, "embedded")
+        val_sources = [where]
+    layer = recipe.outputs[0].name if ctx.get_parameter_source("layers") != click.core.ParameterSource.DEFAULT \
+        else None
+    try:
+        with _opened(sources, layer) as rows, _opened(val_sources, layer) as val_rows:
+            head = fit_head(rows, table, val_rows, folds=folds, C=C, seed=seed, log=log)
+        _write(out, head, overwrite)
+    except VGGEmbedError as e:
+        fail(str(e))
+    m = head.metrics
+    title = (f"{m['evaluation']} figures of {display(str(out))} (C = {head.C:.4g}, {len(head.classes)} classes, "
+             f"{head.recipe.outputs[0].name})")
+    click.echo(evaluate.table(m, title))
+    if not quiet:
+        click.echo(f"vggembed: wrote {out} and beside it {', '.join(p.name for p in side_paths(out).values())}",
+                   err=True)
+    ctx.exit(EXIT_SOME_FAILED if failed else 0)
+
+
+@contextlib.contextmanager
+def _opened(sources, layer):
+    from ..store.vectors import open_vectors
+    from ..use.train import Rows
+
+    opened = []
+    try:
+        for s in sources:
+            opened.append(open_vectors(s, layer=layer))
+        yield [Rows.of(v) for v in opened]
+    finally:
+        for v in opened:
+            v.close()
+
+
+def _write(out: Path, head, overwrite: bool) -> None:
+    """HEAD.npz and its side files, each written whole beside its place and renamed into it; HEAD.npz last,
+    so a head that exists was written completely with its evaluation."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from ..use import evaluate
+
+    ev = head.evaluation
+    sides = side_paths(out)
+    with Destination(out) as dest, dest.writing():
+        for p in [out, *sides.values()]:
+            if p.exists() and not overwrite:
+                raise VGGEmbedError(f"{p}: exists; pass --overwrite to replace it")
+
+        def put(path: Path, write) -> None:
+            tmp = path.with_name(path.name + ".partial")
+            try:
+                with open(tmp, "wb") as f:
+                    write(f)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        put(sides[".metrics.json"], lambda f: f.write((json.dumps(head.metrics, indent=1) + "\n").encode()))
+        paths = np.array(ev.paths, dtype=str)
+        put(sides[".oof.npz"], lambda f: np.savez(f, paths=paths, given=ev.given, proba=ev.proba, fold=ev.fold,
+                                                  classes=np.array(ev.classes, dtype=str)))
+        predicted = np.argmax(ev.proba, axis=1)
+        text = io.StringIO()
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(["path", "fold", "given", "predicted", "p_given", "p_predicted"])
+        rows = np.arange(len(ev.paths))
+        p_given, p_predicted = ev.proba[rows, ev.given], ev.proba[rows, predicted]
+        for i in rows.tolist():
+            w.writerow([ev.paths[i], int(ev.fold[i]) + 1 if ev.fold[i] >= 0 else "", ev.classes[ev.given[i]],
+                        ev.classes[predicted[i]], f"{p_given[i]:.6g}", f"{p_predicted[i]:.6g}"])
+        put(sides[".oof.csv"], lambda f: f.write(text.getvalue().encode("utf-8", "surrogateescape")))
+        put(sides[".confusion.csv"],
+            lambda f: f.write(evaluate.confusion_csv(head.metrics, ev.classes).encode("utf-8", "surrogateescape")))
+        picture = evaluate.confusion_picture(head.metrics, ev.classes,
+                                             f"{out.name}: {head.metrics['evaluation']} confusion (rows: given, "
+                                             f"columns: predicted)")
+        put(sides[".confusion.png"], lambda f: picture.save(f, format="PNG"))
+        put(out, head.write)
+        head.path = str(out)

@@ -1,0 +1,213 @@
+"""A trained head: the user's own classes on top of one output of the network.
+
+`vggembed train` fits it (`use/train.py`); `classify --head`, `export --head` and
+`serve --head` run it. Attached to a network (`VGG.attach_head`, done by
+`load.load_recipe` when the recipe names a head), it replaces ImageNet's
+softmax: the network's `prob` becomes the head's probabilities and its labels
+the head's classes, so every consumer of `--top` (the local and Ray engines,
+the writers, serve, export) ranks the user's classes unchanged.
+
+HEAD.npz holds plain arrays, loadable with numpy alone
+(`np.load(path, allow_pickle=False)`):
+
+| key | value |
+| --- | --- |
+| `format`, `format_version` | `"vggembed-head"`, 1 |
+| `kind` | `"logistic"`: multinomial logistic regression (softmax, cross-entropy, L2) |
+| `classes` | (K,) str: class names; column k of `coef` is `classes[k]` |
+| `coef`, `intercept` | (D, K) and (K,) float32, on standardised features |
+| `mean`, `scale` | (D,) float32: features are standardised as `(x - mean) / scale` before `coef` |
+| `C` | float64 scalar: the inverse L2 strength (`0.5 * |coef|^2 + C * sum of cross-entropies`), as scikit-learn's |
+| `recipe` | str: JSON of the features' recipe (weights MD5, layer, pool, resize, precision, version) |
+| `metrics` | str: JSON of the evaluation (`use/train.py`'s `evaluate`) |
+
+So `softmax(((x - mean) / scale) @ coef + intercept)` gives the probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VGGEmbedError, reason
+from ..store.recipe import Recipe
+
+FORMAT = "vggembed-head"
+FORMAT_VERSION = 1
+KINDS = ("logistic",)
+KEYS = ("format", "format_version", "kind", "classes", "coef", "intercept", "mean", "scale", "C", "recipe",
+        "metrics")
+# The recipe fields a head's features must share with the network it runs on. dtype is not one: a head trained
+# on float16-rounded vectors runs as well on float32 ones.
+FEATURE_FIELDS = ("weights_md5", "arch", "resize", "precision", "l2_normalize", "fast_decode", "legacy_transpose",
+                  "calibration", "int8_scheme")
+
+
+@dataclass
+class Head:
+    """A multinomial logistic regression on one output of the network.
+
+    Attributes:
+        classes: the class names, in column order.
+        coef, intercept: (D, K) and (K,) float32 weights on standardised features.
+        mean, scale: (D,) float32 standardisation.
+        C: the inverse regularisation strength it was fitted at.
+        recipe: the recipe of the features it was trained on (one output, no top).
+        metrics: its evaluation (see `use/train.py`).
+        path, md5: the file it was read from or saved to.
+    """
+
+    classes: list[str]
+    coef: np.ndarray
+    intercept: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    C: float
+    recipe: Recipe
+    metrics: dict = field(default_factory=dict)
+    kind: str = "logistic"
+    path: str | None = None
+    md5: str | None = None
+    network: object = field(default=None, repr=False)  # set by `load.load_head`: fn() -> the network it runs on
+
+    def __post_init__(self):
+        self.classes = [str(c) for c in self.classes]
+        d, k = self.coef.shape
+        if k != len(self.classes) or self.intercept.shape != (k,) or self.mean.shape != (d,) \
+                or self.scale.shape != (d,):
+            raise VGGEmbedError(f"{self.path or 'head'}: arrays do not fit together: coef {self.coef.shape}, "
+                                f"intercept {self.intercept.shape}, mean {self.mean.shape}, scale "
+                                f"{self.scale.shape}, {len(self.classes)} classes")
+        # The standardisation folded into the weights (in float64, then float32): one matmul per batch.
+        w = self.coef.astype(np.float64) / self.scale.astype(np.float64)[:, None]
+        self._w = w.astype(np.float32)
+        self._b = (self.intercept.astype(np.float64) - self.mean.astype(np.float64) @ w).astype(np.float32)
+
+    @property
+    def output(self):
+        """The network output (`store.recipe.Output`) the head reads."""
+        return self.recipe.outputs[0]
+
+    @property
+    def dim(self) -> int:
+        return self.coef.shape[0]
+
+    # ----------------------------------------------------------- predicting
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) with the standardisation folded in: logits = x @ W + b on raw features."""
+        return self._w, self._b
+
+    def logits(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise VGGEmbedError(f"{self.path or 'head'}: takes {self.dim}-d {self.output.name} vectors; "
+                                f"received shape {vectors.shape}")
+        return vectors @ self._w + self._b
+
+    def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
+        """(N, K) float32 class probabilities of raw feature rows (as `embed` writes them)."""
+        return softmax(self.logits(vectors))
+
+    def predict(self, vectors: np.ndarray) -> list[str]:
+        """The most probable class name of each row."""
+        return [self.classes[i] for i in np.argmax(self.logits(vectors), axis=1)]
+
+    def classify(self, images, top: int = 5, *, batch_size: int = 32) -> list:
+        """Top classes of images (paths, bytes, PIL images or arrays), embedded as the head's features were:
+        [[Prediction(rank, index, label, probability), ...], ...]. Needs a head from `vggembed.load_head` or
+        `vggembed.train` (which know how to load its network)."""
+        if self.network is None:
+            raise VGGEmbedError("this head has no network to run on: load it with vggembed.load_head(path)")
+        net = self.network()
+        return net.classify(images, min(top, len(self.classes)), resize=self.recipe.resize, batch_size=batch_size)
+
+    # ------------------------------------------------------------- checking
+    def check_features(self, recipe: Recipe, where: str = "the network") -> None:
+        """Refuse features of another recipe (weights, layer, pool, precision, ...): one line naming both."""
+        mine, theirs = self.recipe.to_dict(), recipe.to_dict()
+        diff = [f"{k} {_value(mine[k])} vs {_value(theirs[k])}" for k in FEATURE_FIELDS
+                if mine[k] != theirs[k] and not (k == "weights_md5" and theirs[k] is None)]
+        if diff:
+            raise VGGEmbedError(f"{self.path or 'head'} was trained on features of another recipe than {where} "
+                              f"({'; '.join(diff)}); use the weights and options it records "
+                              f"(vggembed info {self.path or 'HEAD.npz'}), or train a head on these")
+
+    def check_output(self, output, where: str) -> None:
+        """Refuse vectors of another layer or pool than the head's."""
+        if (output.layer, output.pool) != (self.output.layer, self.output.pool):
+            raise VGGEmbedError(f"{self.path or 'head'} reads {_output(self.output)} but {where} holds "
+                              f"{_output(output)}")
+
+    # --------------------------------------------------------------- on disk
+    def arrays(self) -> dict:
+        return {
+            "format": np.array(FORMAT), "format_version": np.array(FORMAT_VERSION), "kind": np.array(self.kind),
+            "classes": np.array(self.classes, dtype=str), "coef": self.coef.astype(np.float32),
+            "intercept": self.intercept.astype(np.float32), "mean": self.mean.astype(np.float32),
+            "scale": self.scale.astype(np.float32), "C": np.array(float(self.C)),
+            "recipe": np.array(json.dumps(self.recipe.to_dict())),
+            "metrics": np.array(json.dumps(self.metrics, allow_nan=False)),
+        }
+
+    def write(self, f) -> None:
+        """Write HEAD.npz's arrays to an open binary file."""
+        np.savez(f, **self.arrays())
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def read_head(path) -> Head:
+    """A HEAD.npz file; one line naming the file and what is wrong when it is not one."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise VGGEmbedError(f"{path}: cannot read the head ({reason(e)})") from None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            missing = [k for k in KEYS if k not in z.files]
+            if missing:
+                raise VGGEmbedError(f"{path}: not a vggembed head (no {', '.join(missing)}); make one with "
+                                    "vggembed train")
+            a = {k: z[k] for k in KEYS}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise VGGEmbedError(f"{path}: not a vggembed head ({reason(e)})") from None
+    if str(a["format"]) != FORMAT or int(a["format_version"]) > FORMAT_VERSION:
+        raise VGGEmbedError(f"{path}: format {str(a['format'])!r} version {int(a['format_version'])}; this "
+                            f"vggembed reads {FORMAT!r} up to version {FORMAT_VERSION}")
+    if str(a["kind"]) not in KINDS:
+        raise VGGEmbedError(f"{path}: head kind {str(a['kind'])!r} is not one this vggembed runs ({KINDS})")
+    try:
+        recipe = Recipe.from_dict(json.loads(str(a["recipe"])))
+        metrics = json.loads(str(a["metrics"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise VGGEmbedError(f"{path}: its recipe or metrics are not readable ({reason(e)})") from None
+    if len(recipe.outputs) != 1:
+        raise VGGEmbedError(f"{path}: its recipe names {len(recipe.outputs)} outputs; a head reads one")
+    arrays = {k: np.asarray(a[k], np.float32) for k in ("coef", "intercept", "mean", "scale")}
+    if not all(np.isfinite(v).all() for v in arrays.values()) or not (arrays["scale"] > 0).all():
+        raise VGGEmbedError(f"{path}: holds NaN, infinite or non-positive scale values")
+    if arrays["coef"].ndim != 2:
+        raise VGGEmbedError(f"{path}: coef has shape {arrays['coef'].shape}; expected (D, K)")
+    return Head(classes=[str(c) for c in a["classes"].tolist()], C=float(a["C"]), recipe=recipe, metrics=metrics,
+                kind=str(a["kind"]), path=str(path), md5=hashlib.md5(data).hexdigest(), **arrays)
+
+
+def _value(v) -> str:
+    return repr(v) if not isinstance(v, str) or len(v) < 40 else repr(v[:12] + "...")
+
+
+def _output(o) -> str:
+    return f"{o.name} ({o.layer}{':' + o.pool if o.pool else ''})"

@@ -1,0 +1,549 @@
+"""Your own classes: a head trained on embeddings, evaluated honestly.
+
+`vggembed train` and `vggembed.train`:
+
+1. **Labels.** From folders (the first level of subfolders under the inputs'
+   common folder is the class: `photos/cat/a.jpg` is `cat`, as Keras's
+   `image_dataset_from_directory` and torchvision's `ImageFolder` read them),
+   or from a table (`read_label_table`: CSV `path,label` or Parquet) matched
+   to the rows by path.
+2. **Folds.** Stratified k-fold (each class dealt round-robin over the folds
+   after a seeded shuffle); the rows are laid out fold by fold in one float32
+   matrix (`logistic.Problem`), so no fold is ever copied.
+3. **C.** Unless given, chosen on fold 1 as validation (the other folds
+   train) by a log-spaced sweep from strong to weak regularisation, each fit
+   warm-started from the last: the highest top-1 there, ties broken by
+   log-loss. The sweep stops early once both have worsened twice running.
+4. **Evaluation.** Out-of-fold probabilities from the k folds at the chosen
+   C (each fold's scaling from its own training rows); or, with `val`, the
+   probabilities of a separate validation set that no choice saw.
+5. **The head.** One final fit on every labelled row, standardised by all of
+   them, at the chosen C.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VGGEmbedError, display, reason
+from ..net.head import Head
+from ..store.recipe import Recipe
+from . import evaluate
+from .logistic import Fit, Problem
+
+# The sweep's values of C times the number of training rows (scikit-learn's C sums the loss over rows, so
+# C * n is the inverse of the per-row L2 strength), strong to weak.
+SWEEP = tuple(10.0 ** e for e in range(-1, 6))
+DEFAULT_FOLDS = 5
+BLOCK_ROWS = 4096
+# A looser tolerance while sweeping (the choice needs the ranking, not the last digit).
+SWEEP_TOL = 1e-4
+FIT_TOL = 1e-6
+
+
+# ------------------------------------------------------------------- labels
+def read_label_table(path) -> dict[str, str]:
+    """{path: label} from a CSV (`path,label`, a header row optional, any quoting the csv module reads, UTF-8;
+    names that are not UTF-8 as surrogate escapes, as file names are) or a Parquet table with `path` (or its
+    exact bytes in `path_bytes`) and `label` columns."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        return _parquet_labels(path)
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as e:
+        raise VGGEmbedError(f"{path}: cannot read the labels ({reason(e)})") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    table: dict[str, str] = {}
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise VGGEmbedError(f"{path}: not a readable CSV ({reason(e)})") from None
+    for number, row in enumerate(rows, 1):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+            continue
+        if len(row) < 2:
+            raise VGGEmbedError(f"{path}: line {number} has {len(row)} column; expected path,label")
+        name, label = row[0], row[1]
+        if not label:
+            raise VGGEmbedError(f"{path}: line {number} ({display(name)}) has an empty label")
+        if name in table and table[name] != label:
+            raise VGGEmbedError(f"{path}: {display(name)} is labelled both {table[name]!r} and {label!r}")
+        table[name] = label
+    if not table:
+        raise VGGEmbedError(f"{path}: holds no labels (expected rows of path,label)")
+    return table
+
+
+def _parquet_labels(path: Path) -> dict[str, str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise VGGEmbedError(f'{path}: reading Parquet needs pyarrow (pip install "vggembed[parquet]")') from None
+    try:
+        t = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds; one line names the file
+        raise VGGEmbedError(f"{path}: not a readable Parquet file ({reason(e)})") from None
+    if "label" not in t.column_names or not ({"path", "path_bytes"} & set(t.column_names)):
+        raise VGGEmbedError(f"{path}: needs a label column and a path (or path_bytes) column; it has "
+                            f"{', '.join(t.column_names)}")
+    labels = [str(v) if v is not None else "" for v in t.column("label").to_pylist()]
+    if "path_bytes" in t.column_names:
+        raw = t.column("path_bytes").to_pylist()
+        text = t.column("path").to_pylist() if "path" in t.column_names else [None] * len(raw)
+        names = [os.fsdecode(b) if b is not None else p for b, p in zip(raw, text)]
+    else:
+        names = t.column("path").to_pylist()
+    table = {}
+    for name, label in zip(names, labels):
+        if name is None or not label:
+            raise VGGEmbedError(f"{path}: a row has no path or an empty label ({display(name or '')})")
+        table[str(name)] = label
+    return table
+
+
+def _key(name: str) -> str:
+    """A path as labels and rows are matched: normalised (`./a/../b.jpg` is `b.jpg`), URLs as they are."""
+    return name if "://" in name else os.path.normpath(name)
+
+
+def match_table(paths: list[str], table: dict[str, str]) -> tuple[list[str | None], list[str]]:
+    """The label of each row from a label table, and the table's names that are not among the rows."""
+    by_key: dict[str, str] = {}
+    by_abs: dict[str, str] = {}
+    for name, label in table.items():
+        by_key[_key(name)] = label
+        if "://" not in name:
+            by_abs[os.path.abspath(name)] = label
+    labels, used = [], set()
+    for p in paths:
+        k = _key(p)
+        label = by_key.get(k)
+        if label is None and "://" not in p:
+            label = by_abs.get(os.path.abspath(p))
+            k = os.path.abspath(p)
+        labels.append(label)
+        if label is not None:
+            used.add(k)
+    unused = [n for n in table if _key(n) not in used and ("://" in n or os.path.abspath(n) not in used)]
+    return labels, unused
+
+
+def folder_labels(paths: list[str]) -> tuple[list[str | None], str]:
+    """The class of each row from its folder: the first path component under the rows' common folder
+    (None for a row directly in it); and that folder."""
+    parts = [_components(p) for p in paths]
+    folders = [c[:-1] for c in parts]
+    common = folders[0] if folders else []
+    for f in folders[1:]:
+        n = 0
+        while n < min(len(common), len(f)) and common[n] == f[n]:
+            n += 1
+        common = common[:n]
+    depth = len(common)
+    # the common folder of a single class is that class's folder: its parent is the root
+    if folders and all(len(f) == depth for f in folders) and depth:
+        depth -= 1
+    labels = [c[depth] if len(c) > depth + 1 else None for c in parts]
+    return labels, "/".join(common[:depth]) or "."
+
+
+def _components(name: str) -> list[str]:
+    if "://" in name:
+        scheme, rest = name.split("://", 1)
+        return [scheme + ":"] + [c for c in rest.split("/") if c]
+    return [c for c in Path(os.path.normpath(name)).as_posix().split("/") if c not in ("", ".")]
+
+
+# --------------------------------------------------------------------- data
+@dataclass
+class Rows:
+    """Rows of vectors to train on or evaluate: any embedding output (`store.vectors.Vectors`) or arrays in
+    memory, each row with its path."""
+
+    paths: list[str]
+    recipe: Recipe | None
+    source: str
+    _read: object = field(repr=False)  # fn(start, stop) -> float32 block
+    dim: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.paths)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self._read(start, stop)
+
+    @classmethod
+    def of(cls, vectors) -> "Rows":
+        return cls(list(vectors.paths), vectors.recipe, str(vectors.source), vectors.read, vectors.dim)
+
+    @classmethod
+    def arrays(cls, matrix: np.ndarray, paths: list[str], recipe: Recipe | None, source: str = "arrays") -> "Rows":
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2 or len(matrix) != len(paths):
+            raise VGGEmbedError(f"{source}: {matrix.shape} vectors for {len(paths)} paths")
+        return cls(list(paths), recipe, source, lambda a, b: np.asarray(matrix[a:b], np.float32), matrix.shape[1])
+
+
+@dataclass
+class Labelled:
+    """Which rows of which sources are trained on, with their class, and what was left out."""
+
+    sources: list
+    picks: list  # per source: (row indices, class indices)
+    classes: list[str]
+    unlabelled: int = 0
+    non_finite: list = field(default_factory=list)  # paths
+    unused_labels: list = field(default_factory=list)  # label table names not among the rows
+    root: str | None = None
+
+    @property
+    def count(self) -> int:
+        return sum(len(r) for r, _ in self.picks)
+
+    def given(self) -> np.ndarray:
+        return np.concatenate([c for _, c in self.picks]) if self.picks else np.zeros(0, np.int64)
+
+    def paths(self) -> list[str]:
+        return [s.paths[i] for s, (r, _) in zip(self.sources, self.picks) for i in r.tolist()]
+
+
+def gather(sources: list[Rows], labels: dict[str, str] | None, classes: list[str] | None = None,
+           where: str = "inputs") -> Labelled:
+    """Label every row (a table, or folders when `labels` is None), drop rows whose vectors are not finite,
+    and number the classes (sorted by name, or as `classes` gives them: a validation set's labels must be
+    among the training classes)."""
+    per_source, unused, root = [], [], None
+    all_paths = [p for s in sources for p in s.paths]
+    if labels is None:
+        names, root = folder_labels(all_paths)
+    else:
+        names, unused = match_table(all_paths, labels)
+    offset = 0
+    for s in sources:
+        per_source.append(names[offset: offset + s.rows])
+        offset += s.rows
+    found = sorted({n for n in names if n is not None})
+    if classes is None:
+        classes = found
+    else:
+        unknown = [c for c in found if c not in set(classes)]
+        if unknown:
+            raise VGGEmbedError(f"{where}: labels {', '.join(map(repr, unknown[:5]))} are not among the trained "
+                                f"classes ({', '.join(map(repr, classes[:10]))})")
+    number = {c: i for i, c in enumerate(classes)}
+    picks, non_finite, unlabelled = [], [], 0
+    for s, row_names in zip(sources, per_source):
+        keep = np.array([n is not None for n in row_names], bool)
+        unlabelled += int((~keep).sum())
+        for start in range(0, s.rows, BLOCK_ROWS):
+            block = s.read(start, min(start + BLOCK_ROWS, s.rows))
+            bad = ~np.isfinite(block).all(axis=1)
+            if bad.any():
+                for i in np.flatnonzero(bad & keep[start:start + len(block)]).tolist():
+                    non_finite.append(s.paths[start + i])
+                keep[start:start + len(block)] &= ~bad
+        rows = np.flatnonzero(keep)
+        picks.append((rows, np.array([number[row_names[i]] for i in rows.tolist()], np.int64)))
+    return Labelled(sources, picks, classes, unlabelled, non_finite, unused, root)
+
+
+def fold_of(given: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Stratified folds: each class's rows shuffled (seeded) and dealt round-robin over the folds."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(given), np.int64)
+    start = 0
+    for c in np.unique(given):
+        rows = np.flatnonzero(given == c)
+        rows = rows[rng.permutation(len(rows))]
+        fold[rows] = (start + np.arange(len(rows))) % folds  # classes start where the last one ended
+        start = (start + len(rows)) % folds
+    return fold
+
+
+def _matrix(data: Labelled, order: np.ndarray) -> np.ndarray:
+    """The picked rows as one float32 matrix, row `order[i]` of the picks at position i."""
+    dim = data.sources[0].dim
+    X = np.empty((data.count, dim), np.float32)
+    position = np.empty(data.count, np.int64)
+    position[order] = np.arange(data.count)
+    offset = 0
+    for s, (rows, _) in zip(data.sources, data.picks):
+        for start in range(0, len(rows), BLOCK_ROWS):
+            chunk = rows[start:start + BLOCK_ROWS]
+            block = s.read(int(chunk[0]), int(chunk[-1]) + 1)
+            X[position[offset + start: offset + start + len(chunk)]] = block[chunk - chunk[0]]
+        offset += len(rows)
+    return X
+
+
+# -------------------------------------------------------------------- train
+@dataclass
+class Evaluation:
+    """The probabilities a head's figures come from: out-of-fold (`fold` >= 0) or a validation set
+    (`fold` = -1), in the rows' input order."""
+
+    paths: list[str]
+    given: np.ndarray
+    proba: np.ndarray
+    fold: np.ndarray
+    classes: list[str]
+    kind: str  # "5-fold out-of-fold" or "validation set"
+
+
+def train(inputs, *, labels=None, val=None, folds: int = DEFAULT_FOLDS, C: float | None = None, seed: int = 0,
+          layer: str | None = None, log=None, **embed_options) -> Head:
+    """Train a head on the user's own classes; return it, with its figures in `head.metrics` and the
+    probabilities they come from in `head.evaluation`.
+
+    Args:
+        inputs: embedding outputs (`.npy` + index, `.npz`, `.parquet`, `.csv`, a Ray folder) or image files
+            and folders (embedded in memory with `vggembed.extract` and `embed_options`: weights, precision,
+            resize, ...), a path or a list of them.
+        labels: a label table (CSV `path,label` or Parquet), or a {path: label} dict; None: folder names.
+        val: a validation set, as `inputs` (labelled the same way); evaluated instead of k folds.
+        folds: k of the stratified k-fold.
+        C: the inverse L2 strength (scikit-learn's); None chooses it by the sweep.
+        layer: which output of a file of several to train on (default: its first).
+        log: fn(line) for progress lines (default: stderr).
+
+    Example:
+        >>> head = vggembed.train("feats.npy", labels="labels.csv")
+        >>> head.metrics["top1"], head.predict(vectors)
+    """
+    log = log or (lambda line: print(f"vggembed: {line}", file=sys.stderr))
+    table = read_label_table(labels) if isinstance(labels, (str, os.PathLike)) else labels
+    with _opened(inputs, layer, embed_options) as sources, _opened(val or [], layer, embed_options) as val_sources:
+        return fit_head(sources, table, val_sources, folds=folds, C=C, seed=seed, log=log)
+
+
+class _opened:
+    """Inputs as `Rows`: embedding outputs opened (and closed after), images embedded in memory."""
+
+    def __init__(self, inputs, layer, embed_options):
+        self.inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        self.layer, self.options, self.open = layer, embed_options, []
+
+    def __enter__(self) -> list[Rows]:
+        from ..store.vectors import open_vectors
+
+        rows, images = [], []
+        try:
+            for i in self.inputs:
+                if is_embedding_output(i):
+                    v = open_vectors(i, layer=self.layer)
+                    self.open.append(v)
+                    rows.append(Rows.of(v))
+                else:
+                    images.append(os.fsdecode(i))
+            if images:
+                from .extract import extract
+
+                out = extract(images, self.layer or "fc2", **self.options)
+                if not out.paths:
+                    raise VGGEmbedError(f"{', '.join(images)}: no image could be embedded")
+                recipe = _extract_recipe(self.layer or "fc2", self.options)
+                rows.append(Rows.arrays(next(iter(out.arrays.values())), out.paths, recipe, ", ".join(images)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return rows
+
+    def __exit__(self, *exc):
+        for v in self.open:
+            v.close()
+
+
+def _extract_recipe(layer, options) -> Recipe:
+    """The recipe `extract` ran, bound to its weight file, so the head records what it was trained on."""
+    from ..net.arch import parse_outputs
+    from ..net.load import locate
+    from ..net.weights import load_weights
+
+    fields = {k: options[k] for k in ("precision", "resize", "dtype", "l2_normalize") if k in options}
+    recipe = locate(Recipe(weights=None if options.get("weights") is None else str(options["weights"]),
+                           model=options.get("model", "vgg16"), outputs=parse_outputs([layer]), **fields))
+    _, spec = load_weights(recipe.weights, layers=())
+    return recipe.bind(spec)
+
+
+def is_embedding_output(name) -> bool:
+    """An embedding output (read as vectors) rather than images: `.npy`, `.npz`, `.parquet`, `.csv`, or a
+    folder holding a Ray run's `manifest.json`."""
+    name = os.fsdecode(name)
+    if name.lower().endswith((".npy", ".npz", ".parquet", ".csv")):
+        return True
+    if "://" in name:
+        return False
+    return os.path.isfile(os.path.join(name, "manifest.json"))
+
+
+def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] = (), *, folds: int = DEFAULT_FOLDS,
+             C: float | None = None, seed: int = 0, log=print) -> Head:
+    """`train` on opened sources (see there)."""
+    if not sources:
+        raise VGGEmbedError("no inputs to train on")
+    recipe = _one_recipe(list(sources) + list(val_sources))
+    dims = {s.dim for s in list(sources) + list(val_sources)}
+    if len(dims) > 1:
+        raise VGGEmbedError(f"the inputs hold vectors of different widths ({sorted(dims)})")
+    where = ", ".join(s.source for s in sources)
+    data = gather(sources, labels, where=where)
+    _report_left_out(data, where, log, labels is None)
+    counts = np.bincount(data.given(), minlength=len(data.classes))
+    if len(data.classes) < 2:
+        what = f"only one class ({data.classes[0]!r})" if data.classes else "no labelled image"
+        hint = ("labels come from the first level of subfolders (photos/cat/a.jpg is cat); give the folder that "
+                "holds the class folders, or --labels FILE") if labels is None else "check --labels"
+        raise VGGEmbedError(f"{where}: {what}; a classifier needs at least two classes: {hint}")
+    smallest = int(counts.min())
+    k = folds
+    if smallest < 2 and not val_sources:
+        lone = [data.classes[i] for i in np.flatnonzero(counts < 2)]
+        raise VGGEmbedError(f"{where}: class {lone[0]!r} has {smallest} image" + (f" (and {len(lone) - 1} more "
+                            "such classes)" if len(lone) > 1 else "") + "; every class needs at least 2 to be "
+                            "evaluated out of fold: add images, drop the class, or give --val")
+    if smallest < k:
+        k = max(2, smallest)
+        small = data.classes[int(np.argmin(counts))]
+        log(f"note: class {small!r} has {smallest} images, fewer than {folds} folds: using {k} folds")
+    given = data.given()
+    fold = fold_of(given, k, seed)
+    order = np.argsort(fold, kind="stable")  # rows fold by fold, input order within each
+    X = _matrix(data, order)
+    y = given[order]
+    bounds = np.searchsorted(fold[order], np.arange(k + 1))
+    log(f"training on {data.count} images of {len(data.classes)} classes ({X.shape[1]}-d {recipe.outputs[0].name}"
+        f" vectors){'' if C is not None else f'; choosing C on fold 1 of {k}'}")
+    problem = Problem(X, y, len(data.classes))
+    total = problem.sums([slice(0, problem.N)])
+    block = [problem.sums([slice(int(bounds[f]), int(bounds[f + 1]))]) for f in range(k)]
+
+    def fold_scale(f):
+        s, q, n = (total[0] - block[f][0], total[1] - block[f][1], total[2] - block[f][2])
+        return problem.scale_from(s, q, n)
+
+    def train_rows(f):
+        return [slice(0, int(bounds[f])), slice(int(bounds[f + 1]), problem.N)]
+
+    sweep, chosen_fit = [], None
+    if C is None:
+        C, sweep, chosen_fit = _sweep(problem, train_rows(0), slice(int(bounds[0]), int(bounds[1])), fold_scale(0),
+                                      log)
+    if C <= 0 or not math.isfinite(C):
+        raise VGGEmbedError(f"C must be a positive number; received {C}")
+
+    evaluation_kind = f"{k}-fold out-of-fold" if not val_sources else "validation set"
+    previous = chosen_fit
+    if not val_sources:
+        proba = np.empty((problem.N, problem.K), np.float32)
+        for f in range(k):
+            fit = problem.fit(train_rows(f), C, fold_scale(f), init=previous, tol=FIT_TOL)
+            proba[bounds[f]:bounds[f + 1]] = problem.proba(fit, slice(int(bounds[f]), int(bounds[f + 1])))
+            previous = fit
+            log(f"fold {f + 1}/{k}: {fit.iterations} iterations")
+    final = problem.fit([slice(0, problem.N)], C, problem.scale_from(*total), init=previous, tol=FIT_TOL)
+    if not final.converged:
+        log(f"note: the final fit stopped after {final.iterations} iterations before converging")
+    head = Head(classes=list(data.classes), coef=final.coef, intercept=final.intercept,
+                mean=problem.mean.astype(np.float32), scale=final.scale, C=float(C), recipe=recipe)
+    if val_sources:
+        vdata = gather(list(val_sources), labels, classes=data.classes,
+                       where=", ".join(s.source for s in val_sources))
+        _report_left_out(vdata, "--val", log, labels is None)
+        if not vdata.count:
+            raise VGGEmbedError("--val: no labelled image among the validation inputs")
+        vproba = np.concatenate([head.predict_proba(s.read(0, s.rows)[rows])
+                                 for s, (rows, _) in zip(vdata.sources, vdata.picks) if len(rows)])
+        evaluation = Evaluation(vdata.paths(), vdata.given(), vproba, np.full(vdata.count, -1), data.classes,
+                                evaluation_kind)
+    else:
+        unordered = np.empty_like(proba)
+        unordered[order] = proba
+        evaluation = Evaluation(data.paths(), given, unordered, fold, data.classes, evaluation_kind)
+    head.metrics = {
+        "evaluation": evaluation_kind,
+        **evaluate.metrics(evaluation.proba, evaluation.given, data.classes),
+        "C": float(C),
+        "C_chosen_by": "sweep on fold 1" if sweep else "given",
+        "sweep": sweep,
+        "folds": k,
+        "seed": seed,
+        "trained": int(data.count),
+        "class_counts": {c: int(n) for c, n in zip(data.classes, counts)},
+        "unlabelled": int(data.unlabelled),
+        "non_finite": len(data.non_finite),
+        "final_iterations": final.iterations,
+    }
+    head.evaluation = evaluation
+    return head
+
+
+def _sweep(problem: Problem, rows: list[slice], held: slice, scale: np.ndarray, log) -> tuple:
+    """Choose C on one split: (C, the sweep's figures, the fit at the chosen C)."""
+    n = sum(r.stop - r.start for r in rows)
+    given = problem.y[held]
+    results, fits = [], {}
+    best = None
+    worse = 0
+    previous = None
+    for cn in SWEEP:
+        C = cn / n
+        fit = problem.fit(rows, C, scale, init=previous, tol=SWEEP_TOL)
+        previous = fit
+        proba = problem.proba(fit, held)
+        m = evaluate.metrics(proba, given, [str(i) for i in range(problem.K)])
+        results.append({"C": C, "top1": m["top1"], "log_loss": m["log_loss"], "iterations": fit.iterations})
+        fits[C] = fit
+        log(f"C {C:.3g}: top-1 {m['top1']:.4f}, log-loss {m['log_loss']:.4f} on fold 1 ({fit.iterations} iterations)")
+        key = (-m["top1"], m["log_loss"])
+        if best is None or key < best[0]:
+            best, worse = (key, C), 0
+        else:
+            worse += 1
+            if worse >= 2:
+                break
+    C = best[1]
+    log(f"chose C = {C:.3g}")
+    return C, results, fits[C]
+
+
+def _one_recipe(sources: list[Rows]) -> Recipe:
+    """The inputs' common recipe (one output): vectors of two recipes are not trained on together."""
+    first = None
+    for s in sources:
+        if s.recipe is None:
+            raise VGGEmbedError(f"{s.source}: records no recipe (written before vggembed recorded one); a head "
+                                "must know the weights and layer its features came from: embed the images again")
+        r = s.recipe.replace(dtype="float32", top=0)
+        if first is None:
+            first = (s, r)
+        else:
+            r.check_same(first[1], f"{s.source}", f"it cannot be trained on with {first[0].source}")
+    return first[1]
+
+
+def _report_left_out(data: Labelled, where: str, log, by_folder: bool) -> None:
+    if data.unlabelled:
+        why = f"directly in {data.root}, not in a class folder" if by_folder else "not in the label table"
+        log(f"note: {data.unlabelled} images of {where} have no label ({why}); they are not trained on")
+    if data.unused_labels:
+        first = ", ".join(display(n) for n in data.unused_labels[:3])
+        log(f"note: {len(data.unused_labels)} labels name paths that are not among {where} (first: {first})")
+    if data.non_finite:
+        first = ", ".join(display(n) for n in data.non_finite[:3])
+        log(f"note: {len(data.non_finite)} vectors hold NaN or infinite values (first: {first}); they are not "
+            "trained on")
