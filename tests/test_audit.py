@@ -196,6 +196,7 @@ def test_audit_finds_the_planted_mislabel_and_leak_and_its_report_shows_them(lab
     page = Page(browser, out / "report")
     first = page.sections()[0]
     assert first["title"] == f"{moved}: labelled cat, looks like coffee" and first["labels"][0] == "cat"
+    assert "predictions of the softmax head vggembed train fits" in page.page.text_content("#note")
     assert all(w > 0 for _, w in page.thumbnails())
     page.screenshot("report-audit")
     page.filter(label="people")
@@ -229,6 +230,11 @@ def test_audit_with_a_label_file_and_a_split_column(labelled, tmp_path):
     leaks = read_csv(tmp_path / "a" / "leaks.csv")
     assert leaks and all({r["split_a"], r["split_b"]} == {"train", "val"} for r in leaks)
     assert read_csv(tmp_path / "a" / "label_issues.csv")[0]["path"].endswith("cat/coffee-1.jpg")
+    assert "training on 16 images of 3 classes" in result.stderr  # the head vggembed train fits
+    knn = run("audit", labelled / "train.npy", "--labels", tmp_path / "labels.csv", "--probabilities", "knn",
+              "-k", 3, "-o", tmp_path / "k")
+    assert knn.exit_code == 0 and "training on" not in knn.stderr
+    assert read_csv(tmp_path / "k" / "label_issues.csv")[0]["path"].endswith("cat/coffee-1.jpg")
     missing = run("audit", labelled / "train.npy", "--labels", tmp_path / "labels.csv", "--split", "fold",
                   "-o", tmp_path / "b")
     assert missing.exit_code == 1 and "labels.csv: has no column fold" in missing.output

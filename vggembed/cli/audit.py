@@ -33,11 +33,17 @@ from .search import IndexPath, layer_option, overwrite_option
               help="Nearest neighbours per image.")
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=DEFAULT_THRESHOLD, show_default=True,
               help="Cosine at or above which two images are near-duplicates.")
+@click.option("--probabilities", type=click.Choice(["head", "knn"]), default="head", show_default=True,
+              help="Where the label issues' out-of-fold class probabilities come from: head, the softmax head "
+                   "vggembed train fits (its folds and C sweep; the labelled vectors in memory), or knn, the "
+                   "nearest neighbours' labels weighted by closeness (one pass, faster on large sets).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head's folds.")
 @click.option("--top", type=click.IntRange(1), default=1000, show_default=True,
               help="Rows of each ranking shown in the HTML report (the CSVs hold every row).")
 @layer_option
 @overwrite_option
-def audit(inputs, output, labels, folders, root, split_column, val, k, threshold, top, layer, overwrite):
+def audit(inputs, output, labels, folders, root, split_column, val, k, threshold, probabilities, seed, top, layer,
+          overwrite):
     """Look at a collection: outliers and near-duplicates; with labels, likely mislabels and leaks.
 
     INPUT is an embedding output (.npy, .npz, .parquet, .csv or an --engine
@@ -89,7 +95,8 @@ def audit(inputs, output, labels, folders, root, split_column, val, k, threshold
                            f"{display(labels)}", err=True)
         elif folders:
             given = [lab for v in opened for lab in au.folder_labels(v.paths, root, display(str(v.source)))]
-        result = au.audit(rows, labels=given, split=split, k=k, threshold=threshold)
+        result = au.audit(rows, labels=given, split=split, k=k, threshold=threshold, probabilities=probabilities,
+                          seed=seed, log=lambda line: click.echo(f"vggembed: {line}", err=True))
         written, report = au.write(result, output, source=", ".join(map(str, list(inputs) + list(val))),
                                    overwrite=overwrite, top=top)
     except VGGEmbedError as e:

@@ -18,12 +18,13 @@ blocks (never an N x N matrix; memory stays a few blocks of rows):
   and the **most confused class pairs** (links in the k-NN graph between
   two classes, as a share of the links their images have).
 
-Label issues are ranked from out-of-fold class probabilities. With the
-logistic head of `use/train.py` (`out_of_fold`) where it exists; until then,
-and for any caller that wants it, from the k-NN graph itself: an image's
-probability of class c is the share of its neighbours (itself never among
-them) labelled c, smoothed toward the class's prior. `rank_label_issues`
-is pure and takes any probabilities.
+Label issues are ranked from out-of-fold class probabilities: by default
+those of the softmax head `vggembed train` fits (`train.fit_head`: the same
+stratified folds and C sweep, each image predicted by the fold that did not
+see it), or, with `probabilities="knn"`, from the k-NN graph itself (an
+image's probability of class c is the closeness-weighted share of its
+neighbours, never itself, labelled c, smoothed toward the class's prior).
+`rank_label_issues` is pure and takes any probabilities.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Rows:
         self.dim = dims.pop()
         self.starts = np.cumsum([0] + [p.rows for p in self.parts])
         self.source = ", ".join(display(str(p.source)) for p in self.parts)
+        self.recipe = getattr(self.parts[0], "recipe", None)
         self.subset = rows
         self.rows = int(self.starts[-1]) if rows is None else len(rows)
 
@@ -245,17 +247,45 @@ def knn_proba(given: np.ndarray, neighbours_idx: np.ndarray, classes: int, sim: 
     return (votes + weight * prior) / (total + weight)
 
 
-def out_of_fold_proba(rows: Rows, given: np.ndarray, classes: int, nb: Neighbours) -> tuple[np.ndarray, str]:
-    """Out-of-fold probabilities for the labelled rows: the classifier head of `use/train.py` where this
-    version has one, else the k-NN vote (`knn_proba`). Returns (proba, how they were made)."""
+PROBABILITIES = ("head", "knn")
+
+
+def out_of_fold_proba(rows: Rows, given: np.ndarray, classes: list[str], nb: Neighbours, *, method: str = "head",
+                      seed: int = 0, log=None) -> tuple[np.ndarray, str]:
+    """Out-of-fold probabilities of the labelled `rows` (`given` indexes `classes`).
+
+    method "head": the softmax head `vggembed train` fits, with its stratified folds and C sweep
+    (`train.fit_head`), each row predicted by the fold that did not see it; where that cannot run (vectors
+    without a recorded recipe, a class of one image) the k-NN vote instead, and the method says so.
+    method "knn": the k-NN vote (`knn_proba`), one pass, no matrix in memory.
+
+    Returns (proba (N, K), how they were made, in words).
+    """
+    knn = (knn_proba(given, nb.idx, len(classes), nb.sim),
+           f"the labels of the {nb.idx.shape[1]} nearest neighbours, weighted by closeness")
+    if method == "knn":
+        return knn
+    if method != "head":
+        raise VGGEmbedError(f"probabilities come from one of {', '.join(PROBABILITIES)}; received {method!r}")
+    from . import train
+
+    paths = rows.paths
+    source = train.Rows(paths, rows.recipe, rows.source, rows.read, rows.dim)
     try:
-        from .train import out_of_fold  # the own-classes head (issue 26), when present
-    except ImportError:
-        return (knn_proba(given, nb.idx, classes, nb.sim),
-                f"the labels of the {nb.idx.shape[1]} nearest neighbours, weighted by closeness")
-    x = similarity.normalize(rows.read(0, rows.rows))
-    proba, _ = out_of_fold(x, given, folds=5, seed=0)
-    return np.asarray(proba, np.float64), "the out-of-fold logistic head (5 folds)"
+        head = train.fit_head([source], {p: classes[c] for p, c in zip(paths, given)}, seed=seed,
+                              log=log or (lambda line: None))
+    except VGGEmbedError as e:
+        return knn[0], f"{knn[1]} (the head could not be fitted: {e})"
+    ev = head.evaluation
+    position = {c: i for i, c in enumerate(ev.classes)}
+    proba = knn[0].copy()  # rows the head left out (NaN vectors) keep their k-NN vote
+    where: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        where.setdefault(p, []).append(i)
+    columns = [position[c] for c in classes]
+    for j, p in enumerate(ev.paths):
+        proba[where[p].pop(0)] = ev.proba[j][columns]
+    return proba, f"the {ev.kind} predictions of the softmax head vggembed train fits (C = {head.C:.3g})"
 
 
 # ------------------------------------------------------------------ labels
@@ -399,8 +429,12 @@ class Audit:
 
 
 def audit(rows: Rows, *, labels: list[str | None] | None = None, split: list[str | None] | None = None,
-          k: int = K, threshold: float = DEFAULT_THRESHOLD, block_rows: int = BLOCK_ROWS) -> Audit:
-    """Audit the stacked outputs `rows`; `labels` (and `split`) per row, None where unknown."""
+          k: int = K, threshold: float = DEFAULT_THRESHOLD, probabilities: str = "head", seed: int = 0,
+          block_rows: int = BLOCK_ROWS, log=None) -> Audit:
+    """Audit the stacked outputs `rows`; `labels` (and `split`) per row, None where unknown.
+
+    `probabilities` chooses where the label issues' out-of-fold probabilities come from
+    (`out_of_fold_proba`: "head", the head `vggembed train` fits, or "knn"); `log` gets progress lines."""
     if rows.rows < 2:
         raise VGGEmbedError(f"{rows.source}: holds {rows.rows} vectors; an audit needs at least 2")
     paths = rows.paths
@@ -433,7 +467,8 @@ def audit(rows: Rows, *, labels: list[str | None] | None = None, split: list[str
         position = np.full(rows.rows + 1, -1, np.int64)
         position[labelled] = np.arange(len(labelled))
         sub_nb = Neighbours(position[nb.idx[labelled]], nb.sim[labelled])
-        proba, result.method = out_of_fold_proba(rows.of(labelled), given[labelled], len(classes), sub_nb)
+        proba, result.method = out_of_fold_proba(rows.of(labelled), given[labelled], classes, sub_nb,
+                                                 method=probabilities, seed=seed, log=log)
         ranked = rank_label_issues(proba, given[labelled], sub_nb.idx)
         result.issues = [LabelIssue(int(labelled[i.row]), i.score, i.self_confidence, i.other_share, i.given,
                                     i.suggested) for i in ranked]
