@@ -268,12 +268,17 @@ def _fill(report: Report, tmp: Path, old: Path | None, size: int, workers: int |
             for f in futures:
                 f.cancel()
             raise
-    data = _data(report, images)
-    page = PAGE.replace("%TITLE%", html.escape(text(report.title) or "")).replace("%DATA%", script_json(data))
-    (tmp / "index.html").write_text(page, "utf-8")
+    write_page(report, images, tmp)
     (tmp / MARKER).write_text(json.dumps({"vggembed_report": FORMAT, "kind": report.kind, "thumb": size,
                                           "images": len(images), "failed": counts["failed"]}) + "\n", "utf-8")
     return Written(tmp, len(images), counts["made"], counts["reused"], counts["failed"])
+
+
+def write_page(report: Report, images: dict[str, _Image], folder: Path) -> None:
+    """index.html of `report` into `folder`; `images` maps each tile's path to its thumbnail (or error)."""
+    page = PAGE.replace("%TITLE%", html.escape(text(report.title) or "")).replace(
+        "%DATA%", script_json(_data(report, images)))
+    (folder / "index.html").write_text(page, "utf-8")
 
 
 def _data(report: Report, images: dict[str, _Image]) -> dict:
@@ -654,6 +659,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
   $("next").addEventListener("click", () => { page++; render(); window.scrollTo(0, 0); });
   show(0);
   document.body.dataset.ready = "1";
+  performance.mark("vggembed-ready");  // the first page of rows is in the document
 })();
 </script>
 </body>
