@@ -33,10 +33,11 @@ from .search import IndexPath, layer_option, overwrite_option
               help="Nearest neighbours per image.")
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=DEFAULT_THRESHOLD, show_default=True,
               help="Cosine at or above which two images are near-duplicates.")
-@click.option("--probabilities", type=click.Choice(["head", "knn"]), default="head", show_default=True,
+@click.option("--probabilities", type=click.Choice(["auto", "head", "knn"]), default="auto", show_default=True,
               help="Where the label issues' out-of-fold class probabilities come from: head, the softmax head "
-                   "vggembed train fits (its folds and C sweep; the labelled vectors in memory), or knn, the "
-                   "nearest neighbours' labels weighted by closeness (one pass, faster on large sets).")
+                   "vggembed train fits (its folds and C sweep; the labelled vectors in memory); knn, the "
+                   "nearest neighbours' labels weighted by closeness (no extra pass); auto: head up to 50M "
+                   "labelled values (rows x dimensions, e.g. 12,000 4096-d vectors), else knn.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head's folds.")
 @click.option("--top", type=click.IntRange(1), default=1000, show_default=True,
               help="Rows of each ranking shown in the HTML report (the CSVs hold every row).")

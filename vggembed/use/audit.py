@@ -18,13 +18,15 @@ blocks (never an N x N matrix; memory stays a few blocks of rows):
   and the **most confused class pairs** (links in the k-NN graph between
   two classes, as a share of the links their images have).
 
-Label issues are ranked from out-of-fold class probabilities: by default
-those of the softmax head `vggembed train` fits (`train.fit_head`: the same
+Label issues are ranked from out-of-fold class probabilities: those of the softmax head `vggembed train` fits (`train.fit_head`: the same
 stratified folds and C sweep, each image predicted by the fold that did not
 see it), or, with `probabilities="knn"`, from the k-NN graph itself (an
 image's probability of class c is the closeness-weighted share of its
 neighbours, never itself, labelled c, smoothed toward the class's prior).
-`rank_label_issues` is pure and takes any probabilities.
+The default, "auto", fits the head up to `HEAD_LIMIT` labelled values and
+takes the k-NN vote beyond, where the head's sweep and folds would take far
+longer than the audit's one pass. `rank_label_issues` is pure and takes any
+probabilities.
 """
 
 from __future__ import annotations
@@ -247,7 +249,10 @@ def knn_proba(given: np.ndarray, neighbours_idx: np.ndarray, classes: int, sim: 
     return (votes + weight * prior) / (total + weight)
 
 
-PROBABILITIES = ("head", "knn")
+PROBABILITIES = ("auto", "head", "knn")
+# "auto" fits the head up to this many labelled values (rows x dimensions: 50M, 200 MB of float32 in memory);
+# beyond it the head's sweep and folds take far longer than the k-NN pass (benchmarks/audit.py), so k-NN votes.
+HEAD_LIMIT = 50_000_000
 
 
 def out_of_fold_proba(rows: Rows, given: np.ndarray, classes: list[str], nb: Neighbours, *, method: str = "head",
@@ -258,11 +263,17 @@ def out_of_fold_proba(rows: Rows, given: np.ndarray, classes: list[str], nb: Nei
     (`train.fit_head`), each row predicted by the fold that did not see it; where that cannot run (vectors
     without a recorded recipe, a class of one image) the k-NN vote instead, and the method says so.
     method "knn": the k-NN vote (`knn_proba`), one pass, no matrix in memory.
+    method "auto": the head up to `HEAD_LIMIT` labelled values (rows x dimensions), else the k-NN vote.
 
     Returns (proba (N, K), how they were made, in words).
     """
     knn = (knn_proba(given, nb.idx, len(classes), nb.sim),
            f"the labels of the {nb.idx.shape[1]} nearest neighbours, weighted by closeness")
+    if method == "auto":
+        if rows.rows * rows.dim > HEAD_LIMIT:
+            return knn[0], f"{knn[1]} (more than {HEAD_LIMIT // 10**6}M labelled values: --probabilities head fits " \
+                           "the head instead)"
+        method = "head"
     if method == "knn":
         return knn
     if method != "head":
@@ -429,12 +440,13 @@ class Audit:
 
 
 def audit(rows: Rows, *, labels: list[str | None] | None = None, split: list[str | None] | None = None,
-          k: int = K, threshold: float = DEFAULT_THRESHOLD, probabilities: str = "head", seed: int = 0,
+          k: int = K, threshold: float = DEFAULT_THRESHOLD, probabilities: str = "auto", seed: int = 0,
           block_rows: int = BLOCK_ROWS, log=None) -> Audit:
     """Audit the stacked outputs `rows`; `labels` (and `split`) per row, None where unknown.
 
     `probabilities` chooses where the label issues' out-of-fold probabilities come from
-    (`out_of_fold_proba`: "head", the head `vggembed train` fits, or "knn"); `log` gets progress lines."""
+    (`out_of_fold_proba`: "head", the head `vggembed train` fits, "knn", or "auto", the head up to
+    `HEAD_LIMIT` labelled values); `log` gets progress lines."""
     if rows.rows < 2:
         raise VGGEmbedError(f"{rows.source}: holds {rows.rows} vectors; an audit needs at least 2")
     paths = rows.paths
