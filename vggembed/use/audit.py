@@ -18,7 +18,8 @@ blocks (never an N x N matrix; memory stays a few blocks of rows):
   and the **most confused class pairs** (links in the k-NN graph between
   two classes, as a share of the links their images have).
 
-Label issues are ranked from out-of-fold class probabilities: those of the softmax head `vggembed train` fits (`train.fit_head`: the same
+Label issues are ranked from out-of-fold class probabilities: those of
+the softmax head `vggembed train` fits (`train.fit_head`: the same
 stratified folds and C sweep, each image predicted by the fold that did not
 see it), or, with `probabilities="knn"`, from the k-NN graph itself (an
 image's probability of class c is the closeness-weighted share of its

@@ -482,7 +482,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 <p id="count"></p>
 </header>
 <main id="rows"></main>
-<nav id="pager"><button id="prev" type="button">&lsaquo; Previous</button><span id="page"></span><button id="next" type="button">Next &rsaquo;</button></nav>
+<nav id="pager"><button id="prev" type="button">&lsaquo; Previous</button><span id="page"></span>
+<button id="next" type="button">Next &rsaquo;</button></nav>
 <script type="application/json" id="data">%DATA%</script>
 <script>
 "use strict";
