@@ -36,6 +36,7 @@ import csv
 import io
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,26 +114,56 @@ class Neighbours:
 
 
 def _merge(best_s, best_i, s, offset, k):
-    """Merge candidate scores `s` (rows x cols, columns starting at row `offset`) into the running top k."""
-    if s.shape[1] > k:
-        cand = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
-        cs = np.take_along_axis(s, cand, 1)
-    else:
-        cand = np.broadcast_to(np.arange(s.shape[1]), s.shape)
-        cs = s
-    all_s = np.concatenate([best_s, cs], axis=1)
-    all_i = np.concatenate([best_i, cand + offset], axis=1)
-    top = np.argpartition(all_s, all_s.shape[1] - k, axis=1)[:, -k:]
-    best_s[...] = np.take_along_axis(all_s, top, 1)
-    best_i[...] = np.take_along_axis(all_i, top, 1)
+    """Merge candidate scores `s` (rows x cols, columns starting at row `offset`) into the running top k.
+
+    Once a row's top k is filled, only the scores above its current k-th can enter; when those are few (most
+    blocks, after the first), they are merged alone instead of partitioning the whole block."""
+    rows = len(s)
+    kth = best_s.min(axis=1)
+    mask = s > kth[:, None]
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        return
+    if count * 8 > s.size:  # the first blocks: most scores enter
+        if s.shape[1] > k:
+            cand = np.argpartition(s, s.shape[1] - k, axis=1)[:, -k:]
+            cs = np.take_along_axis(s, cand, 1)
+        else:
+            cand = np.broadcast_to(np.arange(s.shape[1]), s.shape)
+            cs = s
+        all_s = np.concatenate([best_s, cs], axis=1)
+        all_i = np.concatenate([best_i, cand + offset], axis=1)
+        top = np.argpartition(all_s, all_s.shape[1] - k, axis=1)[:, -k:]
+        best_s[...] = np.take_along_axis(all_s, top, 1)
+        best_i[...] = np.take_along_axis(all_i, top, 1)
+        return
+    r, c = np.nonzero(mask)
+    owner = np.concatenate([np.repeat(np.arange(rows), k), r])
+    scores = np.concatenate([best_s.ravel(), s[r, c]])
+    ids = np.concatenate([best_i.ravel(), c + offset])
+    order = np.lexsort((-scores, owner))  # by row, then best first
+    start = np.searchsorted(owner[order], np.arange(rows))
+    pick = order[start[:, None] + np.arange(k)]  # every row has its k old entries, so k at least
+    best_s[...] = scores[pick]
+    best_i[...] = ids[pick]
+
+
+def _norms(vectors, block_rows: int) -> np.ndarray:
+    """Each row's length (as `similarity.normalize` computes it), zero rows as 1 (they stay zero)."""
+    out = np.empty(vectors.rows, np.float32)
+    for a in range(0, vectors.rows, block_rows):
+        x = vectors.read(a, min(a + block_rows, vectors.rows))
+        out[a: a + len(x)] = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    out[out == 0] = 1
+    return out
 
 
 def knn(vectors, k: int = K, *, threshold: float | None = None, block_rows: int = BLOCK_ROWS
         ) -> tuple[Neighbours, similarity.Pairs | None]:
     """Every row's k nearest rows by cosine, and (with `threshold`) every pair at or above it, in one pass.
 
-    Blocks i <= j only: each product block serves the rows of both blocks. Exact float32; memory is a few
-    blocks of rows and (N, k) results. Ties: the lower row first.
+    Blocks i <= j only: each product block serves the rows of both blocks. Exact float32 (rows normalised as
+    `similarity` does); memory is a few blocks of rows and (N, k) results. Ties: the lower row first.
     """
     n = vectors.rows
     k = max(0, min(k, n - 1))
@@ -140,25 +171,36 @@ def knn(vectors, k: int = K, *, threshold: float | None = None, block_rows: int 
     best_i = np.full((n, k), -1, np.int64)
     found_i, found_j, found_s = [], [], []
     t = None if threshold is None else np.float32(threshold)
+    norms = _norms(vectors, block_rows)
+
+    def block(a):
+        x = vectors.read(a, min(a + block_rows, n))
+        if not x.flags.writeable:
+            x = np.array(x)
+        x /= norms[a: a + len(x), None]
+        return x
+
     for a in range(0, n, block_rows):
-        left = similarity.normalize(vectors.read(a, min(a + block_rows, n)))
+        left = block(a)
         for c in range(a, n, block_rows):
-            right = left if c == a else similarity.normalize(vectors.read(c, min(c + block_rows, n)))
+            right = left if c == a else block(c)
             s = left @ right.T
             if c == a:
                 np.fill_diagonal(s, -np.inf)
             if t is not None:
-                hit = s >= t
-                if c == a:
-                    hit = np.triu(hit, 1)
-                i, j = np.nonzero(hit)
-                found_i.append(i + a)
-                found_j.append(j + c)
-                found_s.append(s[i, j])
+                near = np.flatnonzero(s.max(axis=1) >= t)  # near-duplicates are rare: look at their rows only
+                if len(near):
+                    hit = s[near] >= t
+                    if c == a:
+                        hit &= np.arange(len(right))[None, :] > near[:, None]  # j > i within a block
+                    i, j = np.nonzero(hit)
+                    found_i.append(near[i] + a)
+                    found_j.append(j + c)
+                    found_s.append(s[near[i], j])
             if k:
                 _merge(best_s[a: a + len(left)], best_i[a: a + len(left)], s, c, k)
                 if c != a:
-                    _merge(best_s[c: c + len(right)], best_i[c: c + len(right)], s.T, a, k)
+                    _merge(best_s[c: c + len(right)], best_i[c: c + len(right)], np.ascontiguousarray(s.T), a, k)
     # best first; ties by row (unfilled slots, -inf, last)
     order = np.lexsort((np.where(best_i < 0, n, best_i), -best_s), axis=1)
     nb = Neighbours(np.take_along_axis(best_i, order, 1), np.take_along_axis(best_s, order, 1))
@@ -438,6 +480,8 @@ class Audit:
     issues: list[LabelIssue] = field(default_factory=list)  # rows are indices into the whole
     method: str = ""
     confused: list[tuple[str, str, int, float]] = field(default_factory=list)
+    proba: np.ndarray | None = None  # (labelled rows, classes): the out-of-fold probabilities ranked
+    seconds: dict = field(default_factory=dict)  # wall time by phase: knn, classes, probabilities
 
 
 def audit(rows: Rows, *, labels: list[str | None] | None = None, split: list[str | None] | None = None,
@@ -451,10 +495,13 @@ def audit(rows: Rows, *, labels: list[str | None] | None = None, split: list[str
     if rows.rows < 2:
         raise VGGEmbedError(f"{rows.source}: holds {rows.rows} vectors; an audit needs at least 2")
     paths = rows.paths
+    start = time.perf_counter()
     nb, found = knn(rows, k, threshold=threshold, block_rows=block_rows)
+    knn_seconds = time.perf_counter() - start
     result = Audit(paths, nb.idx.shape[1], threshold, nb, outlier_scores(nb),
                    similarity.groups(rows.rows, found), found, split=split)
     if labels is None or not any(lab is not None for lab in labels):
+        result.seconds["knn"] = knn_seconds
         return result
     classes = sorted({lab for lab in labels if lab is not None})
     code = {c: i for i, c in enumerate(classes)}
@@ -472,6 +519,8 @@ def audit(rows: Rows, *, labels: list[str | None] | None = None, split: list[str
         cn.idx[members, :width] = np.where(sub.idx >= 0, members[np.maximum(sub.idx, 0)], -1)
         cn.sim[members, :width] = sub.sim
     result.class_neighbours = cn
+    result.seconds = {"knn": knn_seconds, "classes": time.perf_counter() - start - knn_seconds}
+    start = time.perf_counter()
     result.class_outlier = np.where(given >= 0, outlier_scores(cn), np.nan)
 
     labelled = np.flatnonzero(given >= 0)
@@ -486,6 +535,8 @@ def audit(rows: Rows, *, labels: list[str | None] | None = None, split: list[str
         result.issues = [LabelIssue(int(labelled[i.row]), i.score, i.self_confidence, i.other_share, i.given,
                                     i.suggested) for i in ranked]
         result.confused = _confused(given, nb.idx, classes)
+        result.proba = proba
+    result.seconds["probabilities"] = time.perf_counter() - start
     return result
 
 
