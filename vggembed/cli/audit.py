@@ -39,7 +39,7 @@ from .search import IndexPath, layer_option, overwrite_option
                    "nearest neighbours' labels weighted by closeness (no extra pass); auto: head up to 50M "
                    "labelled values (rows x dimensions, e.g. 12,000 4096-d vectors), else knn.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the head's folds.")
-@click.option("--top", type=click.IntRange(1), default=1000, show_default=True,
+@click.option("--top", type=click.IntRange(1), default=200, show_default=True,
               help="Rows of each ranking shown in the HTML report (the CSVs hold every row).")
 @layer_option
 @overwrite_option

@@ -47,7 +47,9 @@ from . import DEFAULT_THRESHOLD, similarity
 
 K = 10
 BLOCK_ROWS = 2048
-TOP = 1000  # rows of each ranking shown in the HTML report (the CSVs hold them all)
+# Rows of each ranking shown in the HTML report (the CSVs hold them all). Each row shows an image and its k
+# neighbours, and every image shown is a thumbnail to make: 200 rows of 11 in three rankings is up to 6,600.
+TOP = 200
 
 
 # ------------------------------------------------------------------ rows
@@ -571,10 +573,12 @@ def tables(result: Audit) -> dict[str, tuple[list[str], list[list]]]:
     """Every CSV of the audit as {file name: (header, rows)}."""
     out: dict[str, tuple[list[str], list[list]]] = {}
     n = len(result.paths)
+    suggested = {x.row: result.classes[x.suggested] for x in result.issues}  # the most probable class
     order = np.lexsort((np.arange(n), -np.nan_to_num(result.outlier, nan=-1)))
-    out["outliers.csv"] = (["rank", "path", "score", "label", "neighbours"],
+    out["outliers.csv"] = (["rank", "path", "score", "label", "suggested", "neighbours"],
                            [[r + 1, result.paths[i], f"{result.outlier[i]:.6f}", _label(result, i) or "",
-                             _names(result, result.neighbours.idx[i])] for r, i in enumerate(order)])
+                             suggested.get(int(i), ""), _names(result, result.neighbours.idx[i])]
+                            for r, i in enumerate(order)])
     out["duplicates.csv"] = (["group", "path", "label", "split"],
                              [[g, result.paths[i], _label(result, i) or "", (result.split or [None] * n)[i] or ""]
                               for g, rows in enumerate(result.groups, start=1) for i in rows])
@@ -583,9 +587,10 @@ def tables(result: Audit) -> dict[str, tuple[list[str], list[list]]]:
     co = result.class_outlier
     have = np.flatnonzero(~np.isnan(co))
     have = have[np.lexsort((have, -co[have]))]
-    out["class_outliers.csv"] = (["rank", "path", "score", "label", "neighbours"],
+    out["class_outliers.csv"] = (["rank", "path", "score", "label", "suggested", "neighbours"],
                                  [[r + 1, result.paths[i], f"{co[i]:.6f}", _label(result, i),
-                                   _names(result, result.class_neighbours.idx[i])] for r, i in enumerate(have)])
+                                   suggested.get(int(i), ""), _names(result, result.class_neighbours.idx[i])]
+                                  for r, i in enumerate(have)])
     out["label_issues.csv"] = (["rank", "path", "score", "self_confidence", "other_share", "label", "suggested",
                                 "neighbours"],
                                [[r + 1, result.paths[x.row], f"{x.score:.6f}", f"{x.self_confidence:.6f}",
@@ -628,7 +633,7 @@ def csv_bytes(header: list[str], rows: list[list]) -> bytes:
     return buf.getvalue().encode("utf-8", "surrogateescape")
 
 
-def report_of(result: Audit, source: str, top: int = TOP):
+def report_of(result: Audit, source: str, top: int = TOP, made: dict | None = None):
     """The audit's HTML report: a tab per finding, rankings cut at `top` rows (the CSVs hold every row)."""
     from .report import Report, Section, Tile, View
 
@@ -690,7 +695,7 @@ def report_of(result: Audit, source: str, top: int = TOP):
                       note=f"Groups of images with cosine >= {result.threshold:g}; a group across classes or "
                            "across the split is flagged in its title (sort by problems to see them first)."))
     if result.given is not None:
-        t = tables(result)
+        t = made or tables(result)
         views.append(View("Classes", table=t["classes.csv"], note="Images per class."))
         views.append(View("Confused classes", table=(t["confused_classes.csv"][0],
                                                      t["confused_classes.csv"][1][:top]),
@@ -742,5 +747,5 @@ def write(result: Audit, out, *, source: str, overwrite: bool = False, top: int 
             with replacing(out / name, ".partial") as tmp:
                 tmp.write_bytes(csv_bytes(header, rows))
             written.append(name)
-    done = report.write(report_of(result, source, top), out / "report", overwrite=True)
+    done = report.write(report_of(result, source, top, made), out / "report", overwrite=True)
     return written, done

@@ -390,7 +390,7 @@ def search_report(hits, failed, *, source: str, query_paths: dict[str, str | Non
         sections.append(Section(f"{text(q)}: {len(found)} hits", tiles,
                                 score=found[0].score if found else None))
     for q, problem in failed:
-        sections.append(Section(f"{text(q)}: failed", [Tile(None, note="query")], detail=text(problem)))
+        sections.append(Section(f"{text(q)}: failed", [Tile(q, note="query")], detail=text(problem)))
     return Report(f"Search in {text(source)}", [View(
         "Queries", sections, what="queries", value="cosine", score="best cosine",
         note="Each query's image first, then its hits, best first.")],
