@@ -63,7 +63,7 @@ def make(folder: Path, n: int, dim: int, classes: int, seed: int = 0) -> tuple[P
                     src = rng.integers(0, c)
                     block[c] = block[src]
                     truth[a + c] = truth[a + src]
-            f.write(block.tobytes())
+            f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
     with open(folder / "feats.npy.index.csv", "w") as f:
         f.write("path,row,error\n")
         f.writelines(f"img/{i:07d}.jpg,{i},\n" for i in range(n))
