@@ -66,7 +66,7 @@ def test_mat_check_benchmark_prints_first_and_cached_loads():
 def test_serve_load_benchmark_has_help():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--help"],
                          capture_output=True, text=True, check=True).stdout
-    assert "--clients" in out and "--precisions" in out
+    assert "--clients" in out and "--precisions" in out and "--grpc" in out and "idle" in out
 
 
 def test_startup_benchmark_has_help():

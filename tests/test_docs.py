@@ -159,6 +159,12 @@ def world(tmp_path_factory, tiny_params, photos):
     for p in (root / "a.jpg", root / "cat.jpg"):
         shutil.copy(p, root / "queries" / p.name)
     (root / "list.txt").write_text("a.jpg\nb.png\ncat.jpg\n")
+    # docs/train.md: pets/CLASS/ folders, new/ to classify, and labels.csv naming images/'s rows by photo
+    for name, photo in (("cat", chelsea), ("dog", coffee)):
+        synthetic.photo_crops(photo, root / "pets" / name, 6, size=(96, 72), suffix=".jpg")
+    synthetic.photo_crops(astronaut, root / "new", 2, size=(96, 72), suffix=".jpg")
+    (root / "labels.csv").write_text("path,label\n" + "".join(
+        f"images/img{n:06d}-{i}.png,photo {i}\n" for i in range(4) for n in range(6)))
     shutil.copytree(ROOT / "examples" / "images", root / "examples" / "images")
     return root
 
@@ -210,7 +216,16 @@ TOUR = [
     ("README.md", "vggembed plot laska.png -o fc2.png", ["fc2.png"], None),
     ("README.md", "vggembed info weights/vgg16_weights.npz", [], r"vgg16"),
     ("README.md", "vggembed weights list", [], r"^vgg16 "),
+    ("docs/train.md", "vggembed train pets/ -o head.npz", ["head.npz", "head.oof.npz", "head.confusion.png"],
+     r"5-fold out-of-fold figures of head.npz"),
+    ("docs/train.md", "vggembed info head.npz", [], r"logistic, 32 -> 2 classes"),
+    ("docs/train.md", "vggembed classify new/ --head head.npz", [], r"^path\trank\tindex\tlabel\tprobability\n"
+     r"new/img000000\.jpg\t1\t\d\t(cat|dog)\t"),
+    ("docs/train.md", "vggembed embed pets/ -o pets.npy", ["pets.npy"], None),
+    ("docs/train.md", "vggembed train pets.npy -o head.npz --overwrite", ["head.npz"], None),
     ("docs/reliability.md", "vggembed embed images/ -o feats.npy --overwrite", ["feats.npy"], None),
+    ("docs/train.md", "vggembed train feats.npy --labels labels.csv -o other.npz --C 0.05", ["other.npz"],
+     r"photo 3"),
     ("docs/reliability.md", "vggembed embed --files-from list.txt -o feats.npy --resume", ["feats.npy"], None),
 ]
 

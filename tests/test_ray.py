@@ -305,3 +305,29 @@ def test_several_outputs_and_classify_on_ray_equal_the_local_engine(tmp_path, ra
     with np.load(local) as want:
         for name in ("top_index", "top_prob", "top_label"):
             np.testing.assert_array_equal(np.array(table[name].to_pylist()), want[name], err_msg=name)
+
+
+def test_classify_with_a_head_on_ray_equals_the_local_engine_after_merge(tmp_path, ray_runtime, folder, tiny16):
+    images = sorted(str(p) for p in folder.iterdir())
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows((p, "early" if i < 120 else "late") for i, p in enumerate(images))
+    head = tmp_path / "head.npz"  # trained on Ray too: the features are a run folder, read back as vectors
+    result = run("train", folder, "--labels", labels, "-o", head, "--weights", tiny16, "--C", 1, "--engine", "ray",
+                 "--part-size", 100)
+    assert result.exit_code == 3, result.output
+    assert (tmp_path / "head.features" / "manifest.json").is_file()
+    assert json.loads((tmp_path / "head.metrics.json").read_text())["trained"] == 238  # 2 of 240 failed
+    local = tmp_path / "local.npz"
+    assert run("classify", folder, "--head", head, "-o", local, "--weights", tiny16, "--batch-size", 8).exit_code == 3
+    parts = tmp_path / "parts"
+    result = run("classify", folder, "--head", head, "-o", parts, "--engine", "ray", "--weights", tiny16,
+                 "--batch-size", 8, "--part-size", 120)
+    assert result.exit_code == 3, result.output
+    merged = tmp_path / "merged.npz"
+    assert run("merge", parts, "-o", merged).exit_code == 0
+    with np.load(merged) as got, np.load(local) as want:
+        assert set(want["top_label"].ravel()) == {"early", "late"}
+        for name in ("top_index", "top_prob", "top_label"):
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert read_csv(f"{merged}.index.csv") == read_csv(f"{local}.index.csv")

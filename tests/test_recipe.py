@@ -31,7 +31,7 @@ def test_every_output_records_its_recipe_and_counts(tmp_path, image_dir, tiny16,
         "vggembed_version": vggembed.__version__, "weights": tiny16.name, "weights_md5": spec.md5, "arch": "vgg16",
         "outputs": [{"name": "pool5_avg", "layer": "pool5", "pool": "avg"}], "top": 0, "resize": "center-crop", "precision": "float32", "dtype": "float16",
         "l2_normalize": True, "fast_decode": False, "legacy_transpose": False, "calibration": None,
-        "int8_scheme": None}
+        "int8_scheme": None, "head": None, "head_md5": None}
     assert (meta["rows"], meta["inputs"], meta["failed"]) == (4, 5, 1)
     sidecar = tmp_path / f"feats{ext}.meta.json"
     if ext == ".parquet":  # inside the file itself, not beside it

@@ -37,7 +37,8 @@ class Served:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.lines: list[str] = []
         self.bound = threading.Event()
-        self.port = None
+        self.grpc_bound = threading.Event()  # with --grpc-port: the line naming it was read
+        self.port = self.grpc_port = None
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -48,7 +49,12 @@ class Served:
             if m and self.port is None:
                 self.port = int(m.group(1))
                 self.bound.set()
+            m = re.search(r"gRPC \(.*\) on 127\.0\.0\.1:(\d+)", line)
+            if m and self.grpc_port is None:
+                self.grpc_port = int(m.group(1))
+                self.grpc_bound.set()
         self.bound.set()  # the process ended: whoever waits sees it
+        self.grpc_bound.set()
 
     @property
     def url(self) -> str:
@@ -110,7 +116,8 @@ def b64(path) -> dict:
 
 
 def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_model, photos):
-    with serve(tiny16, "--batch-size", "4", "--fixed-batch", "--layer", "fc2,pool5:avg", "--top", "3") as s:
+    with serve(tiny16, "--batch-size", "4", "--fixed-batch", "--layer", "fc2,pool5:avg", "--top", "3",
+               "--version-label", "stable") as s:
         status = requests.get(f"{s.url}/v1/models/vggembed", timeout=HANG_GUARD).json()
         assert status == {"model_version_status": [
             {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
@@ -145,6 +152,32 @@ def test_rest_api_answers_as_tensorflow_serving_with_embeds_rows(tiny16, tiny_mo
         raw = requests.post(f"{s.url}/embed", data=photos[3].read_bytes(), timeout=HANG_GUARD).json()
         assert np.array_equal(np.array(raw["fc2"], np.float32), fc2[3])
         assert raw["top_label"] == [t.label for t in tops[3]]
+        # TensorFlow Serving's other paths: /versions/N and /labels/LABEL, the metadata, :classify.
+        model = f"{s.url}/v1/models/vggembed"
+        for path in ("/versions/1", "/labels/stable"):
+            assert requests.get(model + path, timeout=HANG_GUARD).json() == status
+            labelled = requests.post(f"{model}{path}:predict", json={"instances": [b64(photos[0])],
+                                                                   "output_filter": ["fc2"]}, timeout=HANG_GUARD)
+            assert np.array_equal(np.array(labelled.json()["predictions"], np.float32), fc2[:1])
+        for path, code, words in (("/versions/2", 404, "Specific(vggembed, 2)"), ("/versions/x", 400, "not a number"),
+                                  ("/labels/canary", 404, "Unrecognized servable version label: canary")):
+            r = requests.get(model + path, timeout=HANG_GUARD)
+            assert r.status_code == code and words in r.json()["error"], r.text
+        meta = requests.get(f"{model}/metadata", timeout=HANG_GUARD).json()
+        assert meta["model_spec"] == {"name": "vggembed", "signature_name": "", "version": "1"}
+        sigs = meta["metadata"]["signature_def"]["signature_def"]
+        assert set(sigs) == {"serving_default", "pixels"}
+        assert sigs["serving_default"]["inputs"]["images"]["dtype"] == "DT_STRING"
+        assert sigs["serving_default"]["outputs"]["fc2"] == {
+            "name": "fc2", "dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}, {"size": str(fc2.shape[1])}]}}
+        assert sigs["pixels"]["outputs"]["top_label"]["dtype"] == "DT_STRING"
+        classified = requests.post(f"{model}:classify", json={"examples": [{"images": b64(p)} for p in photos]},
+                                   timeout=HANG_GUARD).json()
+        assert [[label for label, _ in row] for row in classified["result"]] == [[t.label for t in r] for r in tops]
+        assert np.allclose([[p for _, p in row] for row in classified["result"]],
+                           [[t.probability for t in r] for r in tops], atol=1e-6)
+        regress = requests.post(f"{model}:regress", json={"examples": [{"images": b64(photos[0])}]}, timeout=HANG_GUARD)
+        assert regress.status_code == 400 and "no regression signature" in regress.json()["error"]
 
 
 def test_one_image_alone_runs_as_a_batch_of_one_and_equals_embed_of_it(tiny16, tiny_model, photos):
@@ -199,6 +232,9 @@ def bomb_png() -> bytes:
     (b'{"signature_name": "nope", "instances": [1]}', 400, "unknown signature_name"),
     (b'{"signature_name": "pixels", "instances": [[1, 2]]}', 400, "instance 0: pixels have shape [2]"),
     (b'{"instances": [{"b64": "BOMB"}]}', 400, "instance 0: 3000x3000 is 9000000 pixels, over the limit"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+    (b'{"signature_name": ["pixels"], "instances": [1]}', 400, "signature_name must be a string"),
 ])
 def test_every_bad_request_is_a_json_error_naming_the_instance(served_small, photos, body, status, message):
     s = served_small
@@ -233,6 +269,9 @@ def test_size_limits_and_unknown_routes(served_small, photos):
     assert nowhere.status_code == 404 and "no such endpoint" in nowhere.json()["error"]
     empty = requests.post(f"{s.url}/embed", data=b"", timeout=HANG_GUARD)
     assert empty.status_code == 400 and "instance 0" in empty.json()["error"]
+    unlabelled = requests.post(f"{s.url}/v1/models/vggembed:classify", json={"examples": [b64(photos[0])]},
+                               timeout=HANG_GUARD)
+    assert unlabelled.status_code == 400 and "--top K" in unlabelled.json()["error"]
     m = s.metrics()
     assert m["vggembed_errors_total"] >= 4
 

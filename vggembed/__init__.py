@@ -9,12 +9,13 @@ from .store.recipe import __version__
 
 _LAZY = {
     "VGG": "vggembed.net.model", "Prediction": "vggembed.net.model", "WeightSpec": "vggembed.net.spec",
-    "load": "vggembed.net.load", "load_weights": "vggembed.net.weights",
+    "load": "vggembed.net.load", "load_weights": "vggembed.net.weights", "load_head": "vggembed.net.load",
+    "Head": "vggembed.net.head", "train": "vggembed.use.train",
     "extract": "vggembed.use.extract", "Extracted": "vggembed.use.extract",
     "search": "vggembed.use.explore", "dedup": "vggembed.use.explore", "cluster": "vggembed.use.explore",
 }
 
-__all__ = ["VGG", "Prediction", "WeightSpec", "load", "load_weights", "extract", "Extracted", "search", "dedup", "cluster",
+__all__ = ["VGG", "Prediction", "WeightSpec", "load", "load_weights", "load_head", "Head", "train", "extract", "Extracted", "search", "dedup", "cluster",
            "VGGEmbedError", "WeightFileError", "LayerError", "ImageError", "__version__"]
 
 

@@ -201,7 +201,8 @@ def embed(sources: list, out, recipe: Recipe, opts, *, gpus_per_worker=0.0, addr
             raise VGGEmbedError(f"the Ray cluster has {cpus:g} CPUs and each model actor needs 1: use --workers "
                                 f"{max(1, int(cpus))} or a bigger cluster")
         actor = ray.remote(PartWorker).options(num_cpus=1, num_gpus=gpus_per_worker or None, max_restarts=-1)
-        pool += [actor.remote(recipe.to_dict() | {"weights": recipe.weights}, store.where, dataclasses.asdict(opts),
+        here = {"weights": recipe.weights, "head": recipe.head}  # the files by path, not the recorded names
+        pool += [actor.remote(recipe.to_dict() | here, store.where, dataclasses.asdict(opts),
                               "gpu" if gpus_per_worker else "cpu") for _ in range(opts.workers)]
         infos = ray.get([a.info.remote() for a in pool])
         for info in infos:

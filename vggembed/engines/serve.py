@@ -1,47 +1,35 @@
-"""`vggembed serve`: a warm network behind HTTP, speaking TensorFlow Serving's REST predict API.
+"""`vggembed serve`: one warm network, one batching queue, fed by two protocols.
 
-- `POST /v1/models/NAME:predict` (also `/v1/models/NAME/versions/1:predict`):
-  `{"instances": [{"b64": "..."}, ...]}` (row format) or `{"inputs": [...]}`
-  (columnar), optional `"signature_name"` (`serving_default`: encoded images;
-  `pixels`: 224x224x3 RGB lists in 0..255) and `"output_filter"` (names to
-  return). The answer is TensorFlow Serving's: `{"predictions": [...]}` for
-  rows, `{"outputs": ...}` for columns; with one output each instance is its
-  value, with several an object of named outputs. Errors are
-  `{"error": "..."}` naming the instance.
-- `GET /v1/models/NAME`: TensorFlow Serving's status document.
-- `POST /embed`: one raw image body; answers one object of named outputs.
-- `GET /metrics`: Prometheus text (requests by route and code, images,
-  batch sizes, request and model latency, images waiting).
+This module is the part both protocols share: the network (`Server.run_batch`), decoding and checking the
+inputs, bounded admission, the `Batcher` (dynamic batching on one model thread), the model's description
+(signatures, outputs), which model, version and label a request may name, the metrics, and the lifecycle
+(listen, drain on SIGTERM, stop). Each protocol is a module beside it that turns its requests into
+`Server.predict` calls and `Refused` into its own status codes:
 
-Requests that arrive together run as one batch (`Batcher`: up to
-`batch_size`, waiting at most `max_wait` for the batch to fill) on one model
-thread off the event loop; decoding (`images.decode.prepare`, with the same
-structure and bomb checks as `embed`) runs on a pool of threads. A batch of n
-images runs as n (one image alone costs one image), so a served row equals
-`embed`'s row for the same image bytes at the same batch shape; with
-`fixed_batch` every batch is padded to `batch_size` (as `embed` pads,
-`engines.local.pad_to`), so a row never depends on what shared its batch.
+- `serve_rest.py`: TensorFlow Serving's REST API over aiohttp (always on, `--port`);
+- `serve_grpc.py`: TensorFlow Serving's gRPC API over grpcio (`--grpc-port`, off by default), on the messages
+  of `serve_protos.py`.
 
-At most `queue_size` images are admitted and not yet running; past that a
-request is refused at once with 503 and `Retry-After`, so load never builds an
-unbounded backlog. Bodies are read asynchronously (a slow client holds a
-connection, never the model or a decoding thread) with `read_timeout`, and
-above `max_body` bytes refused with 413; a connection that sends no whole
-request head within `read_timeout`, or idles that long, is closed. SIGTERM (and SIGINT, SIGHUP) stops
-listening, runs what is waiting at once, answers every request in flight and
-returns.
+Requests that arrive together, from either protocol, run as one batch (up to `batch_size`, waiting at most
+`max_wait` for the batch to fill) on one model thread off the event loop; decoding (`images.decode.prepare`,
+with the same structure and bomb checks as `embed`) runs on a pool of threads. A batch of n images runs as n
+(one image alone costs one image), so a served row equals `embed`'s row for the same image bytes at the same
+batch shape; with `fixed_batch` every batch is padded to `batch_size` (as `embed` pads, `engines.local.pad_to`),
+so a row never depends on what shared its batch.
+
+At most `queue_size` images are admitted and not yet running; past that a request is refused at once
+(`Refused("busy")`: 503 with Retry-After, RESOURCE_EXHAUSTED), so load never builds an unbounded backlog. A
+request whose client goes away (a gRPC deadline, a closed connection) before its images run takes them out of
+the queue: they never run. SIGTERM (and SIGINT, SIGHUP) stops both listeners, runs what is waiting at once,
+answers every request in flight and returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
-import functools
-import hmac
 import ipaddress
-import json
+import resource
 import signal
 import sys
 import time
@@ -50,15 +38,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ImageError, VGGEmbedError, reason
+from ..errors import ImageError, VGGEmbedError
 from ..images.decode import DEFAULT_MAX_PIXELS, prepare
 from ..net.export import input_shape
 from .local import compute
 
 SIGNATURES = ("serving_default", "pixels")
 INPUT_NAMES = {"serving_default": "images", "pixels": "pixels"}
+PREDICT_METHOD = "tensorflow/serving/predict"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# TensorFlow's names for the dtypes a served array has (object: strings).
+TF_DTYPES = {"float32": "DT_FLOAT", "float16": "DT_HALF", "int32": "DT_INT32", "object": "DT_STRING"}
+GRPC_MAX_MESSAGE = 2**31 - 1  # TensorFlow Serving's receive limit (INT_MAX); --max-body sets ours
 
 
 @dataclass(frozen=True)
@@ -70,11 +62,16 @@ class Config:
     fixed_batch: bool = False  # pad every batch to batch_size: rows independent of what shared the batch
     max_wait: float = 0.005  # seconds a batch waits to fill
     queue_size: int = 64  # images admitted and not yet running
-    max_body: int = 64 << 20
+    max_body: int = 64 << 20  # REST body and gRPC message, bytes
     read_timeout: float = 30.0
     workers: int = 2  # decoding threads
     max_pixels: int = DEFAULT_MAX_PIXELS
     token: str | None = None
+    grpc_port: int | None = None  # None: no gRPC listener
+    max_connections: int = 1024  # per protocol: open connections beyond it are refused at once
+    max_connection_age: float | None = None  # gRPC: seconds before a connection is asked to go away
+    version: int = 1  # the one version served
+    version_labels: tuple[str, ...] = ()  # labels naming it (TF Serving's version_labels)
 
 
 def is_loopback(host: str) -> bool:
@@ -86,12 +83,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class HTTPError(Exception):
-    """An answer other than 200: status, one-line message, extra headers."""
+@dataclass
+class Front:
+    """A protocol listening, as `Server.serve` sees it: its name, where it listens, and `stop()` (a coroutine
+    function: stop listening, answer every request in flight)."""
 
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+    protocol: str
+    address: tuple
+    stop: object
+
+
+class Refused(Exception):
+    """A request the server will not run, in words; `kind` says why, and each protocol maps it to its code:
+
+    invalid (400, INVALID_ARGUMENT), not_found (404, NOT_FOUND), too_large (413, INVALID_ARGUMENT), busy (503 with
+    Retry-After, RESOURCE_EXHAUSTED), unavailable (503, UNAVAILABLE), internal (500, INTERNAL)."""
+
+    def __init__(self, kind: str, message: str):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+        self.kind, self.message = kind, message
 
 
 # ------------------------------------------------------------------ metrics
@@ -116,9 +126,13 @@ class Metrics:
     """Counters and histograms, written in Prometheus' text format (no dependency)."""
 
     def __init__(self):
-        self.requests = collections.Counter()  # (route, code)
+        self.requests = collections.Counter()  # (route, HTTP status)
+        self.grpc_requests = collections.Counter()  # (method, gRPC code name)
         self.images = 0
         self.waiting = 0
+        self.cancelled = 0  # images taken out of the queue because their client went away
+        self.connections = {}  # protocol -> callable giving the open connections now
+        self.refused_connections = collections.Counter()  # protocol -> connections refused over the cap
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.request_seconds = Histogram(SECONDS_BUCKETS)
         self.model_seconds = Histogram(SECONDS_BUCKETS)
@@ -128,13 +142,31 @@ class Metrics:
                  "# TYPE vggembed_requests_total counter"]
         lines += [f'vggembed_requests_total{{route="{r}",code="{c}"}} {n}'
                   for (r, c), n in sorted(self.requests.items())]
+        lines += ["# HELP vggembed_grpc_requests_total gRPC calls by method and status code.",
+                  "# TYPE vggembed_grpc_requests_total counter"]
+        lines += [f'vggembed_grpc_requests_total{{method="{m}",code="{c}"}} {n}'
+                  for (m, c), n in sorted(self.grpc_requests.items())]
         errors = sum(n for (_, c), n in self.requests.items() if c >= 400)
-        lines += ["# HELP vggembed_errors_total Requests answered with a status of 400 or more.",
+        errors += sum(n for (_, c), n in self.grpc_requests.items() if c != "OK")
+        lines += ["# HELP vggembed_errors_total Requests answered with an HTTP status of 400 or more, or a gRPC "
+                  "code other than OK.",
                   "# TYPE vggembed_errors_total counter", f"vggembed_errors_total {errors}",
                   "# HELP vggembed_images_total Images run through the network.",
                   "# TYPE vggembed_images_total counter", f"vggembed_images_total {self.images}",
+                  "# HELP vggembed_cancelled_images_total Images taken out of the queue unrun: their client went "
+                  "away or its deadline passed.",
+                  "# TYPE vggembed_cancelled_images_total counter",
+                  f"vggembed_cancelled_images_total {self.cancelled}",
                   "# HELP vggembed_queue_images Images admitted and not yet running.",
-                  "# TYPE vggembed_queue_images gauge", f"vggembed_queue_images {self.waiting}"]
+                  "# TYPE vggembed_queue_images gauge", f"vggembed_queue_images {self.waiting}",
+                  "# HELP vggembed_open_connections Connections open now, by protocol.",
+                  "# TYPE vggembed_open_connections gauge"]
+        lines += [f'vggembed_open_connections{{protocol="{p}"}} {count()}'
+                  for p, count in sorted(self.connections.items())]
+        lines += ["# HELP vggembed_refused_connections_total Connections refused over --max-connections.",
+                  "# TYPE vggembed_refused_connections_total counter"]
+        lines += [f'vggembed_refused_connections_total{{protocol="{p}"}} {n}'
+                  for p, n in sorted(self.refused_connections.items())]
         for name, hist, text in (("vggembed_batch_size", self.batch_size, "Images per model batch."),
                                  ("vggembed_request_seconds", self.request_seconds, "Predict/embed latency."),
                                  ("vggembed_model_seconds", self.model_seconds, "Model time per batch.")):
@@ -164,6 +196,19 @@ class Batcher:
         self.changed.set()
         return futures
 
+    def withdraw(self, futures) -> None:
+        """Take the images of a request that went away out of the queue, unrun (those already running finish)."""
+        gone = set(map(id, futures))
+        kept = [t for t in self.pending if id(t[2]) not in gone]
+        removed = len(self.pending) - len(kept)
+        if removed:
+            self.pending = collections.deque(kept)
+            self.metrics.waiting -= removed
+            self.metrics.cancelled += removed
+            self.changed.set()
+        for f in futures:
+            f.cancel()
+
     def drain(self) -> None:
         """Run what is waiting, and whatever requests in flight still bring, at once."""
         self.draining = True
@@ -191,10 +236,14 @@ class Batcher:
                         return
                     await self._changed(None)
                 deadline = self.pending[0][0] + self.max_wait
-                while len(self.pending) < self.batch_size and not self.draining:
+                while self.pending and len(self.pending) < self.batch_size and not self.draining:
                     left = deadline - loop.time()
                     if left <= 0 or not await self._changed(left):
                         break
+                    if self.pending:
+                        deadline = self.pending[0][0] + self.max_wait  # the first may have been withdrawn
+                if not self.pending:
+                    continue
                 take = [self.pending.popleft() for _ in range(min(self.batch_size, len(self.pending)))]
                 self.metrics.waiting -= len(take)
                 take = [t for t in take if not t[2].done()]  # a client that went away
@@ -220,10 +269,13 @@ class Batcher:
 
 # ------------------------------------------------------------------- server
 class Server:
+    """The network, the queue and the lifecycle; `serve_rest` and `serve_grpc` speak to clients."""
+
     def __init__(self, vgg, recipe, config: Config, log=None):
         self.vgg, self.recipe, self.config = vgg, recipe, config
         self.shape = input_shape(vgg, recipe.resize)
         self.names = recipe.names  # embed's: each output's name, then top_index, top_prob, top_label
+        self.outputs: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, shape of one row); warm_up
         self.metrics = Metrics()
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.decoders = ThreadPoolExecutor(config.workers, thread_name_prefix="vggembed-decode")
@@ -243,25 +295,73 @@ class Server:
         return out
 
     def warm_up(self) -> None:
-        """Build the graph (or the int8 model) before the first request."""
-        self.run_batch(np.zeros((1, *self.shape), np.float32))
+        """Build the graph (or the int8 model) before the first request; learn each output's dtype and shape."""
+        out = self.run_batch(np.zeros((1, *self.shape), np.float32))
+        self.outputs = {name: (out[name].dtype.name, tuple(out[name].shape[1:])) for name in self.names}
 
+    # ------------------------------------------------------ what it is
+    def check_model(self, name: str, version: int | None = None, label: str | None = None) -> None:
+        """Refused('not_found') unless NAME (and VERSION or LABEL, when given) is what this server serves, in
+        TensorFlow Serving's words."""
+        if name != self.config.name:
+            if version is not None:
+                raise Refused("not_found", f"Servable not found for request: Specific({name}, {version})")
+            raise Refused("not_found", f"Servable not found for request: Latest({name})")
+        if version is not None and version != self.config.version:
+            raise Refused("not_found", f"Servable not found for request: Specific({name}, {version}); this server "
+                                       f"serves version {self.config.version}")
+        if label is not None and label not in self.config.version_labels:
+            have = ", ".join(self.config.version_labels) or "none (--version-label)"
+            raise Refused("not_found", f"Unrecognized servable version label: {label}; labels here: {have}")
+
+    @staticmethod
+    def signature(name: str | None) -> str:
+        """The signature a request names ('' or None: serving_default, as TensorFlow Serving)."""
+        name = name or "serving_default"
+        if name not in SIGNATURES:
+            raise Refused("invalid", f"unknown signature_name {name!r}; this model has {', '.join(SIGNATURES)}")
+        return name
+
+    def check_outputs(self, wanted) -> list[str]:
+        """The output names a request asks (all when none), each one this model has."""
+        wanted = list(wanted) if wanted else list(self.names)
+        unknown = [w for w in wanted if w not in self.names]
+        if unknown:
+            raise Refused("invalid", f"unknown output {unknown[0]!r}; this model has {', '.join(self.names)}")
+        return wanted
+
+    def signature_defs(self) -> dict:
+        """TensorFlow Serving's SignatureDefMap in its JSON form: both signatures, their inputs and outputs."""
+
+        def info(name, dtype, shape):
+            return {"name": name, "dtype": dtype,
+                    "tensor_shape": {"dim": [{"size": str(d)} for d in (-1, *shape)]}}
+
+        outputs = {n: info(n, TF_DTYPES[dtype], shape) for n, (dtype, shape) in self.outputs.items()}
+        return {"signature_def": {
+            "serving_default": {"inputs": {"images": info("images", "DT_STRING", ())},
+                                "outputs": outputs, "method_name": PREDICT_METHOD},
+            "pixels": {"inputs": {"pixels": info("pixels", "DT_FLOAT", self.shape)},
+                       "outputs": outputs, "method_name": PREDICT_METHOD}}}
+
+    # ---------------------------------------------------------- inputs
     def _decode(self, i: int, data: bytes) -> np.ndarray:
         try:
             return prepare(data, resize_mode=self.recipe.resize, size=self.vgg.spec.input_size,
                            max_pixels=self.config.max_pixels, fast_decode=self.recipe.fast_decode)
         except ImageError as e:
-            raise HTTPError(400, f"instance {i}: {e.problem}") from None
+            raise Refused("invalid", f"instance {i}: {e.problem}") from None
 
     def _pixels(self, i: int, value) -> np.ndarray:
         try:
             arr = np.asarray(value, np.float32)
-        except (ValueError, TypeError):
-            raise HTTPError(400, f"instance {i}: pixels must be nested lists of numbers") from None
+        except (ValueError, TypeError, RecursionError):
+            raise Refused("invalid", f"instance {i}: pixels must be nested lists of numbers") from None
         if arr.shape != self.shape:
-            raise HTTPError(400, f"instance {i}: pixels have shape {list(arr.shape)}; expected {list(self.shape)}")
+            raise Refused("invalid", f"instance {i}: pixels have shape {list(arr.shape)}; expected "
+                                     f"{list(self.shape)}")
         if not np.isfinite(arr).all():
-            raise HTTPError(400, f"instance {i}: pixels contain NaN or infinite values")
+            raise Refused("invalid", f"instance {i}: pixels contain NaN or infinite values")
         return arr
 
     def _prepare_all(self, signature: str, items: list) -> np.ndarray:
@@ -270,17 +370,19 @@ class Server:
             return np.stack([self._pixels(i, v) for i, v in enumerate(items)])
         return np.stack([self._decode(i, v) for i, v in enumerate(items)]).astype(np.float32, copy=False)
 
-    async def _predict(self, signature: str, items: list) -> list[dict]:
-        """Admit, prepare and batch `items`; one {output: array} per instance."""
+    # -------------------------------------------------------- the queue
+    async def predict(self, signature: str, items: list) -> list[dict]:
+        """Admit, prepare and batch `items` (encoded images for serving_default, pixel arrays for pixels); one
+        {output: array} per instance. A cancelled caller takes its images out of the queue."""
         n = len(items)
         if n > self.config.queue_size:
-            raise HTTPError(413, f"{n} instances in one request; this server takes at most {self.config.queue_size} "
-                                 "(--queue-size)")
+            raise Refused("too_large", f"{n} instances in one request; this server takes at most "
+                                       f"{self.config.queue_size} (--queue-size)")
         if self.batcher is None or self.batcher.closing:
-            raise HTTPError(503, "shutting down", {"Retry-After": "1"})  # not reached while requests are in flight
+            raise Refused("unavailable", "shutting down")  # not reached while requests are in flight
         if self.metrics.waiting + n > self.config.queue_size:
-            raise HTTPError(503, f"busy: {self.metrics.waiting} images waiting; retry shortly",
-                            {"Retry-After": "1"})
+            raise Refused("busy", f"busy: {self.metrics.waiting} images waiting, --queue-size "
+                                  f"{self.config.queue_size}; retry shortly")
         self.metrics.waiting += n
         submitted = False
         try:
@@ -291,183 +393,30 @@ class Server:
             try:
                 return list(await asyncio.gather(*futures))
             except asyncio.CancelledError:
-                for f in futures:
-                    f.cancel()
+                self.batcher.withdraw(futures)
                 raise
         except VGGEmbedError as e:
-            raise HTTPError(500, str(e)) from None
+            raise Refused("internal", str(e)) from None
         finally:
             if not submitted:
                 self.metrics.waiting -= n
 
-    # ------------------------------------------------------- parsing
-    def _parse(self, body: bytes) -> tuple[str, list, bool, list[str]]:
-        """(signature, instances, row format?, output names) from a predict body."""
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HTTPError(400, f"body is not JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise HTTPError(400, "body must be a JSON object with \"instances\" or \"inputs\"")
-        signature = doc.get("signature_name", "serving_default")
-        if signature not in SIGNATURES:
-            raise HTTPError(400, f"unknown signature_name {signature!r}; this model has {', '.join(SIGNATURES)}")
-        if ("instances" in doc) == ("inputs" in doc):
-            raise HTTPError(400, "body must have exactly one of \"instances\" (rows) or \"inputs\" (columns)")
-        row = "instances" in doc
-        wanted = doc.get("output_filter", self.names)
-        if not isinstance(wanted, list) or not wanted or not all(isinstance(w, str) for w in wanted):
-            raise HTTPError(400, "output_filter must be a non-empty list of output names")
-        unknown = [w for w in wanted if w not in self.names]
-        if unknown:
-            raise HTTPError(400, f"unknown output {unknown[0]!r}; this model has {', '.join(self.names)}")
-        key = INPUT_NAMES[signature]
-        value = doc["instances"] if row else doc["inputs"]
-        if not row and isinstance(value, dict):
-            if set(value) != {key}:
-                raise HTTPError(400, f"inputs must name the one input {key!r}")
-            value = value[key]
-        if not isinstance(value, list) or not value:
-            raise HTTPError(400, f"{'instances' if row else 'inputs'} must be a non-empty list")
-        items = [self._instance(i, v, key, signature, row) for i, v in enumerate(value)]
-        return signature, items, row, wanted
-
-    def _instance(self, i: int, value, key: str, signature: str, row: bool):
-        if row and isinstance(value, dict) and set(value) == {key}:
-            value = value[key]
-        if signature == "pixels":
-            return value
-        if not (isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str)):
-            raise HTTPError(400, f'instance {i}: an image must be {{"b64": "<base64 of the file>"}}')
-        try:
-            return base64.b64decode(value["b64"], validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise HTTPError(400, f"instance {i}: bad base64: {e}") from None
-
-    @staticmethod
-    def _json_value(v):
-        return v.tolist() if isinstance(v, np.ndarray) else v
-
-    def answer(self, results: list[dict], row: bool, wanted: list[str]) -> bytes:
-        if row:
-            if len(wanted) == 1:
-                preds = [self._json_value(r[wanted[0]]) for r in results]
-            else:
-                preds = [{w: self._json_value(r[w]) for w in wanted} for r in results]
-            return json.dumps({"predictions": preds}).encode()
-        cols = {w: [self._json_value(r[w]) for r in results] for w in wanted}
-        return json.dumps({"outputs": cols[wanted[0]] if len(wanted) == 1 else cols}).encode()
-
-    # ---------------------------------------------------------- routes
-    async def predict(self, request, body: bytes):
-        name = request.match_info["name"]
-        self._check_name(name)
-        loop = asyncio.get_running_loop()
-        signature, items, row, wanted = await loop.run_in_executor(self.decoders, self._parse, body)
-        results = await self._predict(signature, items)
-        return await loop.run_in_executor(self.decoders, self.answer, results, row, wanted)
-
-    async def embed(self, request, body: bytes):
-        if not body:
-            raise HTTPError(400, "instance 0: empty body; POST the image file's bytes")
-        results = await self._predict("serving_default", [body])
-        return json.dumps({w: self._json_value(results[0][w]) for w in self.names}).encode()
-
-    def _check_name(self, name: str) -> None:
-        if name != self.config.name:
-            raise HTTPError(404, f"Servable not found for request: Latest({name})")
-
-    def status(self, name: str) -> bytes:
-        self._check_name(name)
-        return json.dumps({"model_version_status": [
-            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}).encode()
-
-    # ------------------------------------------------------------ app
-    def app(self):
-        from aiohttp import web
-
-        routes = [("POST", r"/v1/models/{name:[^/:]+}:predict", "predict", self.predict),
-                  ("POST", r"/v1/models/{name:[^/:]+}/versions/1:predict", "predict", self.predict),
-                  ("POST", "/embed", "embed", self.embed)]
-        app = web.Application(client_max_size=self.config.max_body, middlewares=[self._middleware])
-        for method, path, route, handler in routes:
-            app.router.add_route(method, path, functools.partial(self._with_body, route, handler))
-        app.router.add_get(r"/v1/models/{name:[^/:]+}", self._status)
-        app.router.add_get(r"/v1/models/{name:[^/:]+}/versions/1", self._status)
-        app.router.add_get("/metrics", self._metrics)
-        return app
-
-    async def _with_body(self, route, handler, request):
-        from aiohttp import web
-
-        request["route"] = route
-        start = time.perf_counter()
-        declared = request.content_length
-        if declared is not None and declared > self.config.max_body:
-            raise HTTPError(413, f"body of {declared} bytes is over --max-body {self.config.max_body}")
-        try:
-            body = await asyncio.wait_for(request.read(), self.config.read_timeout)
-        except asyncio.TimeoutError:
-            raise HTTPError(408, f"body not received within {self.config.read_timeout:g}s") from None
-        except web.HTTPRequestEntityTooLarge:
-            raise HTTPError(413, f"body is over --max-body {self.config.max_body} bytes") from None
-        out = await handler(request, body)
-        self.metrics.request_seconds.observe(time.perf_counter() - start)
-        return web.Response(body=out, content_type="application/json")
-
-    async def _status(self, request):
-        from aiohttp import web
-
-        request["route"] = "status"
-        return web.Response(body=self.status(request.match_info["name"]), content_type="application/json")
-
-    async def _metrics(self, request):
-        from aiohttp import web
-
-        request["route"] = "metrics"
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
-
-    def _authorized(self, request) -> bool:
-        if self.config.token is None:
-            return True
-        given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.config.token}".encode())
-
-    @property
-    def _middleware(self):
-        from aiohttp import web
-
-        @web.middleware
-        async def middleware(request, handler):
-            status, headers = 200, {}
-            try:
-                if not self._authorized(request):
-                    raise HTTPError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
-                                    {"WWW-Authenticate": "Bearer"})
-                response = await handler(request)
-                status = response.status
-                return response
-            except HTTPError as e:
-                status, message, headers = e.status, e.message, e.headers
-            except web.HTTPException as e:  # aiohttp's own: 404, 405, 413 ...
-                status, message, headers = e.status, e.reason, {}
-                if e.status == 404:
-                    message = f"no such endpoint: {request.method} {request.path}"
-            except Exception as e:  # noqa: BLE001 - a failure in the model (TensorFlow's own kinds): one line
-                status, message, headers = 500, f"internal error: {reason(e)}", {}
-            finally:
-                self.metrics.requests[request.get("route", "other"), status] += 1
-            return web.Response(body=json.dumps({"error": message}).encode(), status=status,
-                                content_type="application/json", headers=headers)
-
-        return middleware
-
     # ---------------------------------------------------------- running
-    async def serve(self, ready=None) -> str:
-        """Listen until SIGTERM/SIGINT/SIGHUP (those not ignored); then drain and return the signal's name."""
-        from aiohttp import web
+    def _room_for_connections(self, protocols: int) -> None:
+        """Raise the open-file limit so --max-connections per protocol fits (the soft limit is often 1024)."""
+        need = self.config.max_connections * protocols + 256
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            if new < need:
+                self.log(f"vggembed: open files are limited to {new} (ulimit -Hn): fewer than --max-connections "
+                         f"{self.config.max_connections} may be open at once")
 
+    async def serve(self, protocols, ready=None) -> str:
+        """Listen with each of `protocols` (each a coroutine function `start(server)` -> `Front`: `serve_rest.start`,
+        `serve_grpc.start`) until SIGTERM/SIGINT/SIGHUP (those not ignored); then drain and return the signal's
+        name. `ready` gets {protocol: (host, port)} once all listen."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         received = []
@@ -482,22 +431,23 @@ class Server:
                    if signal.getsignal(sig) is not signal.SIG_IGN]
         for sig in signals:
             loop.add_signal_handler(sig, on_signal, sig)
+        self._room_for_connections(len(protocols))
         self.batcher = Batcher(self.run_batch, self.config.batch_size, self.config.max_wait, self.metrics)
         batching = asyncio.create_task(self.batcher.run())
-        # keepalive_timeout: a connection that has not sent a whole request (headers) within read_timeout, or
-        # sits idle that long between requests, is closed (aiohttp's own default is an hour: slow-header
-        # clients could hold every file descriptor).
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=self.config.read_timeout + 60,
-                               keepalive_timeout=self.config.read_timeout)
-        await runner.setup()
+        fronts = []
         try:
-            site = web.TCPSite(runner, self.config.host, self.config.port, backlog=1024)
-            await site.start()
+            try:
+                for start in protocols:
+                    fronts.append(await start(self))
+            except BaseException:
+                await asyncio.gather(*(f.stop() for f in fronts))  # one could not listen: neither serves
+                raise
             if ready is not None:
-                ready(runner.addresses[0][:2])
+                ready({f.protocol: f.address for f in fronts})
             await stop.wait()
             self.batcher.drain()  # what waits runs now, and what requests in flight still submit
-            await runner.cleanup()  # stop listening; answer every request in flight
+            # Both stop listening at once and answer every request in flight.
+            await asyncio.gather(*(f.stop() for f in fronts))
         finally:
             self.batcher.close()
             await batching
@@ -507,6 +457,5 @@ class Server:
         return signal.Signals(received[0]).name if received else "stop"
 
 
-def run(server: Server, ready=None) -> str:
-    return asyncio.run(server.serve(ready))
-
+def run(server: Server, protocols, ready=None) -> str:
+    return asyncio.run(server.serve(protocols, ready))

@@ -79,9 +79,21 @@ def _head(net, recipe: Recipe, with_labels: bool):
     if rmac:
         raise VGGEmbedError(f"{rmac[0]}: R-MAC's regions follow each map's size and are pooled outside the "
                             "network; export the map's layer with another pool (gem, avg, max)")
+    head = net.head if top else None
+    classifier = (head.output.layer, None) if head is not None else ("prob", None)
     inner = net._function(tuple(dict.fromkeys((o.layer, None) for o in recipe.outputs))
-                          + ((("prob", None),) if top else ()))
+                          + ((classifier,) if top else ()))
     table = tf.constant(labels_of(net)) if top and with_labels else None
+    if head is not None:  # the head's softmax on its output, in the graph (standardisation folded in)
+        w, b = (tf.constant(a) for a in head.folded())
+
+    def probabilities(maps):
+        if head is None:
+            return maps[_key(("prob", None))]
+        v = _pooled(maps[_key(classifier)], head.output.pool)
+        if head.recipe.l2_normalize:
+            v = v / tf.maximum(tf.norm(v, axis=1, keepdims=True), 1.1754944e-38)
+        return tf.nn.softmax(tf.matmul(v, w) + b)
 
     def run(pixels):
         maps = inner(pixels)
@@ -92,7 +104,7 @@ def _head(net, recipe: Recipe, with_labels: bool):
                 v = v / tf.maximum(tf.norm(v, axis=1, keepdims=True), 1.1754944e-38)
             out[o.name] = tf.identity(tf.cast(v, recipe.dtype), name=o.name)
         if top:
-            values, indices = tf.math.top_k(maps[_key(("prob", None))], k=top)
+            values, indices = tf.math.top_k(probabilities(maps), k=top)
             out["top_index"] = indices
             out["top_prob"] = values
             if table is not None:

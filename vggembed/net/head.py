@@ -84,10 +84,12 @@ class Head:
             raise VGGEmbedError(f"{self.path or 'head'}: arrays do not fit together: coef {self.coef.shape}, "
                                 f"intercept {self.intercept.shape}, mean {self.mean.shape}, scale "
                                 f"{self.scale.shape}, {len(self.classes)} classes")
-        # The standardisation folded into the weights (in float64, then float32): one matmul per batch.
-        w = self.coef.astype(np.float64) / self.scale.astype(np.float64)[:, None]
-        self._w = w.astype(np.float32)
-        self._b = (self.intercept.astype(np.float64) - self.mean.astype(np.float64) @ w).astype(np.float32)
+        # The standardisation folded into the weights: one matmul per batch. In float64, so a row's probabilities
+        # do not depend on how many rows share its batch or how many threads BLAS runs (float32 kernels sum in
+        # different orders; float64 sums differ far below float32's resolution), and the local engine, Ray,
+        # serve and `predict_proba` give the same numbers.
+        self._w = self.coef.astype(np.float64) / self.scale.astype(np.float64)[:, None]
+        self._b = self.intercept.astype(np.float64) - self.mean.astype(np.float64) @ self._w
 
     @property
     def output(self):
@@ -100,19 +102,23 @@ class Head:
 
     # ----------------------------------------------------------- predicting
     def folded(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W, b) with the standardisation folded in: logits = x @ W + b on raw features."""
-        return self._w, self._b
+        """(W, b), float32, with the standardisation folded in: logits = x @ W + b on raw features."""
+        return self._w.astype(np.float32), self._b.astype(np.float32)
 
     def logits(self, vectors: np.ndarray) -> np.ndarray:
-        vectors = np.asarray(vectors, np.float32)
+        """(N, K) float64 logits of raw feature rows (as `embed` writes them)."""
+        vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise VGGEmbedError(f"{self.path or 'head'}: takes {self.dim}-d {self.output.name} vectors; "
                                 f"received shape {vectors.shape}")
-        return vectors @ self._w + self._b
+        out = np.empty((len(vectors), len(self.classes)), np.float64)
+        for start in range(0, len(vectors), 4096):  # float64 copies of a block at a time
+            out[start:start + 4096] = vectors[start:start + 4096].astype(np.float64) @ self._w + self._b
+        return out
 
     def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
         """(N, K) float32 class probabilities of raw feature rows (as `embed` writes them)."""
-        return softmax(self.logits(vectors))
+        return softmax(self.logits(vectors)).astype(np.float32)
 
     def predict(self, vectors: np.ndarray) -> list[str]:
         """The most probable class name of each row."""

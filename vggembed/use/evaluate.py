@@ -12,6 +12,13 @@ import io
 
 import numpy as np
 
+from ..errors import display
+
+
+def shown(name: str) -> str:
+    """A class name as the table and the picture show it: one line, bytes that are not UTF-8 as \\xNN."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in display(name))
+
 
 def metrics(proba: np.ndarray, given: np.ndarray, classes: list[str]) -> dict:
     """Top-1, top-5 (5 classes or more), balanced accuracy, log-loss, per-class precision / recall / F1 /
@@ -59,14 +66,15 @@ def table(m: dict, title: str) -> str:
     head += f"   balanced accuracy {m['balanced_accuracy']:.4f}   log-loss {m['log_loss']:.4f}   ({m['rows']} images)"
     lines.append(head)
     rows = sorted(m["per_class"], key=lambda r: (r["f1"], r["class"]))
-    shown = rows[:20]
-    width = min(30, max(len("class"), *(len(r["class"]) for r in shown)))
+    first = rows[:20]
+    width = min(30, max(len("class"), *(len(shown(r["class"])) for r in first)))
     lines.append(f"  {'class':<{width}}  precision  recall     f1  support")
-    for r in shown:
-        name = r["class"] if len(r["class"]) <= width else r["class"][: width - 1] + "~"
+    for r in first:
+        name = shown(r["class"])
+        name = name if len(name) <= width else name[: width - 1] + "~"
         lines.append(f"  {name:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:5.4f}  {r['support']:7d}")
-    if len(rows) > len(shown):
-        lines.append(f"  ... {len(rows) - len(shown)} more classes (all in the metrics file)")
+    if len(rows) > len(first):
+        lines.append(f"  ... {len(rows) - len(first)} more classes (all in the metrics file)")
     return "\n".join(lines)
 
 
@@ -93,12 +101,13 @@ def confusion_picture(m: dict, classes: list[str], title: str = ""):
     font = _font(ImageFont, font_size)
     small = _font(ImageFont, max(9, min(14, int(cell * 0.45))))
     label_chars = 28
-    names = [c if len(c) <= label_chars else c[: label_chars - 1] + "~" for c in classes]
+    names = [shown(c) for c in classes]
+    names = [c if len(c) <= label_chars else c[: label_chars - 1] + "~" for c in names]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max((probe.textlength(n, font=font) for n in names), default=0)
     margin = int(text_w) + 16
     top = margin + font_size * 3
-    title = title or "confusion matrix (rows: given class, columns: predicted)"
+    title = shown(title or "confusion matrix (rows: given class, columns: predicted)")
     size = (max(margin + k * cell + 20, int(probe.textlength(title, font=font)) + 16), top + k * cell + 20)
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)

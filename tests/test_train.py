@@ -1,0 +1,402 @@
+"""Your own classes: train a head, evaluate it, and run it wherever classify goes (tiny weights, real photos)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from click.testing import CliRunner
+
+import vggembed
+from vggembed.cli import main
+from vggembed.errors import display
+from vggembed.net import synthetic
+
+from .conftest import HANG, interruptible
+
+VGGEMBED = [sys.executable, "-m", "vggembed"]
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, input=input)
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.reader(f))
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory, photos):
+    """photos/CLASS/imgNNNNNN.png: 12 crops of each of three real photos (cat, coffee, astronaut)."""
+    root = tmp_path_factory.mktemp("classes") / "photos"
+    for name, photo in zip(("cat", "coffee", "person"), photos[:3]):
+        synthetic.photo_crops(photo, root / name, 12, size=(64, 48))
+    return root
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory, classes, tiny16):
+    """The classes' fc2 vectors, as `embed` writes them."""
+    out = tmp_path_factory.mktemp("feats") / "feats.npy"
+    assert run("embed", classes, "-o", out, "--weights", tiny16).exit_code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, classes, tiny16):
+    """A head trained from the folders, as a new user would."""
+    out = tmp_path_factory.mktemp("head") / "head.npz"
+    result = run("train", classes, "-o", out, "--weights", tiny16)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def separable(n=600, d=40, k=4, seed=0):
+    """Synthetic non-negative features, k classes that overlap a little."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    centres = rng.normal(0, 1.2, (k, d))
+    x = np.maximum(centres[y] + rng.normal(0, 1.0, (n, d)), 0) * rng.uniform(0.5, 3, d)
+    return x.astype(np.float32), y
+
+
+# ------------------------------------------------------------- the solver
+def test_the_head_equals_scikit_learns_logistic_regression_at_the_same_C():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from vggembed.store.recipe import Recipe
+    from vggembed.use.train import Rows, fit_head
+
+    x, y = separable()
+    paths = [f"p/{c}/{i}.jpg" for i, c in enumerate(y)]
+    for C in (0.01, 1.0):
+        head = fit_head([Rows.arrays(x, paths, Recipe(weights="w.npz", arch="vgg16", weights_md5="0" * 32))], None,
+                        C=C, log=lambda line: None)
+        z = StandardScaler().fit_transform(x.astype(np.float64))
+        sk = LogisticRegression(C=C, tol=1e-8, max_iter=10_000).fit(z, y)
+
+        def objective(w, b):
+            logits = z @ w + b
+            logits -= logits.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(logits).sum(axis=1))
+            return 0.5 * np.sum(w * w) + C * np.sum(lse - logits[np.arange(len(y)), y])
+
+        ours = objective(head.coef.astype(np.float64), head.intercept.astype(np.float64))
+        theirs = objective(sk.coef_.T, sk.intercept_)
+        assert abs(ours - theirs) / theirs < 1e-4, (C, ours, theirs)
+        agree = np.mean(np.argmax(head.predict_proba(x), axis=1) == sk.predict(z))
+        assert agree >= 0.995, (C, agree)
+        # the standardisation it stores is StandardScaler's
+        np.testing.assert_allclose(head.mean, x.mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(head.scale, x.std(axis=0), rtol=1e-4)
+
+
+# ----------------------------------------------------------------- train
+def test_train_from_folders_writes_the_head_its_figures_and_the_probabilities(head, tiny16):
+    z = np.load(head, allow_pickle=False)  # numpy alone reads it
+    assert {"format", "format_version", "kind", "classes", "coef", "intercept", "mean", "scale", "C", "recipe",
+            "metrics"} <= set(z.files)
+    assert z["classes"].tolist() == ["cat", "coffee", "person"]
+    assert z["coef"].shape == (32, 3) and z["coef"].dtype == np.float32
+    recipe = json.loads(str(z["recipe"]))
+    assert recipe["outputs"] == [{"name": "fc2", "layer": "relu7", "pool": None}]
+    assert recipe["weights_md5"] == vggembed.load_weights(tiny16)[1].md5
+    metrics = json.loads(str(z["metrics"]))
+    assert metrics["evaluation"] == "5-fold out-of-fold" and metrics["rows"] == 36
+    assert metrics["class_counts"] == {"cat": 12, "coffee": 12, "person": 12}
+    assert metrics["top1"] > 0.5  # crops of three different photos, through tiny random weights (chance: 1/3)
+    stem = head.with_suffix("")
+    for suffix in (".metrics.json", ".oof.npz", ".oof.csv", ".confusion.csv", ".confusion.png"):
+        assert Path(str(stem) + suffix).is_file(), suffix
+    confusion = read_csv(str(stem) + ".confusion.csv")
+    assert confusion[0] == ["given \\ predicted", "cat", "coffee", "person"]
+    assert sum(int(v) for row in confusion[1:] for v in row[1:]) == 36
+    from PIL import Image
+
+    with Image.open(str(stem) + ".confusion.png") as picture:
+        assert picture.width > 100 and picture.height > 100
+
+
+def test_out_of_fold_figures_equal_a_recomputation_from_the_stored_probabilities(head):
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, log_loss
+
+    metrics = json.loads(Path(str(head.with_suffix("")) + ".metrics.json").read_text())
+    with np.load(str(head.with_suffix("")) + ".oof.npz") as oof:
+        proba, given, fold = oof["proba"], oof["given"], oof["fold"]
+        assert oof["classes"].tolist() == ["cat", "coffee", "person"]
+        assert len(oof["paths"]) == 36
+    assert sorted(np.bincount(fold).tolist()) == [7, 7, 7, 7, 8]  # 36 images in 5 stratified folds
+    predicted = proba.argmax(axis=1)
+    assert metrics["top1"] == pytest.approx(np.mean(predicted == given))
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(given, predicted))
+    assert metrics["log_loss"] == pytest.approx(log_loss(given, proba, labels=[0, 1, 2]), rel=1e-5)
+    assert metrics["confusion"] == confusion_matrix(given, predicted, labels=[0, 1, 2]).tolist()
+    f1 = f1_score(given, predicted, average=None, labels=[0, 1, 2], zero_division=0)
+    assert [c["f1"] for c in metrics["per_class"]] == pytest.approx(f1.tolist())
+    rows = read_csv(str(head.with_suffix("")) + ".oof.csv")
+    assert rows[0] == ["path", "fold", "given", "predicted", "p_given", "p_predicted"]
+    assert len(rows) == 37 and all(r[2] == Path(r[0]).parent.name for r in rows[1:])
+
+
+def test_folder_labels_and_a_label_file_give_the_same_head(tmp_path, feats):
+    by_folder = tmp_path / "a.npz"
+    assert run("train", feats, "-o", by_folder, "--C", 0.5).exit_code == 0
+    paths = [r[0] for r in read_csv(f"{feats}.index.csv")[1:]]
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows([p, Path(p).parent.name] for p in reversed(paths))  # any order
+    by_file = tmp_path / "b.npz"
+    result = run("train", feats, "--labels", table, "-o", by_file, "--C", 0.5)
+    assert result.exit_code == 0, result.output
+    with np.load(by_folder) as a, np.load(by_file) as b:
+        for key in ("classes", "coef", "intercept", "mean", "scale", "C"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_parquet_label_table_and_names_with_commas_quotes_newlines_and_bad_bytes(tmp_path, photos, tiny16):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "imgs"
+    odd = ['a,b "quoted".png', "line\nbreak.png", os.fsdecode(b"bad\xff.png"), "plain.png"]
+    names = []
+    for i, name in enumerate(odd * 3):
+        p = folder / f"{i}-{name}"
+        p.parent.mkdir(exist_ok=True)
+        synthetic.photo_crops(photos[i % 2], tmp_path / "crop", 1)[0].rename(p)
+        names.append(p)
+    labels = {str(p): ("label, with \"comma\"\nand a line" if i % 2 else "caf\u00e9") for i, p in enumerate(names)}
+    table = tmp_path / "labels.parquet"  # as vggembed writes names: path shown, path_bytes exact
+    pq.write_table(pa.table({"path": [display(p) for p in labels], "path_bytes": [os.fsencode(p) for p in labels],
+                             "label": list(labels.values())}), table)
+    out = tmp_path / "h.npz"
+    result = run("train", folder, "--labels", table, "-o", out, "--weights", tiny16, "--folds", 2)
+    assert result.exit_code == 0, result.output
+    with np.load(out) as z:
+        assert z["classes"].tolist() == sorted(set(labels.values()))
+    # the same labels as CSV, written by the csv module (quotes, newlines, surrogate-escaped bytes)
+    csv_table = tmp_path / "labels.csv"
+    with open(csv_table, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        csv.writer(f).writerows(labels.items())
+    again = tmp_path / "h2.npz"
+    assert run("train", str(out.with_suffix("")) + ".features.npy", "--labels", csv_table, "-o", again,
+               "--folds", 2).exit_code == 0
+    with np.load(out) as a, np.load(again) as b:
+        np.testing.assert_array_equal(a["coef"], b["coef"])
+    rows = read_csv(str(again.with_suffix("")) + ".oof.csv")
+    assert {r[0] for r in rows[1:]} == {str(p) for p in names}
+
+
+# -------------------------------------------------------------- bad input
+def test_one_class_is_refused_in_one_line(tmp_path, classes, tiny16):
+    result = run("train", classes / "cat", "-o", tmp_path / "h.npz", "--weights", tiny16)
+    assert result.exit_code == 1
+    assert "only one class ('cat')" in result.stderr and "at least two classes" in result.stderr
+    assert not (tmp_path / "h.npz").exists()
+
+
+def test_left_out_rows_are_counted_and_small_classes_get_fewer_folds(tmp_path, feats, photos, tiny16):
+    paths = [r[0] for r in read_csv(f"{feats}.index.csv")[1:]]
+    table = tmp_path / "labels.csv"
+    # the person class keeps 3 images (fewer than 5 folds); 9 person images unlabelled; 2 names not among rows
+    person = [p for p in paths if "/person/" in p]
+    rows = [(p, Path(p).parent.name) for p in paths if "/person/" not in p] + [(p, "person") for p in person[:3]]
+    rows += [("elsewhere/x.jpg", "cat"), ("elsewhere/y.jpg", "coffee")]
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    result = run("train", feats, "--labels", table, "-o", tmp_path / "h.npz")
+    assert result.exit_code == 0, result.output
+    assert "class 'person' has 3 images, fewer than 5 folds: using 3 folds" in result.stderr
+    assert "9 images of" in result.stderr and "have no label (not in the label table)" in result.stderr
+    assert "2 labels name paths that are not among" in result.stderr and "elsewhere/x.jpg" in result.stderr
+    metrics = json.loads((tmp_path / "h.metrics.json").read_text())
+    assert (metrics["folds"], metrics["trained"], metrics["unlabelled"]) == (3, 27, 9)
+    # a class of one image cannot be evaluated out of fold
+    rows.append((person[3], "lonely"))
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    result = run("train", feats, "--labels", table, "-o", tmp_path / "h2.npz")
+    assert result.exit_code == 1 and "class 'lonely' has 1 image" in result.stderr
+
+
+def test_failed_images_and_non_finite_vectors_are_counted_and_not_trained_on(tmp_path, classes, tiny16):
+    folder = tmp_path / "photos"
+    shutil.copytree(classes, folder)
+    (folder / "cat" / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "h.npz"
+    result = run("train", folder, "-o", out, "--weights", tiny16)
+    assert result.exit_code == 3, result.output  # as embed: the run completed, some images failed
+    assert "broken.jpg" in result.stderr
+    metrics = json.loads((tmp_path / "h.metrics.json").read_text())
+    assert metrics["trained"] == 36
+    # a NaN row in an embedding output is left out, and said
+    feats = tmp_path / "h.features.npy"
+    x = np.load(feats)
+    x[0, 3] = np.nan
+    np.save(feats, x)
+    result = run("train", feats, "-o", tmp_path / "h2.npz")
+    assert result.exit_code == 0, result.output
+    assert "1 vectors hold NaN or infinite values" in result.stderr
+    assert json.loads((tmp_path / "h2.metrics.json").read_text())["trained"] == 35
+
+
+def test_an_existing_head_needs_overwrite_and_is_left_as_it_was(tmp_path, feats):
+    out = tmp_path / "h.npz"
+    out.write_bytes(b"mine")
+    result = run("train", feats, "-o", out)
+    assert result.exit_code == 1 and f"{out}: exists; pass --overwrite" in result.stderr
+    assert out.read_bytes() == b"mine"
+    assert run("train", feats, "-o", out, "--overwrite").exit_code == 0
+    assert np.load(out)["classes"].tolist() == ["cat", "coffee", "person"]
+
+
+def test_a_file_that_is_not_a_head_is_one_line(tmp_path, image_dir, tiny16):
+    fake = tmp_path / "head.npz"
+    np.savez(fake, a=np.zeros(3))
+    result = run("classify", image_dir, "--head", fake, "--weights", tiny16)
+    assert result.exit_code == 1 and f"{fake}: not a vggembed head" in result.stderr
+    assert "Traceback" not in result.output
+
+
+# --------------------------------------------------- the head where classify goes
+def test_classify_head_ranks_the_users_classes_in_every_format(tmp_path, head, classes, tiny16, feats):
+    image = classes / "coffee" / "img000003.png"
+    table = run("classify", image, "--head", head, "--weights", tiny16)
+    assert table.exit_code == 0
+    lines = table.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("1. coffee (")
+    # the same probabilities as the head on embed's vectors
+    rows = [r[0] for r in read_csv(f"{feats}.index.csv")[1:]]
+    loaded = vggembed.load_head(head)
+    expected = loaded.predict_proba(np.load(feats))[rows.index(str(image))]
+    shown = [float(line.split("(")[1].rstrip(")")) for line in lines]
+    assert shown == pytest.approx(sorted(expected, reverse=True), abs=1e-4)
+
+    result = run("classify", classes, "--head", head, "--weights", tiny16, "--format", "json")
+    doc = json.loads(result.stdout)
+    assert len(doc) == 36 and {p["label"] for p in doc[0]["predictions"]} == {"cat", "coffee", "person"}
+    result = run("classify", classes, "--head", head, "--weights", tiny16, "--format", "csv", "--top", 1)
+    got = list(csv.reader(result.stdout.splitlines()))
+    assert got[0] == ["path", "rank", "index", "label", "probability"] and len(got) == 37
+    assert np.mean([r[3] == Path(r[0]).parent.name for r in got[1:]]) > 0.5
+    for ext in (".parquet", ".npz", ".csv"):
+        out = tmp_path / f"preds{ext}"
+        assert run("classify", classes, "--head", head, "--weights", tiny16, "-o", out).exit_code == 0
+    with np.load(tmp_path / "preds.npz") as z:
+        assert z["top_label"].shape == (36, 3) and set(z["top_label"][:, 0]) <= {"cat", "coffee", "person"}
+        np.testing.assert_allclose(z["top_prob"].sum(axis=1), 1, rtol=1e-5)
+    meta = json.loads(Path(str(tmp_path / "preds.npz") + ".meta.json").read_text())
+    assert meta["recipe"]["head"] == "head.npz" and len(meta["recipe"]["head_md5"]) == 32
+
+
+def test_features_of_another_recipe_are_refused_naming_both(tmp_path, head, image_dir, tiny16, tiny):
+    other = tiny["vgg16", "matconvnet"]  # other weights
+    result = run("classify", image_dir, "--head", head, "--weights", other)
+    assert result.exit_code == 1
+    assert "was trained on features of another recipe" in result.stderr and "weights_md5" in result.stderr
+    result = run("classify", image_dir, "--head", head, "--weights", tiny16, "--resize", "center-crop")
+    assert result.exit_code == 2
+    assert "--resize center-crop" in result.stderr and "resize squash" in result.stderr
+    # vectors of another layer through the Python API
+    from vggembed.net.head import read_head
+    from vggembed.store.recipe import Output
+
+    with pytest.raises(vggembed.VGGEmbedError, match=r"reads fc2 \(relu7\) but pool5s holds pool5_avg"):
+        read_head(head).check_output(Output("pool5", "avg"), "pool5s")
+
+
+def test_a_killed_classify_head_run_resumes_to_the_same_result(tmp_path, classes, head, tiny16):
+    paths = sorted(str(p) for p in classes.rglob("*.png"))
+    args = ["classify", "--head", str(head), "--weights", str(tiny16), "--batch-size", "2", "--workers", "1"]
+    full = tmp_path / "full.npz"
+    assert run(*args, *paths, "-o", full).exit_code == 0
+    out = tmp_path / "cut.npz"
+    proc = subprocess.Popen(VGGEMBED + args + ["-", "-o", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=interruptible)
+    proc.stdin.write("".join(p + "\n" for p in paths[:20]).encode())
+    proc.stdin.flush()
+    index = Path(str(out) + ".index.csv.partial")
+    deadline = time.time() + HANG
+    while time.time() < deadline and not (index.exists() and index.read_text().count("\n") > 8):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=HANG)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(p + "\n" for p in paths))
+    resumed = run(*args, "--files-from", listing, "-o", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "already done by the interrupted run" in resumed.stderr
+    with np.load(out) as got, np.load(full) as want:
+        for name in ("top_index", "top_prob", "top_label"):
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_export_and_serve_with_the_head_equal_classify_head(tmp_path, head, classes, tiny16):
+    images = sorted(classes.rglob("*.png"))[::6]
+    preds = tmp_path / "preds.npz"
+    assert run("classify", *images, "--head", head, "--weights", tiny16, "-o", preds, "--batch-size", 1).exit_code == 0
+    want = np.load(preds)
+
+    saved = tmp_path / "model"
+    result = run("export", saved, "--format", "saved-model", "--head", head, "--weights", tiny16)
+    assert result.exit_code == 0, result.output
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(saved / "1")).signatures["pixels"]
+    from vggembed.images.decode import prepare
+
+    pixels = np.stack([prepare(str(p), resize_mode="squash", size=(224, 224)) for p in images]).astype(np.float32)
+    out = fn(pixels=tf.constant(pixels))
+    np.testing.assert_array_equal(out["top_index"].numpy(), want["top_index"])
+    np.testing.assert_allclose(out["top_prob"].numpy(), want["top_prob"], atol=1e-5)
+    assert out["top_label"].numpy().astype(str).tolist() == want["top_label"].tolist()
+
+    from .test_serve import serve  # a real `vggembed serve` on loopback
+
+    with serve(tiny16, "--head", head, "--fixed-batch", "--batch-size", 1, "--queue-size", 16) as served:
+        response = served.predict({"instances": [{"b64": base64.b64encode(p.read_bytes()).decode()}
+                                                 for p in images]})
+        assert response.status_code == 200, response.text
+        got = response.json()["predictions"]
+        # TF Serving's :classify: [label, score] pairs, the head's classes
+        examples = {"examples": [{"images": {"b64": base64.b64encode(p.read_bytes()).decode()}} for p in images]}
+        classified = requests.post(f"{served.url}/v1/models/vggembed:classify", json=examples, timeout=HANG)
+        assert classified.status_code == 200, classified.text
+        assert classified.json()["result"] == [[[label, pytest.approx(float(p), abs=1e-6)] for label, p in zip(ls, ps)]
+                                               for ls, ps in zip(want["top_label"].tolist(), want["top_prob"])]
+    assert [p["top_label"] for p in got] == want["top_label"].tolist()
+    np.testing.assert_allclose([p["top_prob"] for p in got], want["top_prob"], atol=1e-6)
+
+
+# -------------------------------------------------------------- Python API
+def test_python_train_returns_a_head_that_predicts_and_classifies(feats, classes, tiny16, tmp_path):
+    head = vggembed.train(str(feats))
+    assert head.classes == ["cat", "coffee", "person"] and head.metrics["rows"] == 36
+    x = np.load(feats)
+    assert head.predict(x[:2]) == [head.classes[i] for i in np.argmax(head.predict_proba(x[:2]), axis=1)]
+    out = tmp_path / "h.npz"
+    with open(out, "wb") as f:
+        head.write(f)
+    loaded = vggembed.load_head(out, weights=tiny16)
+    preds = loaded.classify([str(classes / "cat" / "img000000.png")], top=2)
+    assert [p.rank for p in preds[0]] == [1, 2] and preds[0][0].label in head.classes
+    # images straight from folders, embedded in memory: the same minimum (to the solver's tolerance)
+    direct = vggembed.train(str(classes), weights=str(tiny16), C=head.C)
+    assert direct.recipe.weights_md5 == vggembed.load_weights(tiny16)[1].md5
+    np.testing.assert_allclose(direct.coef, head.coef, atol=1e-3)
+    np.testing.assert_allclose(direct.predict_proba(x), head.predict_proba(x), atol=1e-4)
