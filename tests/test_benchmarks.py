@@ -125,3 +125,26 @@ def test_measure_counts_the_commands_memory_and_none_of_ours(monkeypatch):
     assert measure([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"]).returncode == -9
     assert measure([sys.executable, "-c", "raise SystemExit(3)"]).returncode == 3
     del ballast
+
+
+def test_report_benchmark_prints_page_size_and_paint_times():
+    from .browser import CHROMIUM
+
+    if CHROMIUM is None:
+        import pytest
+
+        pytest.skip("no chromium: apt-get install chromium (as .ci/run does)")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--sizes", "100,300", "--repeat",
+                          "1", "--chromium", CHROMIUM], capture_output=True, text=True, check=True,
+                         timeout=300).stdout.splitlines()
+    header = out.index(next(line for line in out if line.split()[:1] == ["images"]))
+    assert [line.split()[0] for line in out[header + 1:]] == ["100", "300"]
+    assert "FCP" in out[header] and "rows ready" in out[header]
+
+
+def test_audit_benchmark_prints_time_memory_and_recall():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "audit.py"), "--sizes", "600", "--dim", "64",
+                          "--classes", "5", "--methods", "knn"], capture_output=True, text=True, check=True,
+                         timeout=300).stdout.splitlines()
+    assert out[0].split()[:3] == ["vectors", "probabilities", "seconds"] and "recall@planted" in out[0]
+    assert out[1].split()[:2] == ["600", "knn"] and 0 <= float(out[1].split()[7]) <= 1

@@ -13,7 +13,7 @@ summary go to stderr. Exit codes:
   143 stopped by SIGTERM (129: SIGHUP); `embed --resume` continues
 
 Commands live in one module per group (`run`: embed, merge, classify;
-`search`: search, dedup, cluster; `pictures`: maps, plot; `weights`: info,
+`search`: search, dedup, cluster; `audit`: audit; `pictures`: maps, plot; `weights`: info,
 weights list/fetch; `deploy`: export, serve); option groups shared between them are in `common`; the
 process around them (streams, signals, exit codes) in `process`.
 """
@@ -27,7 +27,7 @@ import signal
 import click
 
 from ..store.recipe import __version__
-from . import deploy, pictures, process, run, search, train, weights
+from . import audit, deploy, pictures, process, run, search, train, weights
 from .common import CONTEXT, ON_INTERRUPT
 
 
@@ -83,6 +83,6 @@ def main(ctx, verbose):
         os.environ["VGGEMBED_VERBOSE"] = "1"
 
 
-for command in (run.embed, run.merge, run.classify, train.train, search.search, search.dedup, search.cluster, weights.info,
-                weights.weights, pictures.maps, pictures.plot, deploy.export, deploy.serve):
+for command in (run.embed, run.merge, run.classify, train.train, search.search, search.dedup, search.cluster,
+                audit.audit, weights.info, weights.weights, pictures.maps, pictures.plot, deploy.export, deploy.serve):
     main.add_command(command)

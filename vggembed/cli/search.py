@@ -49,6 +49,27 @@ def _sheet(rows, sheet, tile, what: str) -> None:
     click.echo(f"vggembed: drew {out}: {drawn} {what}{more}", err=True)
 
 
+def _check_html(html, overwrite) -> None:
+    """Refuse an --html folder that cannot be written before any work is done."""
+    if html:
+        from ..use.report import check_target
+
+        try:
+            check_target(html, overwrite)
+        except VGGEmbedError as e:
+            fail(str(e))
+
+
+def _html(report, html, overwrite) -> None:
+    from ..use.report import write
+
+    done = write(report, html, overwrite=overwrite)
+    reused = f", {done.reused} reused" if done.reused else ""
+    failed = f"; {done.failed} could not be read (shown as placeholders)" if done.failed else ""
+    click.echo(f"vggembed: wrote {Path(html) / 'index.html'}: {done.images} images, {done.made} thumbnails made"
+               f"{reused}{failed}", err=True)
+
+
 def _note_recipe(vectors) -> None:
     if vectors.recipe is None:
         click.echo(f"vggembed: note: {display(str(vectors.source))} records no recipe (written before vggembed "
@@ -84,6 +105,10 @@ tile_option = click.option("--tile", type=click.IntRange(32, 512), default=128, 
                            help="Thumbnail size on the sheet, pixels.")
 output_option = click.option("-o", "--output", type=click.Path(dir_okay=False),
                              help="Write the CSV here instead of stdout.")
+html_option = click.option("--html", "html", type=click.Path(file_okay=False),
+                           help="Also write a browsable report: a folder with index.html and thumbnails that opens "
+                                "offline (see docs/report.md).")
+overwrite_option = click.option("--overwrite", is_flag=True, help="Replace the --html report folder if it exists.")
 layer_option = click.option("--layer", metavar="NAME",
                             help="Which vectors of an INDEX that holds several (embed --layer fc2 --layer "
                                  "pool5:avg): fc2, pool5_avg, ...; default the only one, or the first.")
@@ -108,8 +133,11 @@ layer_option = click.option("--layer", metavar="NAME",
 @output_option
 @sheet_option
 @tile_option
+@html_option
+@overwrite_option
 @click.pass_context
-def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe, layer, output, sheet, tile):
+def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe, layer, output, sheet, tile, html,
+           overwrite):
     """The indexed images most similar to each query, by cosine.
 
     INDEX is a .npy, .npz, .parquet or .csv output, or an --engine ray folder (a
@@ -122,6 +150,7 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
       vggembed search feats.npy cat.jpg -k 5
       vggembed search feats.parquet queries/ -o hits.csv --sheet hits.png
       vggembed search feats.npy --rows 0,12 --min-score 0.9
+      vggembed search feats.npy queries/ --html hits-report/
     """
     from ..store.vectors import open_vectors
     from ..use.explore import search as run_search
@@ -129,6 +158,7 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
     row_list = _parse_rows(rows)
     if not queries and not row_list:
         raise click.UsageError("no query: give query images or folders, or --rows N,M")
+    _check_html(html, overwrite)
     try:
         with open_vectors(index, layer=layer) as vectors:
             if queries and weights is not None:
@@ -142,6 +172,12 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
 
                 names = list(dict.fromkeys([vectors.paths[r] for r in row_list] + [h.query for h in result.hits]))
                 _sheet(search_rows(result.hits, {n: n for n in names}), sheet, tile, "queries")
+            if html:
+                from ..use.report import search_report
+
+                names = list(dict.fromkeys([vectors.paths[r] for r in row_list] + [h.query for h in result.hits]))
+                _html(search_report(result.hits, result.failed, source=str(index), query_paths={n: n for n in names}),
+                      html, overwrite)
     except VGGEmbedError as e:
         fail(str(e))
     queried = len({h.query for h in result.hits})
@@ -164,8 +200,10 @@ def search(ctx, index, queries, k, min_score, rows, weights, approximate, nprobe
 @output_option
 @sheet_option
 @tile_option
+@html_option
+@overwrite_option
 @click.pass_context
-def dedup(ctx, index, threshold, list_redundant, precision, layer, output, sheet, tile):
+def dedup(ctx, index, threshold, list_redundant, precision, layer, output, sheet, tile, html, overwrite):
     """Groups of near-duplicate images: every pair with cosine >= threshold, joined.
 
     INDEX is a .npy, .npz, .parquet or .csv output, or an --engine ray folder (a
@@ -178,10 +216,12 @@ def dedup(ctx, index, threshold, list_redundant, precision, layer, output, sheet
     Examples:
       vggembed dedup feats.npy -o groups.csv --sheet groups.png
       vggembed dedup feats.npy --list-redundant | xargs -d '\\n' rm --
+      vggembed dedup feats.npy --html groups-report/
     """
     from ..store.vectors import open_vectors
     from ..use.explore import dedup as run_dedup
 
+    _check_html(html, overwrite)
     try:
         with open_vectors(index, layer=layer) as vectors:
             groups = run_dedup(vectors, threshold, precision=precision)
@@ -195,6 +235,13 @@ def dedup(ctx, index, threshold, list_redundant, precision, layer, output, sheet
         from ..use.sheets import dedup_rows
 
         _sheet(dedup_rows(groups), sheet, tile, "groups")
+    if html:
+        from ..use.report import dedup_report
+
+        try:
+            _html(dedup_report(groups, source=str(index), threshold=threshold, images=vectors.rows), html, overwrite)
+        except VGGEmbedError as e:
+            fail(str(e))
     redundant = sum(len(g) - 1 for g in groups)
     click.echo(f"vggembed: {len(groups)} groups of near-duplicates (cosine >= {threshold:g}) among "
                f"{vectors.rows} images; {redundant} redundant", err=True)
@@ -209,8 +256,10 @@ def dedup(ctx, index, threshold, list_redundant, precision, layer, output, sheet
 @output_option
 @sheet_option
 @tile_option
+@html_option
+@overwrite_option
 @click.pass_context
-def cluster(ctx, index, k, seed, layer, output, sheet, tile):
+def cluster(ctx, index, k, seed, layer, output, sheet, tile, html, overwrite):
     """k-means clusters of the (unit-length) vectors.
 
     INDEX is a .npy, .npz, .parquet or .csv output, or an --engine ray folder (a
@@ -222,10 +271,12 @@ def cluster(ctx, index, k, seed, layer, output, sheet, tile):
     \b
     Example:
       vggembed cluster feats.npy -k 20 -o clusters.csv --sheet clusters.png
+      vggembed cluster feats.npy -k 20 --html clusters-report/
     """
     from ..store.vectors import open_vectors
     from ..use.explore import cluster as run_cluster
 
+    _check_html(html, overwrite)
     try:
         with open_vectors(index, layer=layer) as vectors:
             found = run_cluster(vectors, k, seed=seed)
@@ -236,5 +287,12 @@ def cluster(ctx, index, k, seed, layer, output, sheet, tile):
         from ..use.sheets import cluster_rows
 
         _sheet(cluster_rows(found), sheet, tile, "clusters")
+    if html:
+        from ..use.report import cluster_report
+
+        try:
+            _html(cluster_report(found, source=str(index), k=k), html, overwrite)
+        except VGGEmbedError as e:
+            fail(str(e))
     sizes = sorted((sum(1 for a in found if a.cluster == c) for c in range(k)), reverse=True)
     click.echo(f"vggembed: {len(found)} images in {k} clusters (largest {sizes[0]}, smallest {sizes[-1]})", err=True)

@@ -1,0 +1,142 @@
+"""`vggembed audit` at scale: wall time and peak memory against N, and how well it finds planted mislabels.
+
+For each size N, in a fresh subprocess (peak RSS from wait4's ru_maxrss):
+synthetic 4096-d vectors of C classes (ReLU'd random projections of a 64-d
+mixture: one Gaussian per class plus noise, so classes overlap a little, as
+real embeddings do), written to an `.npy` + index on disk a block at a time
+and opened with `open_vectors` (read in blocks, never whole); 5% of the
+labels moved to another class at random; a few exact copies planted so
+there are near-duplicate groups. Then `audit.audit` as the command runs it
+(k = 10, threshold 0.95) and `audit.write` (the CSVs and the HTML report),
+with the label issues' probabilities from the head `vggembed train` fits
+(`head`) or from the k-NN vote (`knn`). Printed side by side:
+
+- seconds: the whole audit (with its CSVs and HTML report), its k-NN pass
+  (the one all-pairs pass), the within-class passes, and the out-of-fold
+  probabilities;
+- peak RSS of the process (the vectors stay on disk: all of it is overhead);
+- recall@planted: the share of planted mislabels among the top-ranked label
+  issues, as many as were planted; the same figure from cleanlab's
+  `find_label_issues` on the same out-of-fold probabilities when cleanlab is
+  installed (it is AGPL: benchmark only, never a dependency).
+
+    python benchmarks/audit.py                                   # 5,000 and 20,000 x 4096, 100 classes
+    python benchmarks/audit.py --sizes 100000 --methods knn      # the 100k target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+NOISE = 1.5  # per latent dimension, against class centres of unit scale: classes overlap a little
+
+
+def make(folder: Path, n: int, dim: int, classes: int, seed: int = 0) -> tuple[Path, np.ndarray, np.ndarray]:
+    """feats.npy + index of n vectors, written a block at a time with plain writes (no memory map, whose dirty
+    pages would count in the peak RSS measured); (path, true class, given class)."""
+    rng = np.random.default_rng(seed)
+    latent = 64
+    centres = rng.normal(size=(classes, latent))
+    proj = rng.normal(size=(latent, dim)).astype(np.float32) / np.sqrt(latent)
+    truth = rng.integers(0, classes, n)
+    out = folder / "feats.npy"
+    with open(out, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
+        for a in range(0, n, 4096):
+            b = min(n, a + 4096)
+            z = centres[truth[a:b]] + rng.normal(size=(b - a, latent)) * NOISE
+            block = np.maximum(z.astype(np.float32) @ proj, 0)
+            for c in rng.choice(b - a, max(1, (b - a) // 200), replace=False):  # exact copies: near-duplicates
+                if c > 0:
+                    src = rng.integers(0, c)
+                    block[c] = block[src]
+                    truth[a + c] = truth[a + src]
+            f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+    with open(folder / "feats.npy.index.csv", "w") as f:
+        f.write("path,row,error\n")
+        f.writelines(f"img/{i:07d}.jpg,{i},\n" for i in range(n))
+    given = truth.copy()
+    planted = rng.choice(n, n // 20, replace=False)
+    given[planted] = (truth[planted] + rng.integers(1, classes, len(planted))) % classes
+    return out, truth, given
+
+
+def child(n: int, dim: int, classes: int, method: str) -> None:
+    from vggembed.store.recipe import Recipe
+    from vggembed.store.vectors import open_vectors
+    from vggembed.use import audit
+
+    with tempfile.TemporaryDirectory(prefix="vggembed-audit-") as tmp:
+        tmp = Path(tmp)
+        path, truth, given = make(tmp, n, dim, classes)
+        planted = np.flatnonzero(given != truth)
+        with open_vectors(path) as v:
+            v.recipe = Recipe(weights="synthetic.npz")  # the head needs a recipe; the vectors' meaning is moot
+            rows = audit.Rows([v])
+            t0 = time.perf_counter()
+            result = audit.audit(rows, labels=[f"c{g:03d}" for g in given], k=10, threshold=0.95,
+                                 probabilities=method)
+            audit.write(result, tmp / "out", source="feats.npy")
+            total = time.perf_counter() - t0
+        top = {x.row for x in result.issues[: len(planted)]}
+        recall = len(top & set(planted.tolist())) / max(len(planted), 1)
+        cleanlab = None
+        try:
+            from cleanlab.filter import find_label_issues
+        except ImportError:
+            find_label_issues = None
+        if find_label_issues is not None:  # the same out-of-fold probabilities, ranked by cleanlab
+            ranked = find_label_issues(result.given, result.proba, return_indices_ranked_by="self_confidence")
+            top = set(ranked[: len(planted)].tolist())
+            cleanlab = len(top & set(planted.tolist())) / len(planted)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"total": total, "knn": result.seconds["knn"], "classes": result.seconds["classes"],
+                      "proba": result.seconds["probabilities"], "recall": recall, "cleanlab": cleanlab, "rss": rss,
+                      "planted": int(len(planted)), "method": result.method}))
+
+
+def run_child(n, dim, classes, method) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(dim), str(classes), method],
+                          stdout=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"audit of {n} vectors failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="5000,20000")
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--methods", default="knn,head", help="where label issues' probabilities come from")
+    args = ap.parse_args()
+    print(f"{'vectors':>8} {'probabilities':>13} {'seconds':>8} {'k-NN pass':>10} {'in class':>9} {'proba':>7} "
+          f"{'peak RSS':>9} {'recall@planted':>15} {'cleanlab':>9}", flush=True)
+    for n in (int(s) for s in args.sizes.split(",")):
+        for method in args.methods.split(","):
+            r = run_child(n, args.dim, args.classes, method)
+            cl = "-" if r["cleanlab"] is None else f"{r['cleanlab']:.3f}"
+            print(f"{n:>8} {method:>13} {r['total']:>8.1f} {r['knn']:>9.1f}s {r['classes']:>8.1f}s "
+                  f"{r['proba']:>6.1f}s {r['rss'] / 2**20:>7.0f}MB "
+                  f"{r['recall']:>15.3f} {cl:>9}", flush=True)
+    print(f"{args.dim}-d float32 vectors, {args.classes} classes, 5% of labels moved; peak RSS of the whole process "
+          f"(Python, numpy, pyarrow), the vectors read from disk in blocks")
+
+
+if __name__ == "__main__":
+    main()
