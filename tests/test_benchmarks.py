@@ -148,3 +148,14 @@ def test_audit_benchmark_prints_time_memory_and_recall():
                          timeout=300).stdout.splitlines()
     assert out[0].split()[:3] == ["vectors", "probabilities", "seconds"] and "recall@planted" in out[0]
     assert out[1].split()[:2] == ["600", "knn"] and 0 <= float(out[1].split()[7]) <= 1
+
+
+def test_train_benchmark_prints_vggembed_beside_scikit_learn():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train.py"), "--part", "large", "--rows", "2000",
+                          "--dim", "32", "--classes", "4"], capture_output=True, text=True, check=True).stdout
+    rows = {line.strip().split("  ")[0]: line for line in out.splitlines()}
+    assert out.startswith("(b) 2,000 x 32 float32")
+    assert "vggembed train (sweep + 5 folds + final fit)" in rows
+    assert "scikit-learn: one lbfgs fit at that C" in rows
+    agree = float(out.split("predictions agree on ")[1].split("%")[0])
+    assert agree > 99  # the same objective at the same C
