@@ -400,3 +400,12 @@ def test_python_train_returns_a_head_that_predicts_and_classifies(feats, classes
     assert direct.recipe.weights_md5 == vggembed.load_weights(tiny16)[1].md5
     np.testing.assert_allclose(direct.coef, head.coef, atol=1e-3)
     np.testing.assert_allclose(direct.predict_proba(x), head.predict_proba(x), atol=1e-4)
+
+
+def test_a_fifo_as_head_is_one_line_not_a_hang(tmp_path, image_dir, tiny16):
+    fifo = tmp_path / "head.npz"
+    os.mkfifo(fifo)
+    result = subprocess.run(VGGEMBED + ["classify", str(image_dir), "--head", str(fifo), "--weights", str(tiny16)],
+                            capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"Error: {fifo}: is a FIFO (named pipe), not a head file"]

@@ -58,9 +58,14 @@ def info(weights, labels):
 
 
 def _is_head(path) -> bool:
+    """A zip holding a head's keys. Only a regular file is opened (a FIFO would block the open)."""
+    import os
+    import stat
     import zipfile
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with zipfile.ZipFile(path) as z:
             return "format.npy" in z.namelist() and "coef.npy" in z.namelist()
     except (OSError, zipfile.BadZipFile):

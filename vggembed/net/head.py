@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VGGEmbedError, reason
+from ..images.safeio import open_regular
 from ..store.recipe import Recipe
 
 FORMAT = "vggembed-head"
@@ -177,7 +178,7 @@ def read_head(path) -> Head:
     """A HEAD.npz file; one line naming the file and what is wrong when it is not one."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "head file") as f:  # a FIFO or a device is refused, never waited on
             data = f.read()
     except OSError as e:
         raise VGGEmbedError(f"{path}: cannot read the head ({reason(e)})") from None
