@@ -345,3 +345,21 @@ def test_embedding_options_with_embedding_outputs_are_refused_naming_them(labell
     assert other.exit_code == 1 and "has no vectors named 'fc2'; it holds pool4_flatten" in other.stderr
     mixed = run("audit", labelled / "train", labelled / "train.npy", "-o", tmp_path / "c")
     assert mixed.exit_code == 2 and "give either images (folders, files, shards) or embedding outputs" in mixed.stderr
+
+
+def test_a_ray_folder_by_url_is_read_as_vectors_and_its_failed_rows_counted(labelled, tmp_path):
+    """A Ray run folder named by a URL is an embedding output (as search reads it), not a folder of images; its
+    rows recorded as failed are left out and counted in the note."""
+    from vggembed.store.vectors import open_vectors
+
+    from .conftest import write_ray_folder
+
+    with open_vectors(labelled / "train.npy") as v:
+        names, vectors, recipe = np.array(v.paths + ["gone.jpg"]), np.vstack([v.read(0, v.rows), v.read(0, 1)]), v.recipe
+    errors = np.array([None] * (len(names) - 1) + ["not an image Pillow can identify"], dtype=object)
+    write_ray_folder(tmp_path / "run", names, errors, vectors, recipe, part_size=5)
+    result = run("audit", f"file://{tmp_path / 'run'}", "--folders", "--probabilities", "knn", "-k", 3,
+                 "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert f"note: 1 image failed when embedded and is not audited (listed in {tmp_path / 'run'})" in result.stderr
+    assert "audited 16 images" in result.stderr and "embedded" not in result.stderr.replace("when embedded", "")

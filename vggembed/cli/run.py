@@ -182,19 +182,36 @@ def feature_places(stem: str, features: str | None, engine: str) -> tuple[str, s
     return features or f"{stem}features{ext}", f"{stem}val-features{ext}"
 
 
+def is_output(name) -> bool:
+    """An embedding output rather than images: a file by its suffix or a local Ray folder by its manifest
+    (`use.train.is_embedding_output`), or a URL, not named as an image or a shard, that holds a Ray run's
+    manifest (one listing)."""
+    from ..images.sources import is_image_name, is_shard, is_url
+    from ..store.runfolder import MANIFEST, Store
+    from ..use.train import is_embedding_output
+
+    name = os.fsdecode(name)
+    if is_embedding_output(name):
+        return True
+    if not is_url(name) or is_shard(name) or is_image_name(name.rstrip("/").rsplit("/", 1)[-1]):
+        return False
+    try:
+        return MANIFEST in Store(name).list()
+    except VGGEmbedError:
+        return False  # read as images, whose listing says what is wrong
+
+
 def embed_first(ctx, inputs, val, places, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size,
                 files_from, null, quiet, opts, setup) -> tuple[list, list, int]:
     """The INPUTs and --val of a command that reads vectors: images (folders, files, shards, URLs, lists) are
     embedded first, as `embed` embeds them, into `places` (`feature_places`), which `--resume` continues and
-    a later run can read; embedding outputs are read as they are. Each of the two is images or outputs, not
+    a later run can read; embedding outputs (`is_output`) are read as they are. Each of the two is images or outputs, not
     both; options that only say how to embed, given on the command line with outputs alone, are a usage error
     naming them. Returns (the INPUTs' outputs, --val's outputs, how many images failed)."""
-    from ..use.train import is_embedding_output
-
-    images = [i for i in inputs if not is_embedding_output(i)]
+    images = [i for i in inputs if not is_output(i)]
     if (images or files_from) and len(images) != len(inputs):
         raise click.UsageError("give either images (folders, files, shards) or embedding outputs, not both")
-    val_images = [v for v in val if not is_embedding_output(v)]
+    val_images = [v for v in val if not is_output(v)]
     if val_images and len(val_images) != len(val):
         raise click.UsageError("--val: give either images or embedding outputs, not both")
     if not (images or files_from or val_images):
