@@ -296,6 +296,13 @@ def test_audit_of_image_folders_embeds_them_first_and_finds_the_mislabel_and_the
     assert {(r["split_a"], r["split_b"], r["label_a"], r["label_b"]) for r in leaks} == {("train", "val", "cat", "cat")}
     counts = {r["label"]: (int(r["images (train)"]), int(r["images (val)"])) for r in read_csv(out / "classes.csv")}
     assert counts == {"cat": (5, 1), "coffee": (3, 0), "people": (8, 1)}
+    # what the label issues were ranked from, for any other ranking (cleanlab's, in benchmarks/audit.py)
+    with np.load(out / "probabilities.npz") as z:
+        assert z["classes"].tolist() == ["cat", "coffee", "people"] and z["proba"].shape == (18, 3)
+        np.testing.assert_allclose(z["proba"].sum(axis=1), 1, rtol=1e-5)
+        row = z["paths"].tolist().index(moved)
+        assert z["given"][row] == 0 and float(issues[0]["self_confidence"]) == pytest.approx(z["proba"][row, 0],
+                                                                                            abs=1e-6)
 
     again = run(*args)
     assert again.exit_code == 1 and "holds an earlier audit; pass --overwrite" in again.stderr

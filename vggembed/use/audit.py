@@ -565,6 +565,16 @@ def tables(result: Audit) -> dict[str, tuple[list[str], list[list]]]:
     return out
 
 
+def probabilities(result: Audit) -> dict[str, np.ndarray]:
+    """What the label issues were ranked from, as `OUT/probabilities.npz` holds it (plain numpy arrays, as
+    `train`'s HEAD.oof.npz): `paths`, `given` (class index) and `proba` (out-of-fold, N x K) of each labelled
+    image, `classes`, and `method`, how the probabilities were made, in words."""
+    labelled = np.flatnonzero(result.given >= 0)
+    return {"paths": np.array([result.paths[i] for i in labelled], dtype=str), "given": result.given[labelled],
+            "proba": np.asarray(result.proba, np.float32), "classes": np.array(result.classes, dtype=str),
+            "method": np.array(result.method)}
+
+
 def csv_bytes(header: list[str], rows: list[list]) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -650,7 +660,8 @@ def report_of(result: Audit, source: str, top: int = TOP, made: dict | None = No
 
 
 AUDIT_FILES = ("outliers.csv", "duplicates.csv", "class_outliers.csv", "label_issues.csv",
-               "cross_class_duplicates.csv", "leaks.csv", "classes.csv", "confused_classes.csv", "report")
+               "cross_class_duplicates.csv", "leaks.csv", "classes.csv", "confused_classes.csv", "probabilities.npz",
+               "report")
 
 
 def check_target(out, overwrite: bool) -> None:
@@ -687,5 +698,8 @@ def write(result: Audit, out, *, source: str, overwrite: bool = False, top: int 
             with replacing(out / name, ".partial") as tmp:
                 tmp.write_bytes(csv_bytes(header, rows))
             written.append(name)
+        if result.proba is not None:
+            with replacing(out / "probabilities.npz", ".partial") as tmp, open(tmp, "wb") as f:
+                np.savez(f, **probabilities(result))
     done = report.write(report_of(result, source, top, made), out / "report", overwrite=True)
     return written, done
