@@ -157,13 +157,13 @@ def audit(ctx, inputs, output, labels, folders, root, split_column, val, k, thre
 def _folder_of(given, listing, read) -> str | None:
     """The folder whose subfolders are the classes, where the images were given as one folder (local or a URL)
     and embedded; None (found from the recorded paths) otherwise."""
-    from ..images.sources import is_url
+    from ..images.sources import is_image_name, is_shard, is_url
 
     if listing or len(given) != 1 or list(read) == list(given):
         return None
     name = os.fsdecode(given[0])
     if is_url(name):
-        return name.rstrip("/")
+        return None if is_shard(name) or is_image_name(name.rsplit("/", 1)[-1]) else name.rstrip("/")
     return str(Path(name)) if os.path.isdir(name) else None  # as the listing names its images
 
 
