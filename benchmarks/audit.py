@@ -184,6 +184,7 @@ def digits(args) -> None:
             flagged = len(found)
             theirs = len({number(paths[i]) for i in found[: len(planted)]} & planted) / len(planted)
         embedded = re.search(r"embedded \d+ of \d+ images in ([\d.]+)s", text)
+        embedding = float(embedded.group(1)) if embedded else float("nan")
     top1 = float(np.mean(np.argmax(proba, axis=1) == given))
     print(f"digits: {n} images of 10 classes, {len(planted)} ({args.share:.0%}) moved to a wrong class's folder "
           f"(seed {args.seed}); weights {Path(args.weights).name if args.weights else 'synthetic full-size VGG16'}")
@@ -195,8 +196,8 @@ def digits(args) -> None:
               "for the benchmark only)")
     else:
         print(f"    {'cleanlab find_label_issues (self_confidence)':<48}{theirs:>15.3f}   ({flagged} flagged)")
-    print(f"vggembed audit's whole run: {m.wall:.1f} s (embedding {float(embedded.group(1)) if embedded else 0:.1f} s), "
-          f"CPU {m.cpu:.1f} s, peak {m.peak_mib:.0f} MiB")
+    print(f"vggembed audit's whole run: {m.wall:.1f} s (embedding {embedding:.1f} s), CPU {m.cpu:.1f} s, "
+          f"peak {m.peak_mib:.0f} MiB")
 
 
 def main() -> None:

@@ -352,6 +352,8 @@ def test_embedding_options_with_embedding_outputs_are_refused_naming_them(labell
     assert other.exit_code == 1 and "has no vectors named 'fc2'; it holds pool4_flatten" in other.stderr
     mixed = run("audit", labelled / "train", labelled / "train.npy", "-o", tmp_path / "c")
     assert mixed.exit_code == 2 and "give either images (folders, files, shards) or embedding outputs" in mixed.stderr
+    missing = run("audit", tmp_path / "nothere.npy", "--weights", tiny16, "-o", tmp_path / "d")
+    assert missing.exit_code == 1 and missing.stderr == f"Error: {tmp_path / 'nothere.npy'}: no such file or folder\n"
 
 
 def test_a_ray_folder_by_url_is_read_as_vectors_and_its_failed_rows_counted(labelled, tmp_path):
@@ -362,7 +364,8 @@ def test_a_ray_folder_by_url_is_read_as_vectors_and_its_failed_rows_counted(labe
     from .conftest import write_ray_folder
 
     with open_vectors(labelled / "train.npy") as v:
-        names, vectors, recipe = np.array(v.paths + ["gone.jpg"]), np.vstack([v.read(0, v.rows), v.read(0, 1)]), v.recipe
+        names, recipe = np.array(v.paths + ["gone.jpg"]), v.recipe
+        vectors = np.vstack([v.read(0, v.rows), v.read(0, 1)])
     errors = np.array([None] * (len(names) - 1) + ["not an image Pillow can identify"], dtype=object)
     write_ray_folder(tmp_path / "run", names, errors, vectors, recipe, part_size=5)
     result = run("audit", f"file://{tmp_path / 'run'}", "--folders", "--probabilities", "knn", "-k", 3,

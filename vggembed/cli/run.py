@@ -205,13 +205,19 @@ def embed_first(ctx, inputs, val, places, recipe, resume, overwrite, engine, add
                 files_from, null, quiet, opts, setup) -> tuple[list, list, int]:
     """The INPUTs and --val of a command that reads vectors: images (folders, files, shards, URLs, lists) are
     embedded first, as `embed` embeds them, into `places` (`feature_places`), which `--resume` continues and
-    a later run can read; embedding outputs (`is_output`) are read as they are. Each of the two is images or outputs, not
-    both; options that only say how to embed, given on the command line with outputs alone, are a usage error
-    naming them. Returns (the INPUTs' outputs, --val's outputs, how many images failed)."""
-    images = [i for i in inputs if not is_output(i)]
+    a later run can read; embedding outputs (`is_output`) are read as they are. Each of the two is images or
+    outputs, not both; options that only say how to embed, given on the command line with outputs alone, are a
+    usage error naming them. Returns (the INPUTs' outputs, --val's outputs, how many images failed)."""
+    from ..images.sources import is_url
+
+    output = {n: is_output(n) for n in [*inputs, *val]}
+    missing = [n for n, yes in output.items() if yes and not is_url(os.fsdecode(n)) and not os.path.exists(n)]
+    if missing:
+        fail(f"{display(os.fsdecode(missing[0]))}: no such file or folder")
+    images = [i for i in inputs if not output[i]]
     if (images or files_from) and len(images) != len(inputs):
         raise click.UsageError("give either images (folders, files, shards) or embedding outputs, not both")
-    val_images = [v for v in val if not is_output(v)]
+    val_images = [v for v in val if not output[v]]
     if val_images and len(val_images) != len(val):
         raise click.UsageError("--val: give either images or embedding outputs, not both")
     if not (images or files_from or val_images):
