@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import resource
 import subprocess
@@ -50,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import measure  # noqa: E402
 
@@ -163,9 +165,11 @@ def digits(args) -> None:
         root, out = tmp / "digits", tmp / "audit"
         n, planted = write_digits(root, args.share, args.seed, args.images)
         log = tmp / "audit.log"
+        # this checkout's vggembed, wherever the benchmark is started from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         with open(log, "w") as err:
             m = measure(VGGEMBED + ["audit", str(root), "--folders", "-o", str(out), "--weights", weights],
-                        stdout=subprocess.DEVNULL, stderr=err)
+                        stdout=subprocess.DEVNULL, stderr=err, env=env)
         text = log.read_text()
         if m.returncode:
             raise SystemExit(f"vggembed audit failed (exit {m.returncode}):\n{text}")
