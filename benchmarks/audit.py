@@ -1,6 +1,16 @@
-"""`vggembed audit` at scale: wall time and peak memory against N, and how well it finds planted mislabels.
+"""`vggembed audit`: how well it finds planted mislabels in real images, and its wall time and peak memory at scale.
 
-For each size N, in a fresh subprocess (peak RSS from wait4's ru_maxrss):
+--part digits: scikit-learn's digits (1,797 8x8 images of 10 classes), upscaled to 64x64 RGB PNGs in class
+folders (as benchmarks/train.py writes them), with 5% of them (seeded) moved to a wrong class's folder. Then
+`vggembed audit digits/ --folders -o OUT` run as a user runs it (a subprocess: the images embedded with a
+full-size VGG16, --weights, default a synthetic one with random weights, as the published ones cannot be
+downloaded everywhere; then the audit with its default head). Printed: the share of planted mislabels among
+the top-ranked label issues, as many as were planted (recall@planted), from `label_issues.csv`; beside it,
+cleanlab's `find_label_issues` (ranked by self-confidence) on the same out-of-fold probabilities, read from
+the audit's `probabilities.npz` (cleanlab is AGPL: installed for the benchmark only, never a dependency; its
+row says so when it is missing); and the run's wall time and peak memory.
+
+--part scale (the default): for each size N, in a fresh subprocess (peak RSS from wait4's ru_maxrss):
 synthetic 4096-d vectors of C classes (ReLU'd random projections of a 64-d
 mixture: one Gaussian per class plus noise, so classes overlap a little, as
 real embeddings do), written to an `.npy` + index on disk a block at a time
@@ -22,12 +32,16 @@ with the label issues' probabilities from the head `vggembed train` fits
 
     python benchmarks/audit.py                                   # 5,000 and 20,000 x 4096, 100 classes
     python benchmarks/audit.py --sizes 100000 --methods knn      # the 100k target
+    python benchmarks/audit.py --part digits                     # planted mislabels in real images
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
+import re
 import resource
 import subprocess
 import sys
@@ -37,7 +51,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure  # noqa: E402
+
+VGGEMBED = [sys.executable, "-m", "vggembed"]
 
 
 NOISE = 1.5  # per latent dimension, against class centres of unit scale: classes overlap a little
@@ -115,16 +134,94 @@ def run_child(n, dim, classes, method) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def write_digits(root: Path, share: float, seed: int, images: int | None) -> tuple[int, set[int]]:
+    """root/CLASS/NNNN.png for the digits (the first `images` of them), `share` of them (seeded) filed under a
+    class other than their own; (how many images, the numbers NNNN of the planted ones)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    pictures, truth = data.images[:images], data.target[:images]
+    rng = np.random.default_rng(seed)
+    planted = rng.choice(len(truth), round(share * len(truth)), replace=False)
+    given = truth.copy()
+    given[planted] = (truth[planted] + rng.integers(1, 10, len(planted))) % 10
+    for i, (image, label) in enumerate(zip(pictures, given)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels).resize((64, 64), Image.BILINEAR).convert("RGB").save(folder / f"{i:04d}.png")
+    return len(truth), set(planted.tolist())
+
+
+def digits(args) -> None:
+    from vggembed.net import synthetic
+
+    with tempfile.TemporaryDirectory(prefix="vggembed-audit-digits-") as tmp:
+        tmp = Path(tmp)
+        weights = args.weights
+        if weights is None:
+            weights = str(synthetic.write_npz(synthetic.make_params("vgg16", seed=0), tmp / "vgg16_full.npz"))
+        root, out = tmp / "digits", tmp / "audit"
+        n, planted = write_digits(root, args.share, args.seed, args.images)
+        log = tmp / "audit.log"
+        # this checkout's vggembed, wherever the benchmark is started from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        with open(log, "w") as err:
+            m = measure(VGGEMBED + ["audit", str(root), "--folders", "-o", str(out), "--weights", weights],
+                        stdout=subprocess.DEVNULL, stderr=err, env=env)
+        text = log.read_text()
+        if m.returncode:
+            raise SystemExit(f"vggembed audit failed (exit {m.returncode}):\n{text}")
+        number = lambda path: int(Path(path).stem)  # noqa: E731 - NNNN.png is digit NNNN
+        with open(out / "label_issues.csv", newline="") as f:
+            ranked = [number(r["path"]) for r in csv.DictReader(f)]
+        ours = len(set(ranked[: len(planted)]) & planted) / len(planted)
+        with np.load(out / "probabilities.npz") as z:
+            paths, given, proba, method = z["paths"].tolist(), z["given"], z["proba"], str(z["method"])
+        try:
+            from cleanlab.filter import find_label_issues
+        except ImportError:
+            theirs, flagged = None, None
+        else:
+            found = find_label_issues(given, proba, return_indices_ranked_by="self_confidence")
+            flagged = len(found)
+            theirs = len({number(paths[i]) for i in found[: len(planted)]} & planted) / len(planted)
+        embedded = re.search(r"embedded \d+ of \d+ images in ([\d.]+)s", text)
+        embedding = float(embedded.group(1)) if embedded else float("nan")
+    top1 = float(np.mean(np.argmax(proba, axis=1) == given))
+    print(f"digits: {n} images of 10 classes, {len(planted)} ({args.share:.0%}) moved to a wrong class's folder "
+          f"(seed {args.seed}); weights {Path(args.weights).name if args.weights else 'synthetic full-size VGG16'}")
+    print(f"label issues' probabilities: {method}; out-of-fold top-1 against the given labels {top1:.4f}")
+    print(f"    {'':<48}{'recall@planted':>15}")
+    print(f"    {'vggembed audit (self-confidence + neighbours)':<48}{ours:>15.3f}")
+    if theirs is None:
+        print(f"    {'cleanlab find_label_issues':<48}{'-':>15}   (not installed: pip install cleanlab, "
+              "for the benchmark only)")
+    else:
+        print(f"    {'cleanlab find_label_issues (self_confidence)':<48}{theirs:>15.3f}   ({flagged} flagged)")
+    print(f"vggembed audit's whole run: {m.wall:.1f} s (embedding {embedding:.1f} s), CPU {m.cpu:.1f} s, "
+          f"peak {m.peak_mib:.0f} MiB")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="5000,20000")
-    ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--methods", default="knn,head", help="where label issues' probabilities come from")
+    ap.add_argument("--part", choices=["scale", "digits"], default="scale")
+    ap.add_argument("--sizes", default="5000,20000", help="scale: the numbers of vectors")
+    ap.add_argument("--dim", type=int, default=4096, help="scale: their width")
+    ap.add_argument("--classes", type=int, default=100, help="scale: their classes")
+    ap.add_argument("--methods", default="knn,head", help="scale: where label issues' probabilities come from")
+    ap.add_argument("--weights", help="digits: the VGG16 weight file (default: a synthetic full-size one)")
+    ap.add_argument("--share", type=float, default=0.05, help="digits: the share of labels moved")
+    ap.add_argument("--seed", type=int, default=0, help="digits: which labels are moved, and where")
+    ap.add_argument("--images", type=int, help="digits: only the first N images (default all 1,797)")
     args = ap.parse_args()
+    if args.part == "digits":
+        digits(args)
+        return
     print(f"{'vectors':>8} {'probabilities':>13} {'seconds':>8} {'k-NN pass':>10} {'in class':>9} {'proba':>7} "
           f"{'peak RSS':>9} {'recall@planted':>15} {'cleanlab':>9}", flush=True)
     for n in (int(s) for s in args.sizes.split(",")):

@@ -122,6 +122,34 @@ def test_label_files_in_any_csv_quoting_and_parquet(tmp_path):
     assert labels == ["cat", None]
 
 
+def test_the_one_label_reader_keeps_train_and_audit_behaviours(tmp_path):
+    """train's and audit's label files are read by one reader: a name whose bytes are not UTF-8 is those bytes
+    when it names a file (as vggembed writes names), Parquet's path_bytes are exact, a split column beside;
+    an empty label is an unlabelled image, two labels for one path are refused."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vggembed.use.train import read_label_table
+
+    odd = tmp_path / os.fsdecode(b"caf\xe9.jpg")
+    odd.write_bytes(b"")
+    (tmp_path / "raw.csv").write_bytes(b"path,label\n" + os.fsencode(odd) + b",cat\nempty.jpg,\n")
+    assert read_label_table(tmp_path / "raw.csv") == {str(odd): "cat"}  # and empty.jpg has no label
+    pq.write_table(pa.table({"path": ["shown"], "path_bytes": [os.fsencode(odd)], "label": ["cat"],
+                             "split": ["val"]}), tmp_path / "b.parquet")
+    table = read_label_table(tmp_path / "b.parquet", "split")
+    assert table == {str(odd): "cat"} and table.splits == {str(odd): "val"}
+    assert audit.read_label_file(tmp_path / "b.parquet", "split") == {str(odd): ("cat", "val")}
+    (tmp_path / "twice.csv").write_text("a.jpg,cat\nb.jpg,dog\na.jpg,dog\n")
+    with pytest.raises(VGGEmbedError, match=r"twice.csv: a.jpg is labelled both 'cat' and 'dog' \(line 3\)"):
+        read_label_table(tmp_path / "twice.csv")
+    (tmp_path / "short.csv").write_text("path,label\na.jpg\n")
+    with pytest.raises(VGGEmbedError, match=r"short.csv: line 2 has 1 field; expected path,label"):
+        read_label_table(tmp_path / "short.csv")
+
+
 def test_class_folders_are_recovered_from_the_recorded_paths():
     paths = ["data/train/cat/1.jpg", "data/train/cat/2.jpg", "data/train/dog/a/3.jpg", "data/train/loose.jpg"]
     assert audit.folder_labels(paths) == ["cat", "cat", "dog", None]
@@ -240,3 +268,108 @@ def test_audit_with_a_label_file_and_a_split_column(labelled, tmp_path):
     assert missing.exit_code == 1 and "labels.csv: has no column fold" in missing.output
     both = run("audit", labelled / "train.npy", "--labels", tmp_path / "labels.csv", "--folders", "-o", tmp_path / "c")
     assert both.exit_code == 2 and "not both" in both.output
+
+
+# ------------------------------------------------------------ images in, embedded first
+TINY = ["--layer", "pool4", "--pool", "flatten"]
+
+
+def test_audit_of_image_folders_embeds_them_first_and_finds_the_mislabel_and_the_leak(labelled, tiny16, tmp_path):
+    """`audit photos/train --val photos/val --folders`: the folders are embedded as `embed` would (the same
+    vectors), classes are their subfolders, and the planted mislabel and leak are found; a second audit reads
+    the vectors again instead of embedding them."""
+    out = tmp_path / "audit"
+    args = ["audit", labelled / "train", "--val", labelled / "val", "--folders", "--weights", tiny16, *TINY,
+            "--threshold", 0.8, "-k", 3, "-o", out]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "embedded 16 of 16 images" in result.stderr and "embedded 2 of 2 images" in result.stderr
+    assert "audited 18 images" in result.stderr and "4 leaked pairs across the split" in result.stderr
+    for split in ("train", "val"):
+        made = "features.npy" if split == "train" else "val-features.npy"
+        np.testing.assert_array_equal(np.load(out / made), np.load(labelled / f"{split}.npy"))
+    moved = str(labelled / "train" / "cat" / "coffee-1.jpg")
+    issues = read_csv(out / "label_issues.csv")
+    assert (issues[0]["path"], issues[0]["label"], issues[0]["suggested"]) == (moved, "cat", "coffee")
+    leaks = read_csv(out / "leaks.csv")
+    assert {r["path_b"] for r in leaks} == {str(labelled / "val" / "cat" / "leaked.jpg")}
+    assert {(r["split_a"], r["split_b"], r["label_a"], r["label_b"]) for r in leaks} == {("train", "val", "cat", "cat")}
+    counts = {r["label"]: (int(r["images (train)"]), int(r["images (val)"])) for r in read_csv(out / "classes.csv")}
+    assert counts == {"cat": (5, 1), "coffee": (3, 0), "people": (8, 1)}
+    # what the label issues were ranked from, for any other ranking (cleanlab's, in benchmarks/audit.py)
+    with np.load(out / "probabilities.npz") as z:
+        assert z["classes"].tolist() == ["cat", "coffee", "people"] and z["proba"].shape == (18, 3)
+        np.testing.assert_allclose(z["proba"].sum(axis=1), 1, rtol=1e-5)
+        row = z["paths"].tolist().index(moved)
+        assert z["given"][row] == 0 and float(issues[0]["self_confidence"]) == pytest.approx(z["proba"][row, 0],
+                                                                                            abs=1e-6)
+
+    again = run(*args)
+    assert again.exit_code == 1 and "holds an earlier audit; pass --overwrite" in again.stderr
+    reused = run(*args, "--resume", "--overwrite")
+    assert reused.exit_code == 0, reused.output
+    assert "features.npy is already complete; nothing left to do" in reused.stderr and "embedded" not in reused.stderr
+    assert read_csv(out / "label_issues.csv") == issues
+
+
+def test_image_files_with_a_label_file_and_a_broken_image_counted_and_left_out(labelled, tiny16, tmp_path):
+    images = sorted((labelled / "train").rglob("*.*"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"]] + [[p, p.parent.name] for p in images] + [[broken, "cat"]])
+    out = tmp_path / "audit"
+    result = run("audit", *images, broken, "--labels", table, "--weights", tiny16, *TINY, "-k", 3, "-o", out)
+    assert result.exit_code == 3, result.output  # as embed and train: done, but some images failed
+    note = f"note: 1 image failed when embedded and is not audited (listed in {out}/features.npy.errors.csv)"
+    assert note in result.stderr and "audited 16 images" in result.stderr
+    assert [r["path"] for r in read_csv(out / "outliers.csv")].count(str(broken)) == 0
+    assert read_csv(out / "label_issues.csv")[0]["path"] == str(labelled / "train" / "cat" / "coffee-1.jpg")
+    # the features are an embedding output like any other: audited again, the failure counted the same way
+    again = run("audit", out / "features.npy", "-o", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    assert note in again.stderr and "audited 16 images" in again.stderr
+
+
+def test_embedding_options_with_embedding_outputs_are_refused_naming_them(labelled, tiny16, tmp_path):
+    out = tmp_path / "a"
+    refused = run("audit", labelled / "train.npy", "--weights", tiny16, "--batch-size", 4, "-o", out)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert refused.stderr.splitlines()[-1] == (
+        f"Error: --weights, --batch-size: say how images are embedded, but {labelled / 'train.npy'} is an "
+        "embedding output, read as it was made (its recipe records how); leave them out")
+    assert not out.exists()
+    # the weights from the environment are a default, not a request: the output is audited
+    env = CliRunner().invoke(main, ["audit", str(labelled / "train.npy"), "-o", str(out), "--threshold", "0.8"],
+                             env={"VGGEMBED_WEIGHTS": str(tiny16)}, catch_exceptions=False)
+    assert env.exit_code == 0, env.output
+    # --layer picks the output, by its name as files record it or as NAME:POOL
+    for layer in ("pool4_flatten", "pool4:flatten"):
+        picked = run("audit", labelled / "train.npy", "--layer", layer, "-o", tmp_path / layer.replace(":", "-"))
+        assert picked.exit_code == 0, picked.output
+    other = run("audit", labelled / "train.npy", "--layer", "fc2", "-o", tmp_path / "b")
+    assert other.exit_code == 1 and "has no vectors named 'fc2'; it holds pool4_flatten" in other.stderr
+    mixed = run("audit", labelled / "train", labelled / "train.npy", "-o", tmp_path / "c")
+    assert mixed.exit_code == 2 and "give either images (folders, files, shards) or embedding outputs" in mixed.stderr
+    missing = run("audit", tmp_path / "nothere.npy", "--weights", tiny16, "-o", tmp_path / "d")
+    assert missing.exit_code == 1 and missing.stderr == f"Error: {tmp_path / 'nothere.npy'}: no such file or folder\n"
+
+
+def test_a_ray_folder_by_url_is_read_as_vectors_and_its_failed_rows_counted(labelled, tmp_path):
+    """A Ray run folder named by a URL is an embedding output (as search reads it), not a folder of images; its
+    rows recorded as failed are left out and counted in the note."""
+    from vggembed.store.vectors import open_vectors
+
+    from .conftest import write_ray_folder
+
+    with open_vectors(labelled / "train.npy") as v:
+        names, recipe = np.array(v.paths + ["gone.jpg"]), v.recipe
+        vectors = np.vstack([v.read(0, v.rows), v.read(0, 1)])
+    errors = np.array([None] * (len(names) - 1) + ["not an image Pillow can identify"], dtype=object)
+    write_ray_folder(tmp_path / "run", names, errors, vectors, recipe, part_size=5)
+    result = run("audit", f"file://{tmp_path / 'run'}", "--folders", "--probabilities", "knn", "-k", 3,
+                 "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert f"note: 1 image failed when embedded and is not audited (listed in {tmp_path / 'run'})" in result.stderr
+    assert "audited 16 images" in result.stderr and "embedded" not in result.stderr.replace("when embedded", "")

@@ -150,6 +150,20 @@ def test_audit_benchmark_prints_time_memory_and_recall():
     assert out[1].split()[:2] == ["600", "knn"] and 0 <= float(out[1].split()[7]) <= 1
 
 
+def test_audit_benchmark_digits_part_prints_recall_beside_cleanlab(tiny16):
+    """The digits part, on 200 of the images and tiny weights: the audit run as a user runs it, its recall, and
+    cleanlab's row (a figure, or a dash where cleanlab is not installed)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "audit.py"), "--part", "digits", "--images", "200",
+                          "--weights", str(tiny16)], capture_output=True, text=True, check=True,
+                         timeout=300).stdout.splitlines()
+    assert out[0].startswith("digits: 200 images of 10 classes, 10 (5%) moved to a wrong class's folder")
+    rows = {line[:52].strip(): line[52:].split() for line in out if line.startswith("    ")}
+    assert 0 <= float(rows["vggembed audit (self-confidence + neighbours)"][0]) <= 1
+    cleanlab = next(v for k, v in rows.items() if k.startswith("cleanlab find_label_issues"))
+    assert cleanlab[0] == "-" or 0 <= float(cleanlab[0]) <= 1
+    assert out[-1].startswith("vggembed audit's whole run: ")
+
+
 def test_train_benchmark_prints_vggembed_beside_scikit_learn():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train.py"), "--part", "large", "--rows", "2000",
                           "--dim", "32", "--classes", "4"], capture_output=True, text=True, check=True).stdout

@@ -221,6 +221,8 @@ TOUR = [
     ("docs/train.md", "vggembed info head.npz", [], r"logistic, 32 -> 2 classes"),
     ("docs/train.md", "vggembed classify new/ --head head.npz", [], r"^path\trank\tindex\tlabel\tprobability\n"
      r"new/img000000\.jpg\t1\t\d\t(cat|dog)\t"),
+    ("docs/report.md", "vggembed audit pets/ --folders -o audit/",
+     ["audit/features.npy", "audit/label_issues.csv", "audit/classes.csv", "audit/report/index.html"], None),
     ("docs/train.md", "vggembed embed pets/ -o pets.npy", ["pets.npy"], None),
     ("docs/train.md", "vggembed train pets.npy -o head.npz --overwrite", ["head.npz"], None),
     ("docs/reliability.md", "vggembed embed images/ -o feats.npy --overwrite", ["feats.npy"], None),

@@ -64,9 +64,10 @@ def outputs_option(layers, pool, top):
         raise click.UsageError(str(e)) from None
 
 
-def recipe_options(*, vector: bool = False, inputs: bool = False):
-    """The Recipe's options: always the weights and precision; `vector`: layers (with --top), pool, dtype,
-    l2; `inputs`: resize and fast decoding."""
+def recipe_options(*, vector: bool = False, inputs: bool = False, top: bool = True):
+    """The Recipe's options: always the weights and precision; `vector`: layers (with --top unless `top` is
+    False, for a command whose --top means something else), pool, dtype, l2; `inputs`: resize and fast
+    decoding."""
     decorators = [
         click.option("--weights", type=click.Path(dir_okay=False), envvar="VGGEMBED_WEIGHTS",
                      help="Weight file (.npz or .mat). Default: $VGGEMBED_WEIGHTS, ./weights/, then the cache."),
@@ -86,11 +87,16 @@ def recipe_options(*, vector: bool = False, inputs: bool = False):
             click.option("--layer", "layers", multiple=True, metavar="NAME[:POOL]",
                          help="Repeatable, or a comma list; all from one pass. fc2 = fc7 = relu7 (4096-d), fc1 = "
                               "fc6 = relu6, fc8/fc3l logits, probs, or a conv/pool layer with its pool: "
-                              "pool5:avg (avg, max, flatten, gem, rmac). Default: fc2."),
+                              "pool5:avg (avg, max, flatten, gem, rmac; pool5_avg, as files name it, is the same). "
+                              "Default: fc2."),
             click.option("--pool", type=click.Choice(POOLS),
                          help="The pool of conv/pool layers named without one."),
-            click.option("--top", type=int, default=0, metavar="K",
-                         help="Add the top-K ImageNet predictions (top_index, top_prob, top_label)."),
+        ]
+        if top:
+            decorators.append(click.option("--top", type=int, default=0, metavar="K",
+                                           help="Add the top-K ImageNet predictions (top_index, top_prob, "
+                                                "top_label)."))
+        decorators += [
             click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True),
             click.option("--l2-normalize", is_flag=True, help="Scale each vector to unit length."),
         ]
@@ -107,7 +113,7 @@ def recipe_options(*, vector: bool = False, inputs: bool = False):
         calibration = calibration and os.path.abspath(calibration)  # the same folder for Ray actors
         if vector:
             layers = fields.pop("layers") or ("fc2",)
-            fields.update(outputs_option(layers, fields.pop("pool"), fields.pop("top")))
+            fields.update(outputs_option(layers, fields.pop("pool"), fields.pop("top", 0)))
         return Recipe(weights=weights, model=model, calibration=calibration, **fields)
 
     return gathered("recipe", build, decorators)

@@ -168,6 +168,84 @@ def _embed_ray(ctx, inputs, output, files_from, null, quiet, recipe, opts, verb=
     return counts.failed
 
 
+# ----------------------------------------------------- images, then vectors
+# What only says how images are embedded: given with embedding outputs alone, there is nothing for it to do.
+EMBEDDING_ONLY = ("weights", "model", "legacy_transpose", "precision", "calibration", "dtype", "l2_normalize",
+                  "resize", "fast_decode", "features", "resume", "engine", "address", "gpus_per_worker", "part_size",
+                  "batch_size", "workers", "fetch_ahead", "max_pixels", "strict", "null", "device")
+
+
+def feature_places(stem: str, features: str | None, engine: str) -> tuple[str, str]:
+    """Where a command that reads vectors writes the vectors of its image INPUTs and of its --val images:
+    `features` or STEM + `features.npy`, and STEM + `val-features.npy` (folders without `.npy` on Ray)."""
+    ext = "" if engine == "ray" else ".npy"
+    return features or f"{stem}features{ext}", f"{stem}val-features{ext}"
+
+
+def is_output(name) -> bool:
+    """An embedding output rather than images: a file by its suffix or a local Ray folder by its manifest
+    (`use.train.is_embedding_output`), or a URL, not named as an image or a shard, that holds a Ray run's
+    manifest (one listing)."""
+    from ..images.sources import is_image_name, is_shard, is_url
+    from ..store.runfolder import MANIFEST, Store
+    from ..use.train import is_embedding_output
+
+    name = os.fsdecode(name)
+    if is_embedding_output(name):
+        return True
+    if not is_url(name) or is_shard(name) or is_image_name(name.rstrip("/").rsplit("/", 1)[-1]):
+        return False
+    try:
+        return MANIFEST in Store(name).list()
+    except VGGEmbedError:
+        return False  # read as images, whose listing says what is wrong
+
+
+def embed_first(ctx, inputs, val, places, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size,
+                files_from, null, quiet, opts, setup) -> tuple[list, list, int]:
+    """The INPUTs and --val of a command that reads vectors: images (folders, files, shards, URLs, lists) are
+    embedded first, as `embed` embeds them, into `places` (`feature_places`), which `--resume` continues and
+    a later run can read; embedding outputs (`is_output`) are read as they are. Each of the two is images or
+    outputs, not both; options that only say how to embed, given on the command line with outputs alone, are a
+    usage error naming them. Returns (the INPUTs' outputs, --val's outputs, how many images failed)."""
+    from ..images.sources import is_url
+
+    output = {n: is_output(n) for n in [*inputs, *val]}
+    missing = [n for n, yes in output.items() if yes and not is_url(os.fsdecode(n)) and not os.path.exists(n)]
+    if missing:
+        fail(f"{display(os.fsdecode(missing[0]))}: no such file or folder")
+    images = [i for i in inputs if not output[i]]
+    if (images or files_from) and len(images) != len(inputs):
+        raise click.UsageError("give either images (folders, files, shards) or embedding outputs, not both")
+    val_images = [v for v in val if not output[v]]
+    if val_images and len(val_images) != len(val):
+        raise click.UsageError("--val: give either images or embedding outputs, not both")
+    if not (images or files_from or val_images):
+        given = [p.opts[0] for p in ctx.command.params if p.name in EMBEDDING_ONLY
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            one = len(given) == 1
+            raise click.UsageError(f"{', '.join(given)}: {'says' if one else 'say'} how images are embedded, but "
+                                   f"{display(os.fsdecode(inputs[0]))} is an embedding output, read as it was made "
+                                   f"(its recipe records how); leave {'it' if one else 'them'} out")
+
+    def embed(group, listing, place) -> int:
+        if not (resume or overwrite) and os.path.lexists(place):
+            fail(f"{display(place)}: holds vectors embedded before; pass --resume to read them (or finish "
+                 "embedding them), or --overwrite to embed again")
+        return produce(ctx, list(group), place, recipe, resume, overwrite and not resume, engine, address,
+                       gpus_per_worker, part_size, listing, null, quiet, opts, setup, "embedded")
+
+    failed, sources, val_sources = 0, list(inputs), list(val)
+    if images or files_from:
+        failed += embed(inputs, files_from, places[0])
+        sources = [places[0]]
+    if val_images:
+        failed += embed(val, None, places[1])
+        val_sources = [places[1]]
+    return sources, val_sources, failed
+
+
 @click.command(context_settings=CONTEXT)
 @click.argument("run_dir")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),

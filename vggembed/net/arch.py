@@ -98,6 +98,7 @@ def parse_outputs(layers=(), *, pool: str | None = None, top: int = 0):
     Args:
         layers: strings, each `NAME` or `NAME:POOL`, or several of them separated by commas
             (`"fc2,pool5:avg"`); layer names as `resolve` takes them (fc2, fc7, relu7, pool5, conv5_3, ...).
+            An output's name as files record it (`pool5_avg`) is its `NAME:POOL`.
         pool: the pool of conv/pool layers named without one (the `--pool` option); fc layers ignore it.
         top: K of `--top K`, 0 to 1000; checked here too.
 
@@ -126,6 +127,9 @@ def parse_outputs(layers=(), *, pool: str | None = None, top: int = 0):
             if not spec:
                 raise LayerError(f"--layer {value!r}: an empty layer name")
             name, _, given = spec.partition(":")
+            base, _, suffix = name.rpartition("_")
+            if not given and name not in known and suffix in POOLS and EMBEDDING_ALIASES.get(base, base) in known:
+                name, given = base, suffix  # an output's name as files record it: pool5_avg is pool5:avg
             canonical = EMBEDDING_ALIASES.get(name, name)
             if canonical not in known:
                 raise LayerError(f"--layer {spec}: no such layer; layers: fc1 (= fc6), fc2 (= fc7), fc8, prob, "

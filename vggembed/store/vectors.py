@@ -52,10 +52,13 @@ class Vectors:
             written before recipes were recorded.
         name: the opened output's name (None without a recipe); names: every output's name in the file.
         rows, dim, dtype: the matrix's shape and stored type (float32 or float16).
+        failed: how many inputs the output records as failed, so without a row (index lines without one, a
+            Ray run's rows whose status is not ok).
     """
 
     name: str | None = None
     names: tuple = ()
+    failed: int = 0
 
     def __init__(self, source: Path | str, npy: Path, paths: list[str], recipe: Recipe | None, *, temporary: bool):
         self.source = source
@@ -195,13 +198,16 @@ def _check_rows(out: Path, recorded: int | None, rows: int) -> None:
                             "belong together")
 
 
-def _index_paths(out: Path) -> list[str]:
-    """The paths of the rows, from OUT.index.csv (the lines whose `row` is filled, in order)."""
+def _index_paths(out: Path, required: bool = True) -> tuple[list[str], int]:
+    """The paths of the rows, from OUT.index.csv (the lines whose `row` is filled, in order), and how many
+    lines record a failed input (no row). Without `required`, a missing index is no paths and no failures."""
     index = out.with_name(out.name + ".index.csv")
     if not index.exists():
+        if not required:
+            return [], 0
         raise VGGEmbedError(f"{out}: no {index.name} beside it, so its rows have no paths; keep the index that "
                             "`vggembed embed` wrote with it")
-    paths = []
+    paths, failed = [], 0
     with open(index, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -212,15 +218,18 @@ def _index_paths(out: Path) -> list[str]:
                 if int(line[1]) != len(paths):
                     raise VGGEmbedError(f"{index}: row {line[1]} where row {len(paths)} was expected")
                 paths.append(line[0])
-    return paths
+            elif len(line) > 1:
+                failed += 1
+    return paths, failed
 
 
 # --------------------------------------------------------------------- npy
 def _open_npy(out: Path, tmp_dir, layer) -> Vectors:
-    paths = _index_paths(out)
+    paths, failed = _index_paths(out)
     recipe, recorded = _recipe_of(out)
     chosen, _ = _selected(recipe, layer, out)
     vectors = Vectors(out, out, paths, None, temporary=False)
+    vectors.failed = failed
     _check_rows(out, recorded, vectors.rows)
     return _named(vectors, recipe, chosen)
 
@@ -229,7 +238,7 @@ def _open_npz(out: Path, tmp_dir, layer) -> Vectors:
     """One array of an .npz, copied out of the zip into a temporary .npy (a bounded buffer at a time)."""
     import zipfile
 
-    paths = _index_paths(out)
+    paths, failed = _index_paths(out)
     recipe, recorded = _recipe_of(out)
     chosen, name = _selected(recipe, layer, out)
     try:
@@ -254,6 +263,7 @@ def _open_npz(out: Path, tmp_dir, layer) -> Vectors:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    vectors.failed = failed
     _check_rows(out, recorded, vectors.rows)
     return _named(vectors, recipe, chosen)
 
@@ -270,6 +280,7 @@ class _NpyBuilder:
         self.dim: int | None = None
         self.rows = 0
         self.paths: list[str] = []
+        self.failed = 0  # rows left out as failed inputs
 
     def add(self, paths: list[str], block: np.ndarray) -> None:
         from .writer import npy_header
@@ -289,7 +300,9 @@ class _NpyBuilder:
         self.file.seek(0)
         self.file.write(npy_header(self.rows, self.dim or 0, np.float32))
         self.file.close()
-        return Vectors(self.source, self.path, self.paths, recipe, temporary=True)
+        vectors = Vectors(self.source, self.path, self.paths, recipe, temporary=True)
+        vectors.failed = self.failed
+        return vectors
 
     def discard(self) -> None:
         self.file.close()
@@ -368,6 +381,7 @@ def _open_parquet(path: Path, tmp_dir, layer, batch_rows: int = 4096) -> Vectors
             builder.add(*_arrow_rows(batch, path, column))
 
     vectors = _convert(path, tmp_dir, fill, None)
+    vectors.failed = _index_paths(path, required=False)[1]
     _check_rows(path, recorded, vectors.rows)
     return _named(vectors, recipe, chosen)
 
@@ -385,7 +399,9 @@ def _open_ray(where, tmp_dir, layer, batch_rows: int = 4096) -> Vectors:
         for part, table in run.parts():
             column = vector_column(table.column_names, name)
             for batch in table.to_batches(max_chunksize=batch_rows):
-                builder.add(*_arrow_rows(batch, run.name(part), column))
+                paths, block = _arrow_rows(batch, run.name(part), column)
+                builder.add(paths, block)
+                builder.failed += batch.num_rows - len(paths)
 
     return _named(_convert(where, tmp_dir, fill, None), run.recipe, chosen)
 
@@ -424,5 +440,6 @@ def _open_csv(path: Path, tmp_dir, layer, batch_rows: int = 1024) -> Vectors:
                 builder.add(paths, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
 
     vectors = _convert(path, tmp_dir, fill, None)
+    vectors.failed = _index_paths(path, required=False)[1]
     _check_rows(path, recorded, vectors.rows)
     return _named(vectors, recipe, chosen)

@@ -346,72 +346,12 @@ def out_of_fold_proba(rows: Rows, given: np.ndarray, classes: list[str], nb: Nei
 
 # ------------------------------------------------------------------ labels
 def read_label_file(path, split_column: str | None = None) -> dict[str, tuple[str, str | None]]:
-    """{path: (label, split)} from a CSV (path,label[,...] with or without a header; UTF-8, any quoting) or
-    a Parquet file (columns path and label). `split_column` names a column holding the split."""
-    path = Path(path)
-    where = display(str(path))
-    if path.suffix.lower() == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise VGGEmbedError(f'{where}: reading Parquet labels needs pyarrow: pip install "vggembed[parquet]"') \
-                from None
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow's own errors
-            from ..errors import reason
+    """{path: (label, split)} from a label file, as `train.read_label_table` reads it (CSV or Parquet, a
+    header naming path and label, `split_column` naming the split's column; split None where empty)."""
+    from .train import read_label_table
 
-            raise VGGEmbedError(f"{where}: not a readable Parquet file ({reason(e)})") from None
-        missing = [c for c in ("path", "label", split_column) if c and c not in table.column_names]
-        if missing:
-            raise VGGEmbedError(f"{where}: has no column {', '.join(missing)} (it has "
-                                f"{', '.join(table.column_names)})")
-        cols = table.to_pydict()
-        splits = cols[split_column] if split_column else [None] * table.num_rows
-        rows = [[p, lab, s] for p, lab, s in zip(cols["path"], cols["label"], splits)]
-        header = None
-    else:
-        try:
-            text = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise VGGEmbedError(f"{where}: is not UTF-8 text (byte {e.start}); save the label file as UTF-8") \
-                from None
-        except OSError as e:
-            raise VGGEmbedError(f"{where}: cannot read it ({(e.strerror or str(e)).lower()})") from None
-        try:
-            table = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
-        except csv.Error as e:
-            raise VGGEmbedError(f"{where}: not a valid CSV file ({e})") from None
-        if not table:
-            raise VGGEmbedError(f"{where}: holds no labels")
-        first = [c.strip().lower() for c in table[0]]
-        header = first if "path" in first and "label" in first else None
-        body = table[1:] if header else table
-        if header:
-            pi, li = first.index("path"), first.index("label")
-            si = None
-            if split_column:
-                if split_column.lower() not in first:
-                    raise VGGEmbedError(f"{where}: has no column {split_column} (it has {', '.join(table[0])})")
-                si = first.index(split_column.lower())
-        else:
-            if split_column:
-                raise VGGEmbedError(f"{where}: --split {split_column} needs a header line naming the columns "
-                                    "(path,label,...)")
-            pi, li, si = 0, 1, None
-        rows = []
-        for n, r in enumerate(body, start=2 if header else 1):
-            if len(r) <= max(pi, li, si or 0):
-                raise VGGEmbedError(f"{where}: line {n} has {len(r)} fields; expected path,label")
-            rows.append([r[pi], r[li], r[si] if si is not None else None])
-    out: dict[str, tuple[str, str | None]] = {}
-    for p, lab, s in rows:
-        if p is None or lab is None or str(lab).strip() == "":
-            continue
-        out[str(p)] = (str(lab), None if s is None or str(s).strip() == "" else str(s))
-    if not out:
-        raise VGGEmbedError(f"{where}: holds no labels")
-    return out
+    table = read_label_table(path, split_column)
+    return {p: (label, table.splits.get(p)) for p, label in table.items()}
 
 
 def _norm(p: str) -> str:
@@ -625,6 +565,16 @@ def tables(result: Audit) -> dict[str, tuple[list[str], list[list]]]:
     return out
 
 
+def probabilities(result: Audit) -> dict[str, np.ndarray]:
+    """What the label issues were ranked from, as `OUT/probabilities.npz` holds it (plain numpy arrays, as
+    `train`'s HEAD.oof.npz): `paths`, `given` (class index) and `proba` (out-of-fold, N x K) of each labelled
+    image, `classes`, and `method`, how the probabilities were made, in words."""
+    labelled = np.flatnonzero(result.given >= 0)
+    return {"paths": np.array([result.paths[i] for i in labelled], dtype=str), "given": result.given[labelled],
+            "proba": np.asarray(result.proba, np.float32), "classes": np.array(result.classes, dtype=str),
+            "method": np.array(result.method)}
+
+
 def csv_bytes(header: list[str], rows: list[list]) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -710,7 +660,8 @@ def report_of(result: Audit, source: str, top: int = TOP, made: dict | None = No
 
 
 AUDIT_FILES = ("outliers.csv", "duplicates.csv", "class_outliers.csv", "label_issues.csv",
-               "cross_class_duplicates.csv", "leaks.csv", "classes.csv", "confused_classes.csv", "report")
+               "cross_class_duplicates.csv", "leaks.csv", "classes.csv", "confused_classes.csv", "probabilities.npz",
+               "report")
 
 
 def check_target(out, overwrite: bool) -> None:
@@ -747,5 +698,8 @@ def write(result: Audit, out, *, source: str, overwrite: bool = False, top: int 
             with replacing(out / name, ".partial") as tmp:
                 tmp.write_bytes(csv_bytes(header, rows))
             written.append(name)
+        if result.proba is not None:
+            with replacing(out / "probabilities.npz", ".partial") as tmp, open(tmp, "wb") as f:
+                np.savez(f, **probabilities(result))
     done = report.write(report_of(result, source, top, made), out / "report", overwrite=True)
     return written, done

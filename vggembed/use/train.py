@@ -54,68 +54,123 @@ SWEEP_ROWS = 10_000
 
 
 # ------------------------------------------------------------------- labels
-def read_label_table(path) -> dict[str, str]:
-    """{path: label} from a CSV (`path,label`, a header row optional, any quoting the csv module reads, UTF-8;
-    names that are not UTF-8 as surrogate escapes, as file names are) or a Parquet table with `path` (or its
-    exact bytes in `path_bytes`) and `label` columns."""
+class LabelTable(dict):
+    """{path: label} as a label file gives them, and `splits`: {path: split} for the rows whose split column
+    (`read_label_table(..., split_column)`) is filled."""
+
+    def __init__(self, labels=(), splits=None):
+        super().__init__(labels)
+        self.splits: dict[str, str] = dict(splits or {})
+
+
+def read_label_table(path, split_column: str | None = None) -> LabelTable:
+    """{path: label} from a CSV or a Parquet table: the one label-file reader of `train` and `audit`.
+
+    CSV: `path,label` rows, any quoting the csv module reads, UTF-8 (a byte order mark allowed). A first row
+    naming `path` and `label` is a header; other columns may then follow in any order, and `split_column`
+    names one of them. A name whose bytes are not UTF-8 is kept as those bytes (surrogate escapes, as file
+    names are) when it names a file that exists; otherwise the file is taken to be in another encoding and
+    refused. Parquet: `label` and `path` columns, or `path_bytes` (a name's exact bytes, as vggembed writes
+    them), and `split_column`. A row with an empty label is an image without one (left out of the table); a
+    path labelled twice differently is refused."""
     path = Path(path)
+    where = display(str(path))
     if path.suffix.lower() == ".parquet":
-        return _parquet_labels(path)
-    try:
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except OSError as e:
-        raise VGGEmbedError(f"{path}: cannot read the labels ({reason(e)})") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    table: dict[str, str] = {}
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as e:
-        raise VGGEmbedError(f"{path}: not a readable CSV ({reason(e)})") from None
-    for number, row in enumerate(rows, 1):
-        if not row or (len(row) == 1 and not row[0].strip()):
+        rows = _parquet_labels(path, where, split_column)
+    else:
+        rows = _csv_labels(path, where, split_column)
+    table = LabelTable()
+    for number, name, label, split in rows:
+        if label is None or not str(label).strip():
             continue
-        if number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
-            continue
-        if len(row) < 2:
-            raise VGGEmbedError(f"{path}: line {number} has {len(row)} column; expected path,label")
-        name, label = row[0], row[1]
-        if not label:
-            raise VGGEmbedError(f"{path}: line {number} ({display(name)}) has an empty label")
+        name, label = str(name), str(label)
         if name in table and table[name] != label:
-            raise VGGEmbedError(f"{path}: {display(name)} is labelled both {table[name]!r} and {label!r}")
+            raise VGGEmbedError(f"{where}: {display(name)} is labelled both {table[name]!r} and {label!r}"
+                                + (f" (line {number})" if number else ""))
         table[name] = label
+        if split is not None and str(split).strip():
+            table.splits[name] = str(split)
     if not table:
-        raise VGGEmbedError(f"{path}: holds no labels (expected rows of path,label)")
+        raise VGGEmbedError(f"{where}: holds no labels (expected rows of path,label)")
     return table
 
 
-def _parquet_labels(path: Path) -> dict[str, str]:
+def _csv_labels(path: Path, where: str, split_column: str | None) -> list:
+    """(line number, path, label, split) of each row of a CSV label file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise VGGEmbedError(f"{where}: cannot read the labels ({reason(e)})") from None
+    try:
+        text, undecodable = data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        text, undecodable = data.decode("utf-8", "surrogateescape"), e.start
+    text = text.removeprefix("\ufeff")
+    try:
+        table = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text, newline="")), 1)
+                 if any(c.strip() for c in r)]  # blank lines skipped, counted
+    except csv.Error as e:
+        raise VGGEmbedError(f"{where}: not a readable CSV ({reason(e)})") from None
+    if not table:
+        raise VGGEmbedError(f"{where}: holds no labels (expected rows of path,label)")
+    first = [c.strip().lower() for c in table[0][1]]
+    header = "path" in first and "label" in first
+    pi, li, si = (first.index("path"), first.index("label"), None) if header else (0, 1, None)
+    if split_column:
+        if not header:
+            raise VGGEmbedError(f"{where}: --split {split_column} needs a header line naming the columns "
+                                "(path,label,...)")
+        if split_column.strip().lower() not in first:
+            raise VGGEmbedError(f"{where}: has no column {split_column} (it has {', '.join(table[0][1])})")
+        si = first.index(split_column.strip().lower())
+    rows = []
+    for number, r in table[1:] if header else table:
+        if len(r) <= max(pi, li, si or 0):
+            raise VGGEmbedError(f"{where}: line {number} has {len(r)} field{'s' * (len(r) != 1)}; expected "
+                                "path,label")
+        name, label = r[pi], r[li]
+        split = r[si] if si is not None else None
+        # bytes that are not UTF-8: a file's own name (as vggembed writes them), or a file in another encoding
+        if undecodable is not None and (_escaped(label) or _escaped(split or "")
+                                        or (_escaped(name) and not os.path.lexists(name))):
+            raise VGGEmbedError(f"{where}: is not UTF-8 text (byte {undecodable}); save the label file as UTF-8")
+        rows.append((number, name, label, split))
+    return rows
+
+
+def _escaped(text: str) -> bool:
+    """Whether `text` holds bytes that were not UTF-8 (as surrogate escapes)."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def _parquet_labels(path: Path, where: str, split_column: str | None) -> list:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise VGGEmbedError(f'{path}: reading Parquet needs pyarrow (pip install "vggembed[parquet]")') from None
+        raise VGGEmbedError(f'{where}: reading Parquet needs pyarrow (pip install "vggembed[parquet]")') from None
     try:
         t = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds; one line names the file
-        raise VGGEmbedError(f"{path}: not a readable Parquet file ({reason(e)})") from None
-    if "label" not in t.column_names or not ({"path", "path_bytes"} & set(t.column_names)):
-        raise VGGEmbedError(f"{path}: needs a label column and a path (or path_bytes) column; it has "
-                            f"{', '.join(t.column_names)}")
-    labels = [str(v) if v is not None else "" for v in t.column("label").to_pylist()]
-    if "path_bytes" in t.column_names:
+        raise VGGEmbedError(f"{where}: not a readable Parquet file ({reason(e)})") from None
+    columns = t.column_names
+    missing = (["label"] if "label" not in columns else []) + \
+        (["path (or path_bytes)"] if not {"path", "path_bytes"} & set(columns) else []) + \
+        ([split_column] if split_column and split_column not in columns else [])
+    if missing:
+        raise VGGEmbedError(f"{where}: has no column {', '.join(missing)} (it has {', '.join(columns)})")
+    labels = t.column("label").to_pylist()
+    if "path_bytes" in columns:
         raw = t.column("path_bytes").to_pylist()
-        text = t.column("path").to_pylist() if "path" in t.column_names else [None] * len(raw)
+        text = t.column("path").to_pylist() if "path" in columns else [None] * len(raw)
         names = [os.fsdecode(b) if b is not None else p for b, p in zip(raw, text)]
     else:
         names = t.column("path").to_pylist()
-    table = {}
+    splits = t.column(split_column).to_pylist() if split_column else [None] * len(names)
     for name, label in zip(names, labels):
-        if name is None or not label:
-            raise VGGEmbedError(f"{path}: a row has no path or an empty label ({display(name or '')})")
-        table[str(name)] = label
-    return table
+        if name is None and label is not None:
+            raise VGGEmbedError(f"{where}: a row labelled {label!r} has no path")
+    return [(None, name, label, split) for name, label, split in zip(names, labels, splits)]
 
 
 def _key(name: str) -> str:
