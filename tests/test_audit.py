@@ -98,28 +98,31 @@ def test_knn_proba_is_a_distribution_that_ignores_unlabelled_neighbours():
 
 
 def test_label_files_in_any_csv_quoting_and_parquet(tmp_path):
+    from vggembed.use.train import read_label_table
+
     rows = [["path", "label", "split"], ['a "quoted", name.jpg', "cat", "train"], ["line\nbreak.jpg", "dog", "val"],
             ["plain.jpg", "cat", ""]]
     buf = io.StringIO()
     csv.writer(buf, quoting=csv.QUOTE_ALL).writerows(rows)
     (tmp_path / "l.csv").write_bytes(b"\xef\xbb\xbf" + buf.getvalue().encode())  # with a BOM
-    table = audit.read_label_file(tmp_path / "l.csv", "split")
-    assert table == {'a "quoted", name.jpg': ("cat", "train"), "line\nbreak.jpg": ("dog", "val"),
-                     "plain.jpg": ("cat", None)}
+    table = read_label_table(tmp_path / "l.csv", "split")
+    assert table == {'a "quoted", name.jpg': "cat", "line\nbreak.jpg": "dog", "plain.jpg": "cat"}
+    assert table.splits == {'a "quoted", name.jpg': "train", "line\nbreak.jpg": "val"}
     (tmp_path / "bare.csv").write_text("x.jpg,cat\ny.jpg,dog\n")
-    assert audit.read_label_file(tmp_path / "bare.csv") == {"x.jpg": ("cat", None), "y.jpg": ("dog", None)}
+    assert read_label_table(tmp_path / "bare.csv") == {"x.jpg": "cat", "y.jpg": "dog"}
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"path": ["x.jpg"], "label": ["cat"]}), tmp_path / "l.parquet")
-    assert audit.read_label_file(tmp_path / "l.parquet") == {"x.jpg": ("cat", None)}
+    assert read_label_table(tmp_path / "l.parquet") == {"x.jpg": "cat"}
     (tmp_path / "latin1.csv").write_bytes(b"path,label\ncaf\xe9.jpg,cat\n")
     with pytest.raises(VGGEmbedError, match=r"latin1.csv: is not UTF-8 text \(byte 14\)"):
-        audit.read_label_file(tmp_path / "latin1.csv")
+        read_label_table(tmp_path / "latin1.csv")
     with pytest.raises(VGGEmbedError, match="l.csv: has no column fold"):
-        audit.read_label_file(tmp_path / "l.csv", "fold")
-    labels, _ = audit.match_labels(["./x.jpg", str(tmp_path / "nowhere.jpg")], {"x.jpg": ("cat", None)})
-    assert labels == ["cat", None]
+        read_label_table(tmp_path / "l.csv", "fold")
+    labels, splits = audit.given_labels(["./x.jpg", "file://x.jpg", str(tmp_path / "nowhere.jpg")],
+                                        read_label_table(tmp_path / "bare.csv"))
+    assert labels == ["cat", "cat", None] and splits == [None, None, None]
 
 
 def test_the_one_label_reader_keeps_train_and_audit_behaviours(tmp_path):
@@ -141,7 +144,7 @@ def test_the_one_label_reader_keeps_train_and_audit_behaviours(tmp_path):
                              "split": ["val"]}), tmp_path / "b.parquet")
     table = read_label_table(tmp_path / "b.parquet", "split")
     assert table == {str(odd): "cat"} and table.splits == {str(odd): "val"}
-    assert audit.read_label_file(tmp_path / "b.parquet", "split") == {str(odd): ("cat", "val")}
+    assert audit.given_labels([str(odd)], table) == (["cat"], ["val"])
     (tmp_path / "twice.csv").write_text("a.jpg,cat\nb.jpg,dog\na.jpg,dog\n")
     with pytest.raises(VGGEmbedError, match=r"twice.csv: a.jpg is labelled both 'cat' and 'dog' \(line 3\)"):
         read_label_table(tmp_path / "twice.csv")

@@ -75,6 +75,7 @@ def audit(ctx, inputs, output, labels, folders, root, split_column, val, k, thre
     """
     from ..store.vectors import open_vectors
     from ..use import audit as au
+    from ..use.train import read_label_table
 
     if labels and folders:
         raise click.UsageError("give --labels FILE or --folders, not both")
@@ -93,7 +94,7 @@ def audit(ctx, inputs, output, labels, folders, root, split_column, val, k, thre
     try:
         au.check_target(output, overwrite)  # before any embedding
         if labels:
-            table = au.read_label_file(labels, split_column)
+            table = read_label_table(labels, split_column)
     except VGGEmbedError as e:
         fail(str(e))
     setup = Setup(device=device, verbose=ctx.obj["verbose"])
@@ -121,7 +122,7 @@ def audit(ctx, inputs, output, labels, folders, root, split_column, val, k, thre
             train_rows = sum(v.rows for v in opened[: len(sources)])
             split = ["train"] * train_rows + ["val"] * (rows.rows - train_rows)
         if table is not None:
-            given, from_file = au.match_labels(paths, table)
+            given, from_file = au.given_labels(paths, table)
             split = from_file if split_column else split
             unmatched = sum(lab is None for lab in given)
             if unmatched == len(given):

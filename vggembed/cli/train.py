@@ -12,7 +12,7 @@ import click
 from ..errors import VGGEmbedError, display
 from ..store.destination import Destination
 from .common import CONTEXT, EXIT_SOME_FAILED, Setup, fail, recipe_options, run_options
-from .run import output_run_options, produce
+from .run import embed_first, feature_places, output_run_options
 
 # What `train -o HEAD.npz` writes beside the head: suffix -> what it holds.
 SIDE_FILES = {
@@ -73,7 +73,7 @@ def train(ctx, inputs, output, label_table, val, folds, C, seed, features, recip
       vggembed train photos/train -o head.npz --val photos/val
     """
     from ..use import evaluate
-    from ..use.train import fit_head, is_embedding_output, read_label_table
+    from ..use.train import fit_head, read_label_table
 
     out = Path(output)
     if out.suffix.lower() != ".npz":
@@ -82,11 +82,6 @@ def train(ctx, inputs, output, label_table, val, folds, C, seed, features, recip
         raise click.UsageError("a head reads one output: give one --layer, and no --top")
     if not inputs and not files_from:
         fail("no input: give folders of class folders, image files with --labels, or an embedding output")
-    given_images = [i for i in inputs if not is_embedding_output(i)]
-    if given_images and len(given_images) != len(inputs):
-        raise click.UsageError("give either images (folders, files, shards) or embedding outputs, not both")
-    if val and any(is_embedding_output(v) for v in val) and not all(is_embedding_output(v) for v in val):
-        raise click.UsageError("--val: give either images or embedding outputs, not both")
     targets = [out, *side_paths(out).values()]
     existing = [p for p in targets if p.exists()]
     if existing and not overwrite:
@@ -98,21 +93,11 @@ def train(ctx, inputs, output, label_table, val, folds, C, seed, features, recip
             table = read_label_table(label_table)
         except VGGEmbedError as e:
             fail(str(e))
-    failed = 0
     setup = Setup(device=device, verbose=ctx.obj["verbose"])
-    stem = out.with_suffix("")
-    sources, val_sources = list(inputs), list(val)
     # Images are embedded first, into files that --resume continues and a later train can read.
-    if given_images or files_from:
-        where = features or str(stem) + (".features" if engine == "ray" else ".features.npy")
-        failed += produce(ctx, inputs, where, recipe, resume, overwrite and not resume, engine, address,
-                          gpus_per_worker, part_size, files_from, null, quiet, opts, setup, "embedded")
-        sources = [where]
-    if val and not is_embedding_output(val[0]):
-        where = str(stem) + (".val-features" if engine == "ray" else ".val-features.npy")
-        failed += produce(ctx, list(val), where, recipe, resume, overwrite and not resume, engine, address,
-                          gpus_per_worker, part_size, None, null, quiet, opts, setup, "embedded")
-        val_sources = [where]
+    sources, val_sources, failed = embed_first(
+        ctx, inputs, val, feature_places(f"{out.with_suffix('')}.", features, engine), recipe, resume, overwrite,
+        engine, address, gpus_per_worker, part_size, files_from, null, quiet, opts, setup)
     layer = recipe.outputs[0].name if ctx.get_parameter_source("layers") != click.core.ParameterSource.DEFAULT \
         else None
     try:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,64 +344,28 @@ def out_of_fold_proba(rows: Rows, given: np.ndarray, classes: list[str], nb: Nei
 
 
 # ------------------------------------------------------------------ labels
-def read_label_file(path, split_column: str | None = None) -> dict[str, tuple[str, str | None]]:
-    """{path: (label, split)} from a label file, as `train.read_label_table` reads it (CSV or Parquet, a
-    header naming path and label, `split_column` naming the split's column; split None where empty)."""
-    from .train import read_label_table
+def given_labels(paths: list[str], table) -> tuple[list[str | None], list[str | None]]:
+    """Each recorded path's label and split from a label file read by `train.read_label_table` (matched as
+    `train` matches them)."""
+    from .train import match_table
 
-    table = read_label_table(path, split_column)
-    return {p: (label, table.splits.get(p)) for p, label in table.items()}
-
-
-def _norm(p: str) -> str:
-    from ..images.sources import is_url
-
-    if is_url(p) and not p.startswith("file://"):
-        return p
-    return os.path.normpath(os.path.abspath(p.removeprefix("file://")))
-
-
-def match_labels(paths: list[str], table: dict[str, tuple[str, str | None]]
-                 ) -> tuple[list[str | None], list[str | None]]:
-    """Each recorded path's (label, split) from a label file: the same string, or the same file once both
-    are made absolute and normal."""
-    by_norm = {_norm(p): v for p, v in table.items()}
-    labels, splits = [], []
-    for p in paths:
-        v = table.get(p) or by_norm.get(_norm(p))
-        labels.append(v[0] if v else None)
-        splits.append(v[1] if v else None)
-    return labels, splits
+    matched, _ = match_table(paths, table)
+    return ([None if m is None else table[m] for m in matched],
+            [None if m is None else table.splits.get(m) for m in matched])
 
 
 def folder_labels(paths: list[str], root: str | None = None, where: str = "the input") -> list[str | None]:
-    """Each path's class: the first folder under `root` (default: the folder all paths share, which is the
-    folder given to embed when the images lie in class folders under it). Paths not under a class folder get
-    None."""
-    if not paths:
-        return []
-    norm = [p.replace("\\", "/") for p in paths]
-    if root is None:
-        try:
-            root = os.path.commonpath([os.path.dirname(p) or "." for p in norm])
-        except ValueError:  # absolute and relative paths mixed
-            raise VGGEmbedError(f"{where}: its paths share no folder; pass --root, the folder whose subfolders "
-                                "are the classes") from None
-        if all(os.path.dirname(p) == root for p in norm):  # every image in one folder: no class folders below
-            root = os.path.dirname(root)
-    root = root.replace("\\", "/").rstrip("/")
-    out = []
-    for p in norm:
-        rel = p[len(root) + 1:] if root and p.startswith(root + "/") else (p if not root else None)
-        parts = rel.split("/") if rel else []
-        out.append(parts[0] if len(parts) >= 2 else None)
-    if not any(out):
-        raise VGGEmbedError(f"{where}: no image lies in a class folder under {display(root or '.')}; pass "
-                            "--root, the folder whose subfolders are the classes")
-    return out
+    """Each path's class as `train` reads class folders (the first folder under `root`, default the folder the
+    paths share); an error when no path lies in a class folder."""
+    from .train import folder_labels as classes_of
+
+    labels, found = classes_of(paths, root)
+    if paths and not any(labels):
+        raise VGGEmbedError(f"{where}: no image lies in a class folder under {display(found)}; pass --root, the "
+                            "folder whose subfolders are the classes")
+    return labels
 
 
-# ------------------------------------------------------------------ audit
 @dataclass
 class Audit:
     """What `audit` found; rows index `paths`."""
