@@ -265,6 +265,14 @@ def test_an_existing_head_needs_overwrite_and_is_left_as_it_was(tmp_path, feats)
     assert np.load(out)["classes"].tolist() == ["cat", "coffee", "person"]
 
 
+def test_embedding_options_with_an_embedding_output_are_refused_not_ignored(tmp_path, feats, tiny16):
+    """feats.npy records how it was embedded: a --weights or --resize beside it would be silently unused."""
+    out = tmp_path / "h.npz"
+    result = run("train", feats, "-o", out, "--weights", tiny16, "--resize", "center-crop")
+    assert result.exit_code == 2 and "--weights, --resize: say how images are embedded, but" in result.stderr
+    assert f"{feats} is an embedding output" in result.stderr and not out.exists()
+
+
 def test_a_file_that_is_not_a_head_is_one_line(tmp_path, image_dir, tiny16):
     fake = tmp_path / "head.npz"
     np.savez(fake, a=np.zeros(3))
