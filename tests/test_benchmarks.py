@@ -169,7 +169,10 @@ def test_train_benchmark_prints_vggembed_beside_scikit_learn():
                           "--dim", "32", "--classes", "4"], capture_output=True, text=True, check=True).stdout
     rows = {line.strip().split("  ")[0]: line for line in out.splitlines()}
     assert out.startswith("(b) 2,000 x 32 float32")
-    assert "vggembed train (sweep + 5 folds + final fit)" in rows
-    assert "scikit-learn: one lbfgs fit at that C" in rows
-    agree = float(out.split("predictions agree on ")[1].split("%")[0])
+    assert "vggembed train (sweep + 5 folds + head to 1e-5)" in rows
+    assert "scikit-learn: one lbfgs fit, tol 0.0001" in out and "scikit-learn: one lbfgs fit, tol 1e-05" in out
+    gaps = [float(line.split()[-1]) for line in out.splitlines()
+            if line.startswith(("    vggembed train (", "    scikit-learn: one lbfgs fit"))]
+    assert len(gaps) == 3 and min(gaps) == 0 and max(gaps) < 1e-3  # one objective, each fit near its minimum
+    agree = float(out.split("predicts as scikit-learn's for ")[1].split("%")[0])
     assert agree > 99  # the same objective at the same C
