@@ -228,7 +228,9 @@ TOUR = [
     ("docs/reliability.md", "vggembed embed images/ -o feats.npy --overwrite", ["feats.npy"], None),
     ("docs/train.md", "vggembed train feats.npy --labels labels.csv -o other.npz --C 0.05", ["other.npz"],
      r"photo 3"),
-    ("docs/reliability.md", "vggembed embed --files-from list.txt -o feats.npy --resume", ["feats.npy"], None),
+    # --resume with nothing begun starts the run; once it is complete, the same command is a no-op
+    ("docs/reliability.md", "vggembed embed --files-from list.txt -o listed.npy --resume", ["listed.npy"], None),
+    ("docs/reliability.md", "vggembed embed --files-from list.txt -o listed.npy --resume", ["listed.npy"], None),
 ]
 
 
@@ -244,8 +246,8 @@ def test_documented_commands_run_as_written(here, steps):
         if stdout:
             assert re.search(stdout, result.stdout), f"{line}: stdout {result.stdout!r}"
     if steps is TOUR:
-        # the last line finds its output complete and leaves the 24 rows of the --overwrite run alone
-        assert np.load(here / "feats.npy").shape == (24, 32)
+        assert np.load(here / "feats.npy").shape == (24, 32)  # the --overwrite run's rows
+        assert np.load(here / "listed.npy").shape[0] == 3  # list.txt's images, embedded once
         assert len((here / "clusters.csv").read_text().splitlines()) == 25
         assert len((here / "preds.csv").read_text().splitlines()) == 1 + 8 * 5
 

@@ -320,6 +320,27 @@ def test_resume_of_a_complete_output_is_a_successful_no_op(tmp_path, image_dir, 
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
+def test_resume_of_a_complete_output_refuses_other_inputs_or_options(tmp_path, image_dir, tiny16):
+    """A complete output is "done" only for the inputs and recipe it holds: a retry after the folder grew, or
+    with another layer, must not pass off the old vectors as the new ones."""
+    out = tmp_path / "feats.npy"
+    assert run("embed", image_dir, "-o", out, "--weights", tiny16).exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("feats.npy*")}
+    names = sorted(p for p in image_dir.rglob("*") if p.is_file())
+    (image_dir / "zzz.png").write_bytes(names[0].read_bytes())  # listed last
+    added = run("embed", image_dir, "-o", out, "--weights", tiny16, "--resume")
+    assert added.exit_code == 1 and "Traceback" not in added.output
+    assert (f"--resume: {out} is complete with {len(names)} inputs, but input {len(names) + 1} is "
+            f"'{image_dir / 'zzz.png'}', which it does not hold; pass --overwrite" in added.output)
+    (image_dir / "zzz.png").unlink()
+    fewer = run("embed", *names[1:], "-o", out, "--weights", tiny16, "--resume")
+    assert fewer.exit_code == 1 and f"input 1 is '{names[1]}' but {out} (complete) had '{names[0]}'" in fewer.output
+    other = run("embed", image_dir, "-o", out, "--weights", tiny16, "--resume", "--layer", "pool5:avg")
+    assert other.exit_code == 1
+    assert f"--resume: {out} (complete) was made with another recipe (outputs: pool5_avg" in other.output
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("feats.npy*")} == before  # nothing touched
+
+
 @pytest.mark.parametrize("how", ["folder", "stdin", "list"])
 def test_empty_input_is_an_error_and_writes_nothing(tmp_path, tiny16, how):
     empty = tmp_path / "empty"

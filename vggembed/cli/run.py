@@ -125,12 +125,13 @@ def produce(ctx, inputs, output, recipe, resume, overwrite, engine, address, gpu
     try:
         paths, total = sources(inputs, files_from, null)
         with EmbeddingWriter(output, resume=resume, overwrite=overwrite) as writer:
+            vgg = setup.load(recipe)
+            bound = runner.check_outputs(vgg, recipe)
             if writer.complete:
+                runner.check_complete(paths, writer, bound)
                 if not quiet:
                     click.echo(f"vggembed: {output} is already complete; nothing left to do", err=True)
                 return 0
-            vgg = setup.load(recipe)
-            runner.check_outputs(vgg, recipe)
             summary = runner.embed(vgg, paths, writer, recipe, opts, total=total)
     except VGGEmbedError as e:
         fail(str(e))

@@ -50,7 +50,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import VGGEmbedError, display
+from ..errors import VGGEmbedError, display, reason
 from .destination import Destination, replacing
 from .recipe import TOP_COLUMNS, Recipe, meta_json, read_meta
 
@@ -315,6 +315,27 @@ class EmbeddingWriter:
         _atomic_write(meta, meta_json(recipe))
 
     # -------------------------------------------------------------- resume
+    def recorded(self) -> tuple[Recipe | None, list[str]]:
+        """A complete output's recorded recipe (None for an output made before recipes were recorded) and the
+        inputs it accounts for (rows and failures), in order: what `--resume` checks before it calls it done."""
+        try:
+            meta = recorded_meta(self.out)
+        except VGGEmbedError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged Parquet footer or JSON: one line naming the file
+            raise VGGEmbedError(f"{self.out}: its recorded recipe is unreadable ({reason(e)}); pass --overwrite to "
+                                "embed again") from None
+        recipe = None if meta is None else Recipe.from_dict(meta["recipe"])
+        try:
+            raw = self.paths["index"].read_bytes()
+        except OSError as e:
+            raise VGGEmbedError(f"{self.paths['index']}: cannot be read ({e.strerror}); pass --overwrite to embed "
+                                "again") from None
+        lines = list(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline="")))
+        if lines and lines[0] == INDEX_FIELDS:
+            lines = lines[1:]
+        return recipe, [line[0] for line in lines if line]
+
     def _reopen(self) -> None:
         """Keep the complete prefix of an interrupted run; position every file after it."""
         index = self.paths["index_partial"]
