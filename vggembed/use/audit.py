@@ -366,6 +366,7 @@ def folder_labels(paths: list[str], root: str | None = None, where: str = "the i
     return labels
 
 
+# ------------------------------------------------------------------ audit
 @dataclass
 class Audit:
     """What `audit` found; rows index `paths`."""
