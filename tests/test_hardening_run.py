@@ -331,7 +331,8 @@ def test_resume_of_a_complete_output_refuses_other_inputs_or_options(tmp_path, i
     added = run("embed", image_dir, "-o", out, "--weights", tiny16, "--resume")
     assert added.exit_code == 1 and "Traceback" not in added.output
     assert (f"--resume: {out} is complete with {len(names)} inputs, but input {len(names) + 1} is "
-            f"'{image_dir / 'zzz.png'}', which it does not hold; pass --overwrite" in added.output)
+            f"'{image_dir / 'zzz.png'}', which it does not hold; pass --overwrite (without --resume) to embed "
+            "again" in added.output)
     (image_dir / "zzz.png").unlink()
     fewer = run("embed", *names[1:], "-o", out, "--weights", tiny16, "--resume")
     assert fewer.exit_code == 1 and f"input 1 is '{names[1]}' but {out} (complete) had '{names[0]}'" in fewer.output

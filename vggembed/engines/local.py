@@ -128,7 +128,8 @@ def batches(model: VGG, sources: Iterable[str], recipe: Recipe, opts: Options, s
             waited = time.perf_counter()
 
 
-def skip_done(sources: Iterable, done: list[str], run: str = "the interrupted run") -> Iterator:
+def skip_done(sources: Iterable, done: list[str], run: str = "the interrupted run",
+              hint: str = "resume with the same inputs, or pass --overwrite to start over") -> Iterator:
     """Skip the inputs an interrupted run (`run`) finished, checking they are the same ones (by name)."""
     it = iter(sources)
     for i, expected in enumerate(done):
@@ -136,8 +137,7 @@ def skip_done(sources: Iterable, done: list[str], run: str = "the interrupted ru
         if got is None or name_of(got) != expected:
             got_text = "missing" if got is None else repr(display(name_of(got)))
             raise VGGEmbedError(
-                f"--resume: input {i + 1} is {got_text} but {run} had {display(expected)!r}; "
-                "resume with the same inputs, or pass --overwrite to start over")
+                f"--resume: input {i + 1} is {got_text} but {run} had {display(expected)!r}; {hint}")
     yield from it
 
 
@@ -145,10 +145,10 @@ def check_complete(sources: Iterable, writer, recipe: Recipe) -> None:
     """`--resume` on an output that is already complete: it is done only if it was made with `recipe` (bound to
     its weights) from the same inputs, in order; otherwise one line saying what differs."""
     recorded, names = writer.recorded()
-    hint = "pass --overwrite to embed again"
+    hint = "pass --overwrite (without --resume) to embed again"
     if recorded is not None:
         recipe.check_same(recorded, f"--resume: {writer.out} (complete)", hint)
-    for extra in skip_done(sources, names, f"{writer.out} (complete)"):
+    for extra in skip_done(sources, names, f"{writer.out} (complete)", hint):
         raise VGGEmbedError(f"--resume: {writer.out} is complete with {len(names)} inputs, but input "
                             f"{len(names) + 1} is {display(name_of(extra))!r}, which it does not hold; {hint}")
 
