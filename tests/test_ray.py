@@ -318,6 +318,15 @@ def test_classify_with_a_head_on_ray_equals_the_local_engine_after_merge(tmp_pat
     assert result.exit_code == 3, result.output
     assert (tmp_path / "head.features" / "manifest.json").is_file()
     assert json.loads((tmp_path / "head.metrics.json").read_text())["trained"] == 238  # 2 of 240 failed
+    # audit embeds on Ray the same way, into OUT/features, and audits the 238 that were read
+    audited = run("audit", folder, "--labels", labels, "-o", tmp_path / "audit", "--weights", tiny16, "--engine",
+                  "ray", "--part-size", 100)
+    assert audited.exit_code == 3, audited.output
+    assert "note: 2 images failed when embedded and are not audited" in audited.stderr
+    assert (tmp_path / "audit" / "features" / "manifest.json").is_file()
+    with np.load(tmp_path / "audit" / "probabilities.npz") as z:
+        assert len(z["paths"]) == 238 and set(z["paths"].tolist()) <= set(images)
+    assert (tmp_path / "audit" / "report" / "index.html").is_file()
     local = tmp_path / "local.npz"
     assert run("classify", folder, "--head", head, "-o", local, "--weights", tiny16, "--batch-size", 8).exit_code == 3
     parts = tmp_path / "parts"
