@@ -171,6 +171,9 @@ def test_train_benchmark_prints_vggembed_beside_scikit_learn():
     assert out.startswith("(b) 2,000 x 32 float32")
     assert "vggembed train (sweep + 5 folds + head to 1e-5)" in rows
     assert "scikit-learn: one lbfgs fit, tol 0.0001" in out and "scikit-learn: one lbfgs fit, tol 1e-05" in out
+    assert "scikit-learn: 5 folds + final, tol 1e-4, no sweep" in out  # the work of vggembed's run
+    theirs = float(out.split("scikit-learn's 5 folds (tol 1e-4, no sweep) ")[1].split()[0])
+    assert 0.3 < theirs <= 1  # out-of-fold top-1 of 4 seeded classes, above chance (0.25)
     gaps = [float(line.split()[-1]) for line in out.splitlines()
             if line.startswith(("    vggembed train (", "    scikit-learn: one lbfgs fit"))]
     assert len(gaps) == 3 and min(gaps) == 0 and max(gaps) < 1e-3  # one objective, each fit near its minimum
