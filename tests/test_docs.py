@@ -218,6 +218,8 @@ TOUR = [
     ("README.md", "vggembed weights list", [], r"^vgg16 "),
     ("docs/train.md", "vggembed train pets/ -o head.npz", ["head.npz", "head.oof.npz", "head.confusion.png"],
      r"5-fold out-of-fold figures of head.npz"),
+    ("docs/train.md", "vggembed audit head.features.npy --folders -o pets-audit/",
+     ["pets-audit/label_issues.csv", "pets-audit/report/index.html"], None),
     ("docs/train.md", "vggembed info head.npz", [], r"logistic, 32 -> 2 classes"),
     ("docs/train.md", "vggembed classify new/ --head head.npz", [], r"^path\trank\tindex\tlabel\tprobability\n"
      r"new/img000000\.jpg\t1\t\d\t(cat|dog)\t"),
