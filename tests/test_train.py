@@ -417,3 +417,15 @@ def test_a_fifo_as_head_is_one_line_not_a_hang(tmp_path, image_dir, tiny16):
                             capture_output=True, text=True, timeout=HANG)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"Error: {fifo}: is a FIFO (named pipe), not a head file"]
+
+
+@pytest.mark.parametrize("name", ["labels.csv", "labels.parquet"])
+def test_a_fifo_as_label_file_is_one_line_not_a_hang(tmp_path, feats, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    for command in (["train", str(feats), "-o", str(tmp_path / "h.npz")],
+                    ["audit", str(feats), "-o", str(tmp_path / "a")]):
+        result = subprocess.run(VGGEMBED + command + ["--labels", str(fifo)], capture_output=True, text=True,
+                                timeout=HANG)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().splitlines() == [f"Error: {fifo}: is a FIFO (named pipe), not a label file"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VGGEmbedError, display, reason
+from ..images.safeio import NotAFileError, open_regular
 from ..net.head import Head
 from ..store.recipe import Recipe
 from . import evaluate
@@ -76,10 +77,17 @@ def read_label_table(path, split_column: str | None = None) -> LabelTable:
     path labelled twice differently is refused."""
     path = Path(path)
     where = display(str(path))
+    try:
+        with open_regular(path, "label file") as f:  # a FIFO or a device is refused, never waited on
+            data = f.read()
+    except NotAFileError as e:
+        raise VGGEmbedError(f"{where}: {e.problem}") from None
+    except OSError as e:
+        raise VGGEmbedError(f"{where}: cannot read the labels ({reason(e)})") from None
     if path.suffix.lower() == ".parquet":
-        rows = _parquet_labels(path, where, split_column)
+        rows = _parquet_labels(data, where, split_column)
     else:
-        rows = _csv_labels(path, where, split_column)
+        rows = _csv_labels(data, where, split_column)
     table = LabelTable()
     for number, name, label, split in rows:
         if label is None or not str(label).strip():
@@ -96,13 +104,8 @@ def read_label_table(path, split_column: str | None = None) -> LabelTable:
     return table
 
 
-def _csv_labels(path: Path, where: str, split_column: str | None) -> list:
-    """(line number, path, label, split) of each row of a CSV label file."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise VGGEmbedError(f"{where}: cannot read the labels ({reason(e)})") from None
+def _csv_labels(data: bytes, where: str, split_column: str | None) -> list:
+    """(line number, path, label, split) of each row of a CSV label file's bytes."""
     try:
         text, undecodable = data.decode("utf-8"), None
     except UnicodeDecodeError as e:
@@ -145,13 +148,13 @@ def _escaped(text: str) -> bool:
     return any("\udc80" <= c <= "\udcff" for c in text)
 
 
-def _parquet_labels(path: Path, where: str, split_column: str | None) -> list:
+def _parquet_labels(data: bytes, where: str, split_column: str | None) -> list:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise VGGEmbedError(f'{where}: reading Parquet needs pyarrow (pip install "vggembed[parquet]")') from None
     try:
-        t = pq.read_table(path)
+        t = pq.read_table(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds; one line names the file
         raise VGGEmbedError(f"{where}: not a readable Parquet file ({reason(e)})") from None
     columns = t.column_names
