@@ -331,19 +331,13 @@ class EmbeddingWriter:
         except OSError as e:
             raise VGGEmbedError(f"{self.paths['index']}: cannot be read ({e.strerror}); pass --overwrite to embed "
                                 "again") from None
-        lines = list(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline="")))
-        if lines and lines[0] == INDEX_FIELDS:
-            lines = lines[1:]
-        return recipe, [line[0] for line in lines if line]
+        return recipe, [line[0] for line in _index_lines(raw) if line]
 
     def _reopen(self) -> None:
         """Keep the complete prefix of an interrupted run; position every file after it."""
         index = self.paths["index_partial"]
         raw = index.read_bytes() if index.exists() else b""
-        keep = raw[: raw.rfind(b"\n") + 1]  # a line cut by the kill is dropped
-        lines = list(csv.reader(io.StringIO(keep.decode("utf-8", "surrogateescape"), newline="")))
-        if lines and lines[0] == INDEX_FIELDS:
-            lines = lines[1:]
+        lines = _index_lines(raw[: raw.rfind(b"\n") + 1])  # a line cut by the kill is dropped
         claimed = sum(1 for line in lines if line[1])
         on_disk = min((a.reopen(claimed) for a in self.arrays.values()), default=claimed)
         # Keep the index only up to the first row that did not reach the disk in every array
@@ -562,6 +556,12 @@ def _copy_into_place(src: Path, dst: Path) -> None:
     with replacing(dst) as tmp, open(src, "rb") as a, open(tmp, "wb") as b:
         while chunk := a.read(1 << 20):
             b.write(chunk)
+
+
+def _index_lines(raw: bytes) -> list[list[str]]:
+    """The lines of an OUT.index.csv (path, row, error), without its header."""
+    lines = list(csv.reader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline="")))
+    return lines[1:] if lines and lines[0] == INDEX_FIELDS else lines
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
