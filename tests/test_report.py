@@ -96,6 +96,8 @@ def test_dedup_report_shows_the_planted_groups_with_every_thumbnail(collection, 
     page.filter(q="coffee")
     assert [set(s["names"]) for s in page.sections()] == [expected_groups(collection)[2]]
     assert page.count() == "Showing 1\u20131 of 1 groups (filtered from 4)"
+    page.filter(q="no image is called this")
+    assert page.sections() == [] and page.count() == "No groups (filtered from 4)"
     page.filter(q="", min="0.9999")  # groups whose every member has cosine >= 0.9999 to the first: byte copies
     assert [len(s["names"]) for s in page.sections()] == [5]
     page.filter(min="")

@@ -625,8 +625,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
     for (let j = from; j < to; j++) frag.append(section(v.sections[shown[j]], v));
     main.append(frag);
     const total = v.sections.length;
-    $("count").textContent = (shown.length ? "Showing " + (from + 1) + "\u2013" + to + " of " : "No ")
-      + shown.length.toLocaleString("en") + " " + v.what
+    $("count").textContent = (shown.length ? "Showing " + (from + 1) + "\u2013" + to + " of "
+      + shown.length.toLocaleString("en") + " " : "No ") + v.what
       + (shown.length < total ? " (filtered from " + total.toLocaleString("en") + ")" : "");
     $("page").textContent = "page " + (page + 1) + " of " + pages;
     $("prev").disabled = page === 0;
