@@ -146,21 +146,15 @@ def run_train(args, tmp: Path, inputs: list[str], extra=()) -> tuple:
 
 
 def digits(args, tmp: Path) -> None:
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from audit import write_digits  # benchmarks/audit.py: the same PNGs in class folders, none moved here
 
     from vggembed.net import synthetic
 
     weights = args.weights
     if weights is None:
         weights = str(synthetic.write_npz(synthetic.make_params("vgg16", seed=0), tmp / "vgg16_full.npz"))
-    data = load_digits()
     root = tmp / "digits"
-    for i, (image, label) in enumerate(zip(data.images, data.target)):
-        folder = root / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = (image * (255 / 16)).astype(np.uint8)
-        Image.fromarray(pixels).resize((64, 64), Image.BILINEAR).convert("RGB").save(folder / f"{i:04d}.png")
+    write_digits(root, share=0.0, seed=0, images=None)
     m, C, metrics, head = run_train(args, tmp, [str(root)], ["--weights", weights])
     feats = Path(str(head.with_suffix("")) + ".features.npy")
     from vggembed.store.vectors import open_vectors
@@ -232,11 +226,11 @@ def large(args, tmp: Path) -> None:
     print(f"    {what:<50}{workload.wall:>9.1f}{workload.cpu:>9.1f}{workload.peak_mib:>10.0f}"
           f"{workload.peak_mib / matrix_mib:>15.2f}{'':>15}")
     iterations = sum(r["iterations"] for r in metrics["sweep"])
-    print(f"    (objective gap: the objective 0.5 |W|^2 + C * sum of cross-entropies over the lowest of the three, "
-          f"minus 1)")
+    print("    (objective gap: the objective 0.5 |W|^2 + C * sum of cross-entropies over the lowest of the three, "
+          "minus 1)")
     print(f"    out-of-fold top-1: vggembed {metrics['top1']:.4f}, scikit-learn's {metrics['folds']} folds (tol 1e-4, "
           f"no sweep) {workload_report['top1']:.4f}")
-    print(f"    vggembed's head predicts as scikit-learn's for "
+    print("    vggembed's head predicts as scikit-learn's for "
           + " and ".join(f"{100 * a:.2f}% (tol {t:g})" for t, _, _, a in runs)
           + f" of rows; iterations: vggembed's sweep {iterations} (on at most 10,000 rows), its head "
           f"{metrics['final_iterations']}")
