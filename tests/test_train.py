@@ -210,6 +210,19 @@ def test_one_class_is_refused_in_one_line(tmp_path, classes, tiny16):
     assert not (tmp_path / "h.npz").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "audit"])
+def test_a_mistyped_folder_says_nothing_could_be_read_not_that_classes_are_missing(tmp_path, tiny16, command):
+    out = tmp_path / ("h.npz" if command == "train" else "report")
+    result = run(command, tmp_path / "photoss", "-o", out, "--weights", tiny16)
+    assert result.exit_code == 1
+    assert "photoss: no such file" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "no image could be read (1 failed, listed in" in last
+    assert last.endswith(f"nothing to {'train on' if command == 'train' else 'audit'}")
+    assert "class" not in result.stderr and "holds 0" not in result.stderr
+    assert not (tmp_path / "h.npz").exists() and not (out / "index.html").exists()
+
+
 def test_left_out_rows_are_counted_and_small_classes_get_fewer_folds(tmp_path, feats, photos, tiny16):
     paths = [r[0] for r in read_csv(f"{feats}.index.csv")[1:]]
     table = tmp_path / "labels.csv"

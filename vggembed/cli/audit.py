@@ -10,7 +10,7 @@ import click
 from ..errors import VGGEmbedError, display
 from ..use import DEFAULT_THRESHOLD
 from .common import CONTEXT, EXIT_SOME_FAILED, Setup, fail, recipe_options, run_options
-from .run import embed_first, feature_places, output_run_options
+from .run import embed_first, errors_listing, feature_places, output_run_options
 
 
 @click.command(context_settings=CONTEXT)
@@ -114,7 +114,7 @@ def audit(ctx, inputs, output, labels, folders, root, split_column, val, k, thre
         if lost:
             count = sum(v.failed for v in lost)
             log(f"note: {count} image{'s' * (count != 1)} failed when embedded and {'are' if count != 1 else 'is'} "
-                f"not audited (listed in {', '.join(_errors_of(v) for v in lost)})")
+                f"not audited (listed in {', '.join(errors_listing(v.source) for v in lost)})")
         rows = au.Rows(opened)
         paths = rows.paths
         given = split = None
@@ -166,9 +166,3 @@ def _folder_of(given, listing, read) -> str | None:
     if is_url(name):
         return None if is_shard(name) or is_image_name(name.rsplit("/", 1)[-1]) else name.rstrip("/")
     return str(Path(name)) if os.path.isdir(name) else None  # as the listing names its images
-
-
-def _errors_of(vectors) -> str:
-    """Where an output lists its failed images: OUT.errors.csv, or the Ray run folder itself."""
-    errors = f"{vectors.source}.errors.csv"
-    return display(errors if os.path.isfile(errors) else str(vectors.source))

@@ -202,6 +202,12 @@ def is_output(name) -> bool:
         return False  # read as images, whose listing says what is wrong
 
 
+def errors_listing(output) -> str:
+    """Where an embedding output lists its failed images: OUT.errors.csv, or the Ray run folder itself."""
+    errors = f"{output}.errors.csv"
+    return display(errors if os.path.isfile(errors) else str(output))
+
+
 def embed_first(ctx, inputs, val, places, recipe, resume, overwrite, engine, address, gpus_per_worker, part_size,
                 files_from, null, quiet, opts, setup) -> tuple[list, list, int]:
     """The INPUTs and --val of a command that reads vectors: images (folders, files, shards, URLs, lists) are
@@ -234,8 +240,20 @@ def embed_first(ctx, inputs, val, places, recipe, resume, overwrite, engine, add
         if not (resume or overwrite) and os.path.lexists(place):
             fail(f"{display(place)}: holds vectors embedded before; pass --resume to read them (or finish "
                  "embedding them), or --overwrite to embed again")
-        return produce(ctx, list(group), place, recipe, resume, overwrite and not resume, engine, address,
-                       gpus_per_worker, part_size, listing, null, quiet, opts, setup, "embedded")
+        failed = produce(ctx, list(group), place, recipe, resume, overwrite and not resume, engine, address,
+                         gpus_per_worker, part_size, listing, null, quiet, opts, setup, "embedded")
+        if failed:
+            from ..store.vectors import open_vectors
+
+            try:
+                with open_vectors(place) as vectors:
+                    rows = vectors.rows
+            except VGGEmbedError:
+                rows = 1  # the reader that follows says what is wrong with it
+            if not rows:  # every image failed (a mistyped folder, say): said above, line by line
+                fail(f"no image could be read ({failed} failed, listed in {errors_listing(place)}); nothing to "
+                     f"{'train on' if ctx.command.name == 'train' else ctx.command.name}")
+        return failed
 
     failed, sources, val_sources = 0, list(inputs), list(val)
     if images or files_from:
