@@ -40,6 +40,7 @@ class Fit:
     scale: np.ndarray  # (D,) float32
     C: float
     iterations: int
+    evaluations: int  # of the objective and its gradient: each one pass over the rows (forward and backward)
     objective: float  # 0.5 |W|^2 + C * sum CE, scikit-learn's scale
     converged: bool  # False only when it stopped at max_iter (a line search that cannot improve on float32's
     # resolution near the minimum counts as converged)
@@ -143,7 +144,7 @@ class Problem:
         theta = result.x
         return Fit(coef=theta[: D * K].reshape(D, K).astype(np.float32), intercept=theta[D * K:].astype(np.float32),
                    scale=scale.astype(np.float32), C=C, iterations=int(result.nit),
-                   objective=float(result.fun) * C * n, converged=result.status != 1)
+                   evaluations=int(result.nfev), objective=float(result.fun) * C * n, converged=result.status != 1)
 
     def proba(self, fit: Fit, rows: slice) -> np.ndarray:
         """(rows, K) float32 probabilities of `rows` under `fit`."""

@@ -522,12 +522,15 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
     log(f"final fit on all {problem.N} rows: {final.iterations} iterations")
     if not final.converged:
         log(f"note: the final fit stopped after {final.iterations} iterations before converging")
+    fold_fits = []
     if not val_sources:
         proba = np.empty((problem.N, problem.K), np.float32)
         for f in range(k):
             fit = problem.fit(train_rows(f), C, fold_scale(f), init=final, tol=FIT_TOL)
             proba[bounds[f]:bounds[f + 1]] = problem.proba(fit, slice(int(bounds[f]), int(bounds[f + 1])))
             log(f"fold {f + 1}/{k}: {fit.iterations} iterations")
+            fold_fits.append({"rows": problem.N - int(bounds[f + 1] - bounds[f]), "iterations": fit.iterations,
+                              "evaluations": fit.evaluations})
     head = Head(classes=list(data.classes), coef=final.coef, intercept=final.intercept,
                 mean=problem.mean.astype(np.float32), scale=final.scale, C=float(C), recipe=recipe)
     if val_sources:
@@ -557,6 +560,9 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         "unlabelled": int(data.unlabelled),
         "non_finite": len(data.non_finite),
         "final_iterations": final.iterations,
+        # the work of each fit, in passes over its rows (an evaluation of the objective and its gradient)
+        "final_evaluations": final.evaluations,
+        "fold_fits": fold_fits,
     }
     head.evaluation = evaluation
     return head
@@ -583,7 +589,8 @@ def _sweep(problem: Problem, bounds: np.ndarray, scale: np.ndarray, log) -> tupl
         proba = problem.proba(fit, held)
         m = evaluate.metrics(proba, given, [str(i) for i in range(problem.K)])
         C = cn / n_train  # the same L2 strength per row on all the training rows
-        results.append({"C": C, "top1": m["top1"], "log_loss": m["log_loss"], "iterations": fit.iterations})
+        results.append({"C": C, "top1": m["top1"], "log_loss": m["log_loss"], "iterations": fit.iterations,
+                        "evaluations": fit.evaluations, "rows": n})
         fits[C] = fit
         log(f"C {C:.3g}: top-1 {m['top1']:.4f}, log-loss {m['log_loss']:.4f} on fold 1 ({fit.iterations} iterations)")
         key = (-m["top1"], m["log_loss"])
