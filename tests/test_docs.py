@@ -227,6 +227,8 @@ TOUR = [
      ["audit/features.npy", "audit/label_issues.csv", "audit/classes.csv", "audit/report/index.html"], None),
     ("docs/train.md", "vggembed embed pets/ -o pets.npy", ["pets.npy"], None),
     ("docs/train.md", "vggembed train pets.npy -o head.npz --overwrite", ["head.npz"], None),
+    ("docs/train.md", "vggembed train pets.npy -o balanced.npz --class-weight balanced", ["balanced.npz"],
+     r"\(C = [0-9.e-]+, 2 classes, balanced, fc2\)"),
     ("docs/reliability.md", "vggembed embed images/ -o feats.npy --overwrite", ["feats.npy"], None),
     ("docs/train.md", "vggembed train feats.npy --labels labels.csv -o other.npz --C 0.05", ["other.npz"],
      r"photo 3"),

@@ -104,6 +104,50 @@ def test_the_head_equals_scikit_learns_logistic_regression_at_the_same_C():
         np.testing.assert_allclose(head.scale, x.std(axis=0), rtol=1e-4)
 
 
+def uneven(seed=1):
+    """Three overlapping classes of 600, 150 and 30 rows: ok, a common defect and a rare one."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1, 2], [600, 150, 30])
+    centres = rng.normal(0, 0.5, (3, 20))
+    x = np.maximum(centres[y] + rng.normal(0, 1.0, (len(y), 20)), 0)
+    return x.astype(np.float32), y
+
+
+def test_balanced_class_weights_equal_scikit_learns_and_lift_the_rare_class():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from vggembed.store.recipe import Recipe
+    from vggembed.use.train import Rows, fit_head
+
+    x, y = uneven()
+    paths = [f"p/{c}/{i}.jpg" for i, c in enumerate(y)]
+    rows = [Rows.arrays(x, paths, Recipe(weights="w.npz", arch="vgg16", weights_md5="0" * 32))]
+    C = 0.05
+    heads = {w: fit_head(rows, None, C=C, class_weight=w, log=lambda line: None) for w in (None, "balanced")}
+    z = StandardScaler().fit_transform(x.astype(np.float64))
+    sk = LogisticRegression(C=C, class_weight="balanced", tol=1e-8, max_iter=10_000).fit(z, y)
+    weight = (len(y) / (3 * np.bincount(y)))[y]
+
+    def objective(w, b):
+        logits = z @ w + b
+        logits -= logits.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(logits).sum(axis=1))
+        return 0.5 * np.sum(w * w) + C * np.sum(weight * (lse - logits[np.arange(len(y)), y]))
+
+    ours = objective(heads["balanced"].coef.astype(np.float64), heads["balanced"].intercept.astype(np.float64))
+    theirs = objective(sk.coef_.T, sk.intercept_)
+    assert abs(ours - theirs) / theirs < 1e-4, (ours, theirs)
+    assert np.mean(np.argmax(heads["balanced"].predict_proba(x), axis=1) == sk.predict(z)) >= 0.995
+    # Out of fold, the rare class is found far more often, and the metrics say how the head was trained.
+    recall = {w: h.metrics["per_class"][2]["recall"] for w, h in heads.items()}
+    assert recall["balanced"] > recall[None] + 0.2, recall
+    assert heads["balanced"].metrics["balanced_accuracy"] > heads[None].metrics["balanced_accuracy"]
+    assert heads["balanced"].metrics["class_weight"] == "balanced" and heads[None].metrics["class_weight"] is None
+    with pytest.raises(vggembed.VGGEmbedError, match="class_weight must be one of None, 'balanced'"):
+        fit_head(rows, None, C=C, class_weight="equal", log=lambda line: None)
+
+
 # ----------------------------------------------------------------- train
 def test_train_from_folders_writes_the_head_its_figures_and_the_probabilities(head, tiny16):
     z = np.load(head, allow_pickle=False)  # numpy alone reads it

@@ -43,6 +43,9 @@ def side_paths(head: Path) -> dict[str, Path]:
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="k of the stratified k-fold.")
 @click.option("--C", "C", type=click.FloatRange(0, min_open=True),
               help="The inverse L2 strength (scikit-learn's C). Default: chosen by a sweep on fold 1.")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+              help="balanced: each class weighs as much in the loss as any other, however few its images "
+                   "(scikit-learn's class_weight='balanced'), for classes as uneven as ok and defect.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The folds' shuffle.")
 @click.option("--features", type=click.Path(),
               help="Where image inputs' vectors are written (default HEAD.features.npy, HEAD.val-features.npy for "
@@ -52,7 +55,7 @@ def side_paths(head: Path) -> dict[str, Path]:
 @run_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.pass_context
-def train(ctx, inputs, output, label_table, val, folds, C, seed, features, recipe, resume, overwrite, engine,
+def train(ctx, inputs, output, label_table, val, folds, C, class_weight, seed, features, recipe, resume, overwrite, engine,
           address, gpus_per_worker, part_size, files_from, null, quiet, opts, device):
     """Train a classifier head on your own classes and evaluate it.
 
@@ -102,13 +105,14 @@ def train(ctx, inputs, output, label_table, val, folds, C, seed, features, recip
         else None
     try:
         with _opened(sources, layer) as rows, _opened(val_sources, layer) as val_rows:
-            head = fit_head(rows, table, val_rows, folds=folds, C=C, seed=seed, log=log)
+            head = fit_head(rows, table, val_rows, folds=folds, C=C, seed=seed,
+                            class_weight=None if class_weight == "none" else class_weight, log=log)
         _write(out, head, overwrite)
     except VGGEmbedError as e:
         fail(str(e))
     m = head.metrics
-    title = (f"{m['evaluation']} figures of {display(str(out))} (C = {head.C:.4g}, {len(head.classes)} classes, "
-             f"{head.recipe.outputs[0].name})")
+    title = (f"{m['evaluation']} figures of {display(str(out))} (C = {head.C:.4g}, {len(head.classes)} classes"
+             f"{', balanced' if m.get('class_weight') else ''}, {head.recipe.outputs[0].name})")
     click.echo(evaluate.table(m, title))
     if not quiet:
         click.echo(f"vggembed: wrote {out} and beside it {', '.join(p.name for p in side_paths(out).values())}",

@@ -88,7 +88,8 @@ def _head_info(path) -> None:
                                                                 if len(head.classes) > 20 else "")
     click.echo("\n".join([
         f"file          {path}",
-        f"head          {head.kind}, {head.dim} -> {len(head.classes)} classes, C = {head.C:.6g}",
+        f"head          {head.kind}, {head.dim} -> {len(head.classes)} classes, C = {head.C:.6g}"
+        + (f", {m['class_weight']} class weights" if m.get("class_weight") else ""),
         f"classes       {shown}",
         f"figures       {figures}",
         f"features      {o.name} ({o.layer}{':' + o.pool if o.pool else ''}) of {r.weights} "

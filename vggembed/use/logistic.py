@@ -92,15 +92,21 @@ class Problem:
 
     # ------------------------------------------------------------------ fit
     def fit(self, rows: list[slice], C: float, scale: np.ndarray, init: Fit | None = None,
-            tol: float = 1e-6, max_iter: int = 2000) -> Fit:
+            tol: float = 1e-6, max_iter: int = 2000, balanced: bool = False) -> Fit:
         """Minimise the objective over `rows` (slices of X) at `C`, with features divided by `scale`, starting
-        from `init`'s weights (a fit at another C or on other rows) when given."""
+        from `init`'s weights (a fit at another C or on other rows) when given. `balanced` weighs each row's
+        cross-entropy by n / (K * its class's rows among `rows`), as scikit-learn's class_weight="balanced":
+        every class then weighs as much in the loss, however few its rows."""
         import scipy.optimize
 
         n = sum(r.stop - r.start for r in rows)
         D, K = self.D, self.K
         inv_scale = (1.0 / scale).astype(np.float32)
         y = np.concatenate([self.y[r] for r in rows])
+        weight = None
+        if balanced:
+            counts = np.bincount(y, minlength=K)
+            weight = (n / (K * np.maximum(counts, 1)))[y]  # they sum to n, as the unweighted rows
         lam = 1.0 / (C * n)  # the objective divided by C * n: mean cross-entropy + lam/2 |W|^2
 
         def f(theta):
@@ -119,13 +125,15 @@ class Problem:
                     z += b
                     z -= z.max(axis=1, keepdims=True)
                     at = (np.arange(m), y[offset:offset + m])
+                    w = None if weight is None else weight[offset:offset + m]
                     offset += m
-                    loss -= float(z[at].sum(dtype=np.float64))
+                    picked = z[at].astype(np.float64)
                     np.exp(z, out=z)  # one exp: z becomes the softmax's numerators, then its probabilities
                     total = z.sum(axis=1, dtype=np.float64)
-                    loss += float(np.log(total).sum())
-                    z *= (1.0 / total).astype(np.float32)[:, None]
-                    z[at] -= 1.0
+                    row_loss = np.log(total) - picked
+                    loss += float(row_loss.sum() if w is None else row_loss @ w)
+                    z *= ((1.0 if w is None else w) / total).astype(np.float32)[:, None]
+                    z[at] -= np.float32(1.0) if w is None else w.astype(np.float32)
                     dAt += z.T @ Xb
                     db += z.sum(axis=0, dtype=np.float64)
             W64 = W.astype(np.float64)

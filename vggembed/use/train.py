@@ -12,8 +12,9 @@
    matrix (`logistic.Problem`), so no fold is ever copied.
 3. **C.** Unless given, chosen on fold 1 as validation (the other folds
    train) by a log-spaced sweep from strong to weak regularisation, each fit
-   warm-started from the last: the highest top-1 there, ties broken by
-   log-loss. The sweep stops early once both have worsened twice running.
+   warm-started from the last: the highest top-1 there (balanced accuracy
+   with balanced class weights), ties broken by log-loss. The sweep stops
+   early once both have worsened twice running.
 4. **Evaluation.** Out-of-fold probabilities from the k folds at the chosen
    C (each fold's scaling from its own training rows); or, with `val`, the
    probabilities of a separate validation set that no choice saw.
@@ -53,6 +54,9 @@ HEAD_TOL = 1e-5
 # The sweep fits on at most this many of its training rows (a seeded sample: each fold's rows are in random
 # order, so a prefix of every training fold), at the same L2 strength per row; validation uses all of fold 1.
 SWEEP_ROWS = 10_000
+# How rows weigh in the loss: alike (None), or "balanced": each class as much as any other, however few its
+# rows (scikit-learn's class_weight="balanced"), for classes as uneven as ok and defect.
+CLASS_WEIGHTS = (None, "balanced")
 
 
 # ------------------------------------------------------------------- labels
@@ -373,7 +377,7 @@ class Evaluation:
 
 
 def train(inputs, *, labels=None, val=None, folds: int = DEFAULT_FOLDS, C: float | None = None, seed: int = 0,
-          layer: str | None = None, log=None, **embed_options) -> Head:
+          class_weight: str | None = None, layer: str | None = None, log=None, **embed_options) -> Head:
     """Train a head on the user's own classes; return it, with its figures in `head.metrics` and the
     probabilities they come from in `head.evaluation`.
 
@@ -385,6 +389,7 @@ def train(inputs, *, labels=None, val=None, folds: int = DEFAULT_FOLDS, C: float
         val: a validation set, as `inputs` (labelled the same way); evaluated instead of k folds.
         folds: k of the stratified k-fold.
         C: the inverse L2 strength (scikit-learn's); None chooses it by the sweep.
+        class_weight: None (every row alike) or "balanced" (every class alike, however few its rows).
         layer: which output of a file of several to train on (default: its first).
         log: fn(line) for progress lines (default: stderr).
 
@@ -395,7 +400,8 @@ def train(inputs, *, labels=None, val=None, folds: int = DEFAULT_FOLDS, C: float
     log = log or (lambda line: print(f"vggembed: {line}", file=sys.stderr))
     table = read_label_table(labels) if isinstance(labels, (str, os.PathLike)) else labels
     with _opened(inputs, layer, embed_options) as sources, _opened(val or [], layer, embed_options) as val_sources:
-        return fit_head(sources, table, val_sources, folds=folds, C=C, seed=seed, log=log)
+        return fit_head(sources, table, val_sources, folds=folds, C=C, seed=seed, class_weight=class_weight,
+                        log=log)
 
 
 class _opened:
@@ -460,10 +466,14 @@ def is_embedding_output(name) -> bool:
 
 
 def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] = (), *, folds: int = DEFAULT_FOLDS,
-             C: float | None = None, seed: int = 0, log=print) -> Head:
+             C: float | None = None, seed: int = 0, class_weight: str | None = None, log=print) -> Head:
     """`train` on opened sources (see there)."""
     if not sources:
         raise VGGEmbedError("no inputs to train on")
+    if class_weight not in CLASS_WEIGHTS:
+        raise VGGEmbedError(f"class_weight must be one of {', '.join(map(repr, CLASS_WEIGHTS))}; "
+                            f"received {class_weight!r}")
+    balanced = class_weight == "balanced"
     recipe = _one_recipe(list(sources) + list(val_sources))
     dims = {s.dim for s in list(sources) + list(val_sources)}
     if len(dims) > 1:
@@ -510,7 +520,7 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
 
     sweep, chosen_fit = [], None
     if C is None:
-        C, sweep, chosen_fit = _sweep(problem, bounds, fold_scale(0), log)
+        C, sweep, chosen_fit = _sweep(problem, bounds, fold_scale(0), balanced, log)
     if C <= 0 or not math.isfinite(C):
         raise VGGEmbedError(f"C must be a positive number; received {C}")
 
@@ -518,7 +528,8 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
     # The final fit first: each fold's model is the final one less a fold of rows, so it starts closer there
     # than from another fold's (which differs by two folds). (The other order, the folds from the sweep's fit and
     # the head from their mean, took 13 iterations a fold instead of 5 to 11 at 100,000 rows.)
-    final = problem.fit([slice(0, problem.N)], C, problem.scale_from(*total), init=chosen_fit, tol=HEAD_TOL)
+    final = problem.fit([slice(0, problem.N)], C, problem.scale_from(*total), init=chosen_fit, tol=HEAD_TOL,
+                        balanced=balanced)
     log(f"final fit on all {problem.N} rows: {final.iterations} iterations")
     if not final.converged:
         log(f"note: the final fit stopped after {final.iterations} iterations before converging")
@@ -526,7 +537,7 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
     if not val_sources:
         proba = np.empty((problem.N, problem.K), np.float32)
         for f in range(k):
-            fit = problem.fit(train_rows(f), C, fold_scale(f), init=final, tol=FIT_TOL)
+            fit = problem.fit(train_rows(f), C, fold_scale(f), init=final, tol=FIT_TOL, balanced=balanced)
             proba[bounds[f]:bounds[f + 1]] = problem.proba(fit, slice(int(bounds[f]), int(bounds[f + 1])))
             log(f"fold {f + 1}/{k}: {fit.iterations} iterations")
             fold_fits.append({"rows": problem.N - int(bounds[f + 1] - bounds[f]), "iterations": fit.iterations,
@@ -552,6 +563,7 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         **evaluate.metrics(evaluation.proba, evaluation.given, data.classes),
         "C": float(C),
         "C_chosen_by": "sweep on fold 1" if sweep else "given",
+        "class_weight": "balanced" if balanced else None,
         "sweep": sweep,
         "folds": k,
         "seed": seed,
@@ -568,7 +580,7 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
     return head
 
 
-def _sweep(problem: Problem, bounds: np.ndarray, scale: np.ndarray, log) -> tuple:
+def _sweep(problem: Problem, bounds: np.ndarray, scale: np.ndarray, balanced: bool, log) -> tuple:
     """Choose C on fold 1 (`bounds[0]:bounds[1]`) with the other folds training (at most `SWEEP_ROWS` of
     their rows, each fold alike): (C for all their rows, the sweep's figures, the fit at the chosen C)."""
     k = len(bounds) - 1
@@ -581,19 +593,23 @@ def _sweep(problem: Problem, bounds: np.ndarray, scale: np.ndarray, log) -> tupl
     if n < n_train:
         log(f"sweeping C on a sample of {n} of the {n_train} training rows")
     given = problem.y[held]
+    score = "balanced_accuracy" if balanced else "top1"  # what the head is trained to do well
     results, fits = [], {}
     best, worse, previous = None, 0, None
     for cn in SWEEP:
-        fit = problem.fit(rows, cn / n, scale, init=previous, tol=FIT_TOL)
+        fit = problem.fit(rows, cn / n, scale, init=previous, tol=FIT_TOL, balanced=balanced)
         previous = fit
         proba = problem.proba(fit, held)
         m = evaluate.metrics(proba, given, [str(i) for i in range(problem.K)])
         C = cn / n_train  # the same L2 strength per row on all the training rows
-        results.append({"C": C, "top1": m["top1"], "log_loss": m["log_loss"], "iterations": fit.iterations,
-                        "evaluations": fit.evaluations, "rows": n})
+        results.append({"C": C, "top1": m["top1"], "balanced_accuracy": m["balanced_accuracy"],
+                        "log_loss": m["log_loss"], "iterations": fit.iterations, "evaluations": fit.evaluations,
+                        "rows": n})
         fits[C] = fit
-        log(f"C {C:.3g}: top-1 {m['top1']:.4f}, log-loss {m['log_loss']:.4f} on fold 1 ({fit.iterations} iterations)")
-        key = (-m["top1"], m["log_loss"])
+        log(f"C {C:.3g}: top-1 {m['top1']:.4f}" + (f", balanced accuracy {m['balanced_accuracy']:.4f}" if balanced
+                                                     else "")
+            + f", log-loss {m['log_loss']:.4f} on fold 1 ({fit.iterations} iterations)")
+        key = (-m[score], m["log_loss"])
         if best is None or key < best[0]:
             best, worse = (key, C), 0
         else:
