@@ -148,6 +148,17 @@ def test_balanced_class_weights_equal_scikit_learns_and_lift_the_rare_class():
         fit_head(rows, None, C=C, class_weight="equal", log=lambda line: None)
 
 
+def test_class_weight_on_the_command_line_is_printed_and_kept_in_the_head(tmp_path, feats):
+    out = tmp_path / "balanced.npz"
+    result = run("train", feats, "-o", out, "--class-weight", "balanced", "--C", "1")
+    assert result.exit_code == 0, result.output
+    assert "(C = 1, 3 classes, balanced, fc2)" in result.stdout
+    assert json.loads(str(np.load(out)["metrics"]))["class_weight"] == "balanced"
+    assert "C = 1, balanced class weights" in run("info", out).stdout
+    wrong = run("train", feats, "-o", tmp_path / "x.npz", "--class-weight", "equal")
+    assert wrong.exit_code == 2 and "'equal' is not one of 'none', 'balanced'" in wrong.stderr
+
+
 # ----------------------------------------------------------------- train
 def test_train_from_folders_writes_the_head_its_figures_and_the_probabilities(head, tiny16):
     z = np.load(head, allow_pickle=False)  # numpy alone reads it
