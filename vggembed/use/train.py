@@ -227,8 +227,16 @@ def folder_labels(paths: list[str], root: str | None = None) -> tuple[list[str |
         # the common folder of a single class is that class's folder: its parent is the root
         if folders and all(len(f) == depth for f in folders) and depth:
             depth -= 1
-    labels = [c[depth] if len(c) > depth + 1 and c[:depth] == common[:depth] else None for c in parts]
-    return labels, "/".join(common[:depth]) or "."
+    raw = [c[depth] if len(c) > depth + 1 and c[:depth] == common[:depth] else None for c in parts]
+    # A class's name is text wherever it goes (JSON, model files, gRPC strings): a folder name's bytes that are
+    # not UTF-8 become \xNN, as vggembed shows such names everywhere.
+    shown = {name: display(name) for name in set(raw) if name is not None}
+    if len(set(shown.values())) < len(shown):
+        twins = sorted(name for name in shown if sum(v == shown[name] for v in shown.values()) > 1)
+        raise VGGEmbedError(f"class folders {' and '.join(repr(os.fsencode(n)) for n in twins)} would both be "
+                            f"the class "
+                            f"{shown[twins[0]]!r} (a name that is not UTF-8, shown as \\xNN); rename one")
+    return [None if name is None else shown[name] for name in raw], "/".join(common[:depth]) or "."
 
 
 def _components(name: str) -> list[str]:
