@@ -148,6 +148,35 @@ def test_balanced_class_weights_equal_scikit_learns_and_lift_the_rare_class():
         fit_head(rows, None, C=C, class_weight="equal", log=lambda line: None)
 
 
+def test_out_of_fold_figures_do_not_leak_the_held_out_rows_with_weak_regularisation():
+    """More features than rows: every training set is separable, held-out rows are not. With weak L2 a fold that
+    started from the head (which saw its held-out rows) met the tolerance at once and scored 1.0."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from vggembed.store.recipe import Recipe
+    from vggembed.use.train import Rows, fit_head
+
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = (rng.normal(0, 0.2, (3, 100))[y] + rng.normal(0, 1.0, (60, 100))).astype(np.float32)
+    paths = [f"p/{c}/{i}.jpg" for i, c in enumerate(y)]
+    head = fit_head([Rows.arrays(x, paths, Recipe(weights="w.npz", arch="vgg16", weights_md5="0" * 32))], None,
+                    C=1e4, log=lambda line: None)
+    assert all(f["iterations"] > 0 for f in head.metrics["fold_fits"])
+    e = head.evaluation
+    order = [paths.index(p) for p in e.paths]
+    X = x[order]
+    predicted = np.empty(len(order), np.int64)
+    for f in np.unique(e.fold):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=1e4, max_iter=100_000))
+        predicted[e.fold == f] = model.fit(X[e.fold != f], e.given[e.fold != f]).predict(X[e.fold == f])
+    honest = float(np.mean(predicted == e.given))
+    assert honest < 0.8  # the held-out rows are hard
+    assert abs(head.metrics["top1"] - honest) <= 0.05, (head.metrics["top1"], honest)
+
+
 def test_class_weight_on_the_command_line_is_printed_and_kept_in_the_head(tmp_path, feats):
     out = tmp_path / "balanced.npz"
     result = run("train", feats, "-o", out, "--class-weight", "balanced", "--C", "1")

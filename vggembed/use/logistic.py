@@ -16,7 +16,9 @@ What makes it fast where `LogisticRegression(lbfgs)` is slow:
   held-out rows reaches its model) is folded into the weights, `W / scale`,
   instead of into the rows.
 - **Warm starts.** The regularisation sweep runs from strong to weak L2, each
-  fit starting from the last; the folds start from the chosen fit.
+  fit starting from the last, and the head starts from the sweep's choice.
+  (The folds start from zero: a start that saw a fold's held-out rows would
+  leak them into its figures.)
 """
 
 from __future__ import annotations
