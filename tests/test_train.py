@@ -379,6 +379,21 @@ def test_a_file_that_is_not_a_head_is_one_line(tmp_path, image_dir, tiny16):
 
 
 # --------------------------------------------------- the head where classify goes
+def test_a_head_on_l2_normalized_features_classifies_from_the_command_line(tmp_path, classes, tiny16):
+    feats = tmp_path / "l2.npy"
+    assert run("embed", classes, "-o", feats, "--weights", tiny16, "--l2-normalize").exit_code == 0
+    head = tmp_path / "l2.npz"
+    assert run("train", feats, "-o", head, "--C", "1").exit_code == 0
+    image = classes / "cat" / "img000001.png"
+    result = run("classify", image, "--head", head, "--weights", tiny16, "--format", "json")
+    assert result.exit_code == 0, result.output
+    got = {p["label"]: p["probability"] for p in json.loads(result.stdout)[0]["predictions"]}
+    rows = [r[0] for r in read_csv(f"{feats}.index.csv")[1:]]
+    loaded = vggembed.load_head(head)
+    expected = loaded.predict_proba(np.load(feats))[rows.index(str(image))]
+    assert np.allclose([got[c] for c in loaded.classes], expected, atol=1e-5)
+
+
 def test_classify_head_ranks_the_users_classes_in_every_format(tmp_path, head, classes, tiny16, feats):
     image = classes / "coffee" / "img000003.png"
     table = run("classify", image, "--head", head, "--weights", tiny16)

@@ -225,7 +225,8 @@ def finish(ctx, summary, verb, quiet, tail=""):
 # --------------------------------------------------------------------- head
 # The options whose value a head's recipe gives when the user leaves them at their default (option, field).
 HEAD_FIELDS = (("precision", "precision"), ("resize", "resize"), ("fast_decode", "fast-decode"),
-               ("legacy_transpose", "legacy-transpose"), ("calibration", "calibration"))
+               ("legacy_transpose", "legacy-transpose"), ("calibration", "calibration"),
+               ("l2_normalize", "l2-normalize"))
 
 
 def head_option(f):
