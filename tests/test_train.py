@@ -235,6 +235,18 @@ def test_out_of_fold_figures_equal_a_recomputation_from_the_stored_probabilities
     assert len(rows) == 37 and all(r[2] == Path(r[0]).parent.name for r in rows[1:])
 
 
+def test_class_folders_spelled_absolute_relative_or_with_dots_are_the_same_classes(tmp_path, monkeypatch):
+    from vggembed.use.train import folder_labels
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    paths = [str(tmp_path / "work" / "photos" / "cat" / "a.jpg"), "photos/dog/b.jpg", "./photos/cat/c.jpg",
+             "../work/photos/dog/d.jpg"]
+    assert folder_labels(paths) == (["cat", "dog", "cat", "dog"], "photos")
+    assert folder_labels(["/elsewhere/p/cat/a.jpg", "/elsewhere/p/dog/b.jpg"])[1] == "/elsewhere/p"
+    assert folder_labels(["s3://b/p/cat/a.jpg", "s3://b/p/dog/b.jpg"]) == (["cat", "dog"], "s3://b/p")
+
+
 def test_folder_labels_and_a_label_file_give_the_same_head(tmp_path, feats):
     by_folder = tmp_path / "a.npz"
     assert run("train", feats, "-o", by_folder, "--C", 0.5).exit_code == 0

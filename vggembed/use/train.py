@@ -211,9 +211,9 @@ def folder_labels(paths: list[str], root: str | None = None) -> tuple[list[str |
     """The class of each row from its folder: the first path component under `root` (default: the rows'
     common folder; when that is one folder holding every row, its parent), None for a row not in a class
     folder under it; and the root."""
-    parts = [_components(p) for p in paths]
+    parts = [_components(_absolute(p)) for p in paths]  # `photos/cat` and `/home/me/photos/dog` meet at photos
     if root is not None:
-        common = _components(root)
+        common = _components(_absolute(root))
         depth = len(common)
     else:
         folders = [c[:-1] for c in parts]
@@ -236,7 +236,17 @@ def folder_labels(paths: list[str], root: str | None = None) -> tuple[list[str |
         raise VGGEmbedError(f"class folders {' and '.join(repr(os.fsencode(n)) for n in twins)} would both be "
                             f"the class "
                             f"{shown[twins[0]]!r} (a name that is not UTF-8, shown as \\xNN); rename one")
-    return [None if name is None else shown[name] for name in raw], "/".join(common[:depth]) or "."
+    if common[:1] and common[0].endswith(":"):  # a URL
+        found = common[0] + "//" + "/".join(common[1:depth])
+    else:  # a local folder: shown from here when it lies here
+        found = "/" + "/".join(common[:depth])
+        here = os.path.relpath(found)
+        found = found if here.startswith("..") else here
+    return [None if name is None else shown[name] for name in raw], found
+
+
+def _absolute(name: str) -> str:
+    return name if "://" in name else os.path.abspath(name)
 
 
 def _components(name: str) -> list[str]:
