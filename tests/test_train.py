@@ -247,6 +247,23 @@ def test_class_folders_spelled_absolute_relative_or_with_dots_are_the_same_class
     assert folder_labels(["s3://b/p/cat/a.jpg", "s3://b/p/dog/b.jpg"]) == (["cat", "dog"], "s3://b/p")
 
 
+def test_a_label_file_naming_one_file_two_ways_is_read_as_one_and_refused_when_they_disagree(tmp_path, feats):
+    paths = [r[0] for r in read_csv(f"{feats}.index.csv")[1:]]
+    first = paths[0]
+    rows = [[p, Path(p).parent.name] for p in paths] + [[os.path.relpath(first), Path(first).parent.name]]
+    table = tmp_path / "twice.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    agreed = run("train", feats, "--labels", table, "-o", tmp_path / "a.npz", "--C", 1)
+    assert agreed.exit_code == 0 and "not among" not in agreed.stderr  # both spellings name an input
+    rows[-1][1] = "other"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    result = run("train", feats, "--labels", table, "-o", tmp_path / "b.npz", "--C", 1)
+    assert result.exit_code == 1 and "the labels name one file twice, differently" in result.stderr
+    assert f"is 'other'" in result.stderr and not (tmp_path / "b.npz").exists()
+
+
 def test_folder_labels_and_a_label_file_give_the_same_head(tmp_path, feats):
     by_folder = tmp_path / "a.npz"
     assert run("train", feats, "-o", by_folder, "--C", 0.5).exit_code == 0

@@ -194,17 +194,24 @@ def match_table(paths: list[str], table: dict[str, str]) -> tuple[list[str | Non
     by_key: dict[str, str] = {}
     by_abs: dict[str, str] = {}
     for name in table:
-        by_key[_key(name)] = name
-        if "://" not in _key(name):
-            by_abs[os.path.abspath(_key(name))] = name
+        for index, key in ((by_key, _key(name)), (by_abs, os.path.abspath(_key(name)) if "://" not in _key(name)
+                                                   else None)):
+            if key is None:
+                continue
+            other = index.setdefault(key, name)
+            if table[other] != table[name]:  # one file, two spellings, two labels
+                raise VGGEmbedError(f"the labels name one file twice, differently: {display(other)} is "
+                                    f"{table[other]!r}, {display(name)} is {table[name]!r}")
     matched = []
     for p in paths:
         name = by_key.get(_key(p))
         if name is None and "://" not in _key(p):
             name = by_abs.get(os.path.abspath(_key(p)))
         matched.append(name)
-    used = set(matched)
-    return matched, [n for n in table if n not in used]
+    # a name is used when it names a row's file, however it spells it
+    keys = {_key(p) for p in paths} | {os.path.abspath(_key(p)) for p in paths if "://" not in _key(p)}
+    return matched, [n for n in table if _key(n) not in keys
+                     and ("://" in _key(n) or os.path.abspath(_key(n)) not in keys)]
 
 
 def folder_labels(paths: list[str], root: str | None = None) -> tuple[list[str | None], str]:
