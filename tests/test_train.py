@@ -264,6 +264,17 @@ def test_a_label_file_naming_one_file_two_ways_is_read_as_one_and_refused_when_t
     assert f"is 'other'" in result.stderr and not (tmp_path / "b.npz").exists()
 
 
+def test_an_image_given_twice_is_trained_on_once_and_a_val_set_must_be_unseen(tmp_path, feats):
+    twice = run("train", feats, feats, "-o", tmp_path / "a.npz", "--C", 1)
+    assert twice.exit_code == 0, twice.output
+    assert "note: 36 images of" in twice.stderr and "are inputs more than once" in twice.stderr
+    assert json.loads(str(np.load(tmp_path / "a.npz")["metrics"]))["rows"] == 36
+    seen = run("train", feats, "--val", feats, "-o", tmp_path / "b.npz", "--C", 1)
+    assert seen.exit_code == 1
+    assert "--val: 36 of its images are also trained on" in seen.stderr and "training on" not in seen.stderr
+    assert not (tmp_path / "b.npz").exists()
+
+
 def test_folder_labels_and_a_label_file_give_the_same_head(tmp_path, feats):
     by_folder = tmp_path / "a.npz"
     assert run("train", feats, "-o", by_folder, "--C", 0.5).exit_code == 0

@@ -181,6 +181,12 @@ def _parquet_labels(data: bytes, where: str, split_column: str | None) -> list:
     return [(None, name, label, split) for name, label, split in zip(names, labels, splits)]
 
 
+def _identity(name: str) -> str:
+    """Which file a path names, however it is spelled: its absolute normalised path (URLs as they are)."""
+    key = _key(name)
+    return key if "://" in key else os.path.abspath(key)
+
+
 def _key(name: str) -> str:
     """A path as labels and rows are matched: normalised (`./a/../b.jpg` and `file://b.jpg` are `b.jpg`), URLs
     as they are."""
@@ -208,10 +214,8 @@ def match_table(paths: list[str], table: dict[str, str]) -> tuple[list[str | Non
         if name is None and "://" not in _key(p):
             name = by_abs.get(os.path.abspath(_key(p)))
         matched.append(name)
-    # a name is used when it names a row's file, however it spells it
-    keys = {_key(p) for p in paths} | {os.path.abspath(_key(p)) for p in paths if "://" not in _key(p)}
-    return matched, [n for n in table if _key(n) not in keys
-                     and ("://" in _key(n) or os.path.abspath(_key(n)) not in keys)]
+    files = {_identity(p) for p in paths}  # a name is used when it names a row's file, however it spells it
+    return matched, [n for n in table if _identity(n) not in files]
 
 
 def folder_labels(paths: list[str], root: str | None = None) -> tuple[list[str | None], str]:
@@ -303,6 +307,7 @@ class Labelled:
     classes: list[str]
     unlabelled: int = 0
     non_finite: list = field(default_factory=list)  # paths
+    repeated: list = field(default_factory=list)  # paths of rows whose file an earlier row already is
     unused_labels: list = field(default_factory=list)  # label table names not among the rows
     root: str | None = None
 
@@ -342,10 +347,16 @@ def gather(sources: list[Rows], labels: dict[str, str] | None, classes: list[str
             raise VGGEmbedError(f"{where}: labels {', '.join(map(repr, unknown[:5]))} are not among the trained "
                                 f"classes ({', '.join(map(repr, classes[:10]))})")
     number = {c: i for i, c in enumerate(classes)}
-    picks, non_finite, unlabelled = [], [], 0
+    picks, non_finite, unlabelled, repeated, seen = [], [], 0, [], set()
     for s, row_names in zip(sources, per_source):
         keep = np.array([n is not None for n in row_names], bool)
         unlabelled += int((~keep).sum())
+        for i in np.flatnonzero(keep).tolist():  # a file given twice is trained on once, in one fold
+            identity = _identity(s.paths[i])
+            if identity in seen:
+                keep[i] = False
+                repeated.append(s.paths[i])
+            seen.add(identity)
         for start in range(0, s.rows, BLOCK_ROWS):
             block = s.read(start, min(start + BLOCK_ROWS, s.rows))
             bad = ~np.isfinite(block).all(axis=1)
@@ -355,7 +366,8 @@ def gather(sources: list[Rows], labels: dict[str, str] | None, classes: list[str
                 keep[start:start + len(block)] &= ~bad
         rows = np.flatnonzero(keep)
         picks.append((rows, np.array([number[row_names[i]] for i in rows.tolist()], np.int64)))
-    return Labelled(sources, picks, classes, unlabelled, non_finite, unused, root)
+    return Labelled(sources, picks, classes, unlabelled=unlabelled, non_finite=non_finite, repeated=repeated,
+                    unused_labels=unused, root=root)
 
 
 def fold_of(given: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -512,6 +524,17 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         hint = ("labels come from the first level of subfolders (photos/cat/a.jpg is cat); give the folder that "
                 "holds the class folders, or --labels FILE") if labels is None else "check --labels"
         raise VGGEmbedError(f"{where}: {what}; a classifier needs at least two classes: {hint}")
+    if val_sources:  # read and checked before any fit
+        vdata = gather(list(val_sources), labels, classes=data.classes,
+                       where=", ".join(s.source for s in val_sources))
+        _report_left_out(vdata, "--val", log, labels is None)
+        if not vdata.count:
+            raise VGGEmbedError("--val: no labelled image among the validation inputs")
+        trained = {_identity(p) for p in data.paths()}
+        both = [p for p in vdata.paths() if _identity(p) in trained]
+        if both:
+            raise VGGEmbedError(f"--val: {len(both)} of its images are also trained on (first: {display(both[0])});"
+                                " a validation set must be images the head has not seen")
     smallest = int(counts.min())
     k = folds
     if smallest < 2 and not val_sources:
@@ -571,11 +594,6 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
     head = Head(classes=list(data.classes), coef=final.coef, intercept=final.intercept,
                 mean=problem.mean.astype(np.float32), scale=final.scale, C=float(C), recipe=recipe)
     if val_sources:
-        vdata = gather(list(val_sources), labels, classes=data.classes,
-                       where=", ".join(s.source for s in val_sources))
-        _report_left_out(vdata, "--val", log, labels is None)
-        if not vdata.count:
-            raise VGGEmbedError("--val: no labelled image among the validation inputs")
         vproba = np.concatenate([head.predict_proba(s.read(0, s.rows)[rows])
                                  for s, (rows, _) in zip(vdata.sources, vdata.picks) if len(rows)])
         evaluation = Evaluation(vdata.paths(), vdata.given(), vproba, np.full(vdata.count, -1), data.classes,
@@ -669,6 +687,10 @@ def _report_left_out(data: Labelled, where: str, log, by_folder: bool) -> None:
     if data.unused_labels:
         first = ", ".join(display(n) for n in data.unused_labels[:3])
         log(f"note: {len(data.unused_labels)} labels name paths that are not among {where} (first: {first})")
+    if data.repeated:
+        first = ", ".join(display(n) for n in data.repeated[:3])
+        log(f"note: {len(data.repeated)} images of {where} are inputs more than once (first: {first}); each is "
+            "trained on and evaluated once")
     if data.non_finite:
         first = ", ".join(display(n) for n in data.non_finite[:3])
         log(f"note: {len(data.non_finite)} vectors hold NaN or infinite values (first: {first}); they are not "
