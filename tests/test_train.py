@@ -177,6 +177,14 @@ def test_out_of_fold_figures_do_not_leak_the_held_out_rows_with_weak_regularisat
     assert abs(head.metrics["top1"] - honest) <= 0.05, (head.metrics["top1"], honest)
 
 
+@pytest.mark.parametrize("option, message", [(["--seed", "-5"], "-5 is not in the range x>=0"),
+                                             (["--C", "nan"], "nan is not a finite number"),
+                                             (["--C", "inf"], "inf is not a finite number")])
+def test_a_negative_seed_or_a_c_that_is_not_finite_is_a_usage_error(tmp_path, feats, option, message):
+    result = run("train", feats, "-o", tmp_path / "h.npz", *option)
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
 def test_class_weight_on_the_command_line_is_printed_and_kept_in_the_head(tmp_path, feats):
     out = tmp_path / "balanced.npz"
     result = run("train", feats, "-o", out, "--class-weight", "balanced", "--C", "1")

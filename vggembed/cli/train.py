@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -24,6 +25,12 @@ SIDE_FILES = {
 }
 
 
+def _finite(value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def side_paths(head: Path) -> dict[str, Path]:
     stem = head.with_suffix("") if head.suffix.lower() == ".npz" else head
     return {suffix: stem.with_name(stem.name + suffix) for suffix in SIDE_FILES}
@@ -41,12 +48,12 @@ def side_paths(head: Path) -> dict[str, Path]:
               help="Repeatable: a validation set (images or an embedding output), labelled as the inputs; "
                    "evaluated instead of the k folds.")
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="k of the stratified k-fold.")
-@click.option("--C", "C", type=click.FloatRange(0, min_open=True),
+@click.option("--C", "C", type=click.FloatRange(0, min_open=True), callback=lambda ctx, param, value: _finite(value),
               help="The inverse L2 strength (scikit-learn's C). Default: chosen by a sweep on fold 1.")
 @click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
               help="balanced: each class weighs as much in the loss as any other, however few its images "
                    "(scikit-learn's class_weight='balanced'), for classes as uneven as ok and defect.")
-@click.option("--seed", type=int, default=0, show_default=True, help="The folds' shuffle.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="The folds' shuffle.")
 @click.option("--features", type=click.Path(),
               help="Where image inputs' vectors are written (default HEAD.features.npy, HEAD.val-features.npy for "
                    "--val; a folder with --engine ray): train again from it without embedding.")

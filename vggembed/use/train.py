@@ -511,6 +511,10 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         raise VGGEmbedError(f"class_weight must be one of {', '.join(map(repr, CLASS_WEIGHTS))}; "
                             f"received {class_weight!r}")
     balanced = class_weight == "balanced"
+    if not isinstance(seed, int) or seed < 0:
+        raise VGGEmbedError(f"seed must be a whole number 0 or more; received {seed!r}")
+    if C is not None and not (C > 0 and math.isfinite(C)):
+        raise VGGEmbedError(f"C must be a positive number; received {C}")
     recipe = _one_recipe(list(sources) + list(val_sources))
     dims = {s.dim for s in list(sources) + list(val_sources)}
     if len(dims) > 1:
@@ -569,8 +573,6 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
     sweep, chosen_fit = [], None
     if C is None:
         C, sweep, chosen_fit = _sweep(problem, bounds, fold_scale(0), balanced, log)
-    if C <= 0 or not math.isfinite(C):
-        raise VGGEmbedError(f"C must be a positive number; received {C}")
 
     evaluation_kind = f"{k}-fold out-of-fold" if not val_sources else "validation set"
     final = problem.fit([slice(0, problem.N)], C, problem.scale_from(*total), init=chosen_fit, tol=HEAD_TOL,
