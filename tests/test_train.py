@@ -400,6 +400,19 @@ def test_failed_images_and_non_finite_vectors_are_counted_and_not_trained_on(tmp
     assert json.loads((tmp_path / "h2.metrics.json").read_text())["trained"] == 35
 
 
+def test_a_place_the_head_cannot_be_written_or_features_over_the_head_are_refused_before_any_work(
+        tmp_path, classes, tiny16):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    blocked = run("train", classes, "-o", tmp_path / "afile" / "head.npz", "--weights", tiny16)
+    assert blocked.exit_code == 1 and "cannot write here" in blocked.stderr
+    assert "embedded" not in blocked.stderr and "Traceback" not in blocked.output
+    head = tmp_path / "h.npz"
+    for features in (head, tmp_path / "h.oof.npz"):
+        clash = run("train", classes, "-o", head, "--features", features, "--weights", tiny16)
+        assert clash.exit_code == 2 and "the head or a file beside it is written there" in clash.stderr
+        assert "embedded" not in clash.stderr and not features.exists()
+
+
 def test_an_existing_head_needs_overwrite_and_is_left_as_it_was(tmp_path, feats):
     out = tmp_path / "h.npz"
     out.write_bytes(b"mine")

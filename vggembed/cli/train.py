@@ -82,9 +82,6 @@ def train(ctx, inputs, output, label_table, val, folds, C, class_weight, seed, f
       vggembed train feats.npy --labels labels.csv -o head.npz --C 0.01
       vggembed train photos/train -o head.npz --val photos/val
     """
-    from ..use import evaluate
-    from ..use.train import fit_head, read_label_table
-
     out = Path(output)
     if out.suffix.lower() != ".npz":
         raise click.UsageError(f"-o {output}: a head is written as HEAD.npz")
@@ -96,6 +93,27 @@ def train(ctx, inputs, output, label_table, val, folds, C, class_weight, seed, f
     existing = [p for p in targets if p.exists()]
     if existing and not overwrite:
         fail(f"{existing[0]}: exists; pass --overwrite to replace it")
+    if features and os.path.abspath(features) in {os.path.abspath(t) for t in targets}:
+        raise click.UsageError(f"--features {features}: the head or a file beside it is written there; give "
+                               "another path")
+    # Held from the start: a place that cannot be written, or another run writing it, is said before any work.
+    dest = Destination(out)
+    try:
+        dest.claim()
+    except VGGEmbedError as e:
+        fail(str(e))
+    try:
+        _train(ctx, inputs, out, label_table, val, folds, C, class_weight, seed, features, recipe, resume,
+               overwrite, engine, address, gpus_per_worker, part_size, files_from, null, quiet, opts, device, dest)
+    finally:
+        dest.release()
+
+
+def _train(ctx, inputs, out, label_table, val, folds, C, class_weight, seed, features, recipe, resume, overwrite,
+           engine, address, gpus_per_worker, part_size, files_from, null, quiet, opts, device, dest) -> None:
+    from ..use import evaluate
+    from ..use.train import fit_head, read_label_table
+
     log = (lambda line: None) if quiet else (lambda line: click.echo(f"vggembed: {line}", err=True))
     table = None
     if label_table:
@@ -114,7 +132,7 @@ def train(ctx, inputs, output, label_table, val, folds, C, class_weight, seed, f
         with _opened(sources, layer) as rows, _opened(val_sources, layer) as val_rows:
             head = fit_head(rows, table, val_rows, folds=folds, C=C, seed=seed,
                             class_weight=None if class_weight == "none" else class_weight, log=log)
-        _write(out, head, overwrite)
+        _write(out, head, overwrite, dest)
     except VGGEmbedError as e:
         fail(str(e))
     m = head.metrics
@@ -142,7 +160,7 @@ def _opened(sources, layer):
             v.close()
 
 
-def _write(out: Path, head, overwrite: bool) -> None:
+def _write(out: Path, head, overwrite: bool, dest: Destination) -> None:
     """HEAD.npz and its side files, each written whole beside its place and renamed into it; HEAD.npz last,
     so a head that exists was written completely with its evaluation."""
     import csv
@@ -154,7 +172,7 @@ def _write(out: Path, head, overwrite: bool) -> None:
 
     ev = head.evaluation
     sides = side_paths(out)
-    with Destination(out) as dest, dest.writing():
+    with dest.writing():
         for p in [out, *sides.values()]:
             if p.exists() and not overwrite:
                 raise VGGEmbedError(f"{p}: exists; pass --overwrite to replace it")
