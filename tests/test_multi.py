@@ -101,7 +101,7 @@ def assert_equals_alone(got: dict, alone: dict):
     (["--layer", "fc2:avg"], "--layer fc2:avg: fc2 is a vector already; pools are for conv/pool layers"),
     (["--layer", "pool5:median"], "--layer pool5:median: unknown pool 'median'"),
     (["--layer", "pool5"], "--layer pool5: pool5 gives a 3-D map per image; name a pool"),
-    (["--top", "1001"], "--top 1001: must be 0 to 1000"),
+    (["--top", "1001"], "--top 1001: at most 1000 (the ImageNet classes)"),
     (["--layer", "fc2", "--layer", "fc7"], "--layer fc7: the same output as fc2; name each output once"),
     (["--layer", "fc2,pool5:avg"], "this run makes 2 (fc2, pool5_avg); write .npz or .parquet"),
     (["--top", "5"], "this run makes 4 (fc2, top_index, top_prob, top_label); write .npz or .parquet"),
@@ -116,7 +116,7 @@ def test_bad_outputs_are_usage_errors_before_any_weights_load(tmp_path, image_di
 
 def test_classify_top_above_1000_is_a_usage_error(tmp_path, image_dir):
     result = run("classify", image_dir, "--weights", tmp_path / "none.npz", "--top", 1001)
-    assert result.exit_code == 2 and "--top 1001: must be 0 to 1000" in result.stderr
+    assert result.exit_code == 2 and "--top 1001: at most 1000 (the ImageNet classes)" in result.stderr
 
 
 # ------------------------------------------------------------ one pass, every format

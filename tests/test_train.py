@@ -440,6 +440,23 @@ def test_a_file_that_is_not_a_head_is_one_line(tmp_path, image_dir, tiny16):
 
 
 # --------------------------------------------------- the head where classify goes
+def test_class_names_with_tabs_commas_and_line_breaks_stay_on_one_line_in_tables(tmp_path, photos, tiny16):
+    root = tmp_path / "odd"
+    for name, photo in (("a\tb", photos[0]), ("c, d", photos[1]), ("e\nf", photos[2])):
+        synthetic.photo_crops(photo, root / name, 3, size=(64, 48))
+    head = tmp_path / "odd.npz"
+    assert run("train", root, "-o", head, "--weights", tiny16, "--C", 1).exit_code == 0
+    info = run("info", head).stdout
+    assert "classes       a\\tb, 'c, d', e\\nf\n" in info
+    image = next((root / "c, d").iterdir())
+    single = run("classify", image, "--head", head, "--weights", tiny16).stdout.splitlines()
+    assert len(single) == 3 and {line.split(" (")[0][3:] for line in single} == {"a\\tb", "c, d", "e\\nf"}
+    several = run("classify", root / "c, d", "--head", head, "--weights", tiny16).stdout.splitlines()
+    assert len(several) == 1 + 3 * 3 and all(line.count("\t") == 4 for line in several)
+    labels = run("classify", image, "--head", head, "--weights", tiny16, "--labels", head)
+    assert labels.exit_code == 2 and "with --head the head's own classes are ranked" in labels.stderr
+
+
 def test_a_head_on_l2_normalized_features_classifies_from_the_command_line(tmp_path, classes, tiny16):
     feats = tmp_path / "l2.npy"
     assert run("embed", classes, "-o", feats, "--weights", tiny16, "--l2-normalize").exit_code == 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import click
 
-from ..errors import VGGEmbedError
+from ..errors import VGGEmbedError, display
 from ..net.arch import POOLS as _POOLS
 from ..net.arch import parse_outputs
 from ..store.recipe import PRECISIONS, Recipe
@@ -222,6 +222,12 @@ def finish(ctx, summary, verb, quiet, tail=""):
     ctx.exit(EXIT_SOME_FAILED if summary.failed else 0)
 
 
+def one_line(name: str) -> str:
+    """A path or a class name as a table shows it: undecodable bytes as \\xNN, tabs and line breaks as \\t,
+    \\n, \\r, so that each row stays one line."""
+    return display(name).translate({9: "\\t", 10: "\\n", 13: "\\r"})
+
+
 # --------------------------------------------------------------------- head
 # The options whose value a head's recipe gives when the user leaves them at their default (option, field).
 HEAD_FIELDS = (("precision", "precision"), ("resize", "resize"), ("fast_decode", "fast-decode"),
@@ -248,6 +254,9 @@ def head_recipe(ctx, recipe: Recipe, path, top: int) -> Recipe:
         head = read_head(path)
     except VGGEmbedError as e:
         fail(str(e))
+    if ctx.get_parameter_source("labels") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--labels names ImageNet's classes; with --head the head's own classes are "
+                               "ranked: leave it out")
     trained = head.recipe
     changes = {}
     for name, option in HEAD_FIELDS:

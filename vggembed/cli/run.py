@@ -24,6 +24,7 @@ from .common import (
     head_option,
     head_recipe,
     load_options,
+    one_line,
     report,
     no_images,
     outputs_option,
@@ -426,7 +427,8 @@ def _emitter(out, fmt, single):
 
     csv keeps names exactly (the bytes, quoted where needed); json and jsonl as
     `_json_path`; the table, which is for reading, shows undecodable bytes as
-    \\xNN and tabs and line breaks as \\t, \\n, \\r, so each row stays one line."""
+    \\xNN and tabs and line breaks as \\t, \\n, \\r in paths and class names, so
+    each row stays one line."""
     fields = ["path", "rank", "index", "label", "probability"]
 
     class Emit:
@@ -437,13 +439,13 @@ def _emitter(out, fmt, single):
                      "probability": p.probability} for p in preds]
             if fmt == "table" and single:
                 for p in preds:
-                    out.write(f"{p.rank}. {p.label} ({p.probability:.4f})\n")
+                    out.write(f"{p.rank}. {one_line(p.label)} ({p.probability:.4f})\n")
             elif fmt == "table":
                 if self.first:
                     out.write("\t".join(fields) + "\n")
-                shown = display(source).translate(_TABLE_ESCAPES)
+                shown = one_line(source)
                 for r in rows:
-                    out.write(f"{shown}\t{r['rank']}\t{r['index']}\t{r['label']}\t{r['probability']:.4f}\n")
+                    out.write(f"{shown}\t{r['rank']}\t{r['index']}\t{one_line(r['label'])}\t{r['probability']:.4f}\n")
             elif fmt == "csv":
                 w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
                 if self.first:
@@ -464,7 +466,6 @@ def _emitter(out, fmt, single):
     return Emit()
 
 
-_TABLE_ESCAPES = {9: "\\t", 10: "\\n", 13: "\\r"}
 
 
 def _pred(p):

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import VGGEmbedError
-from .common import CONTEXT, fail
+from .common import CONTEXT, fail, one_line
 from .process import data_stdout
 
 
@@ -73,7 +73,6 @@ def _is_head(path) -> bool:
 
 
 def _head_info(path) -> None:
-    from ..errors import display
     from ..net.head import read_head
 
     try:
@@ -84,7 +83,8 @@ def _head_info(path) -> None:
     figures = f"top-1 {m['top1']:.4f}" + (f", top-5 {m['top5']:.4f}" if "top5" in m else "") + \
         f", balanced accuracy {m['balanced_accuracy']:.4f} ({m.get('evaluation', '?')}, {m['rows']} images)" \
         if "top1" in m else "none recorded"
-    shown = ", ".join(display(c) for c in head.classes[:20]) + (f", ... ({len(head.classes)})"
+    shown = ", ".join(one_line(c) if c.strip() and "," not in c and c == c.strip() else repr(one_line(c))
+                      for c in head.classes[:20]) + (f", ... ({len(head.classes)})"
                                                                 if len(head.classes) > 20 else "")
     click.echo("\n".join([
         f"file          {path}",

@@ -114,8 +114,10 @@ def parse_outputs(layers=(), *, pool: str | None = None, top: int = 0):
 
     if isinstance(layers, str):
         layers = [layers]
-    if not 0 <= top <= MAX_TOP:
-        raise LayerError(f"--top {top}: must be 0 to {MAX_TOP} (the ImageNet classes)")
+    if top < 0:
+        raise LayerError(f"--top {top}: must be 0 or more")
+    if top > MAX_TOP:
+        raise LayerError(f"--top {top}: at most {MAX_TOP} (the ImageNet classes)")
     if pool is not None and pool not in POOLS:
         raise LayerError(f"unknown pool {pool!r}; pools: {', '.join(POOLS)}")
     known = layer_names("vgg19")  # every name of either architecture; the weights' own is checked at load
