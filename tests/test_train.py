@@ -362,15 +362,17 @@ def test_left_out_rows_are_counted_and_small_classes_get_fewer_folds(tmp_path, f
     person = [p for p in paths if "/person/" in p]
     rows = [(p, Path(p).parent.name) for p in paths if "/person/" not in p] + [(p, "person") for p in person[:3]]
     rows += [("elsewhere/x.jpg", "cat"), ("elsewhere/y.jpg", "coffee")]
+    rows[0] = (rows[0][0], f" {rows[0][1]} ")  # spaces around a label are not part of its class
     with open(table, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     result = run("train", feats, "--labels", table, "-o", tmp_path / "h.npz")
     assert result.exit_code == 0, result.output
     assert "class 'person' has 3 images, fewer than 5 folds: using 3 folds" in result.stderr
-    assert "9 images of" in result.stderr and "have no label (not in the label table)" in result.stderr
+    assert "9 images of" in result.stderr and "have no label (not in the label table, or labelled" in result.stderr
     assert "2 labels name paths that are not among" in result.stderr and "elsewhere/x.jpg" in result.stderr
     metrics = json.loads((tmp_path / "h.metrics.json").read_text())
     assert (metrics["folds"], metrics["trained"], metrics["unlabelled"]) == (3, 27, 9)
+    assert set(metrics["class_counts"]) == {"cat", "coffee", "person"}
     # a class of one image cannot be evaluated out of fold
     rows.append((person[3], "lonely"))
     with open(table, "w", newline="") as f:

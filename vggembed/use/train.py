@@ -96,7 +96,7 @@ def read_label_table(path, split_column: str | None = None) -> LabelTable:
     for number, name, label, split in rows:
         if label is None or not str(label).strip():
             continue
-        name, label = str(name), str(label)
+        name, label = str(name), str(label).strip()  # `cat ` and ` cat` are the class `cat`
         if name in table and table[name] != label:
             raise VGGEmbedError(f"{where}: {display(name)} is labelled both {table[name]!r} and {label!r}"
                                 + (f" (line {number})" if number else ""))
@@ -684,7 +684,8 @@ def _one_recipe(sources: list[Rows]) -> Recipe:
 
 def _report_left_out(data: Labelled, where: str, log, by_folder: bool) -> None:
     if data.unlabelled:
-        why = f"directly in {data.root}, not in a class folder" if by_folder else "not in the label table"
+        why = (f"directly in {data.root}, not in a class folder" if by_folder
+               else "not in the label table, or labelled there with an empty label")
         log(f"note: {data.unlabelled} images of {where} have no label ({why}); they are not trained on")
     if data.unused_labels:
         first = ", ".join(display(n) for n in data.unused_labels[:3])
