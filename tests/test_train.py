@@ -442,6 +442,24 @@ def test_a_file_that_is_not_a_head_is_one_line(tmp_path, image_dir, tiny16):
 
 
 # --------------------------------------------------- the head where classify goes
+def test_a_class_folder_whose_name_is_not_utf8_is_a_class_every_output_can_carry(tmp_path, photos, tiny16):
+    pq = pytest.importorskip("pyarrow.parquet")
+    root = tmp_path / "odd"
+    for name, photo in ((os.fsdecode(b"k\xe4tze"), photos[0]), ("dog", photos[1])):
+        synthetic.photo_crops(photo, root / name, 3, size=(64, 48))
+    head = tmp_path / "odd.npz"
+    assert run("train", root, "-o", head, "--weights", tiny16, "--C", 1).exit_code == 0
+    assert np.load(head)["classes"].tolist() == ["dog", "k\\xe4tze"]
+    out = tmp_path / "preds.parquet"
+    result = run("classify", root, "--head", head, "--weights", tiny16, "-o", out)
+    assert result.exit_code == 0, result.output
+    labels = {label for row in pq.read_table(out).column("top_label").to_pylist() for label in row}
+    assert labels == {"dog", "k\\xe4tze"}
+    shown = json.loads(run("classify", root / "dog", "--head", head, "--weights", tiny16, "--format",
+                           "json").stdout)
+    assert {p["label"] for p in shown[0]["predictions"]} == {"dog", "k\\xe4tze"}
+
+
 def test_class_names_with_tabs_commas_and_line_breaks_stay_on_one_line_in_tables(tmp_path, photos, tiny16):
     root = tmp_path / "odd"
     for name, photo in (("a\tb", photos[0]), ("c, d", photos[1]), ("e\nf", photos[2])):
