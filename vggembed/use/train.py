@@ -197,23 +197,15 @@ def _key(name: str) -> str:
 def match_table(paths: list[str], table: dict[str, str]) -> tuple[list[str | None], list[str]]:
     """Which name of a label table each row is (the same path once normalised, or the same file once both are
     made absolute; None when the table does not name it), and the table's names that are no row."""
-    by_key: dict[str, str] = {}
-    by_abs: dict[str, str] = {}
+    by_key: dict[str, str] = {}  # normalised as written
+    by_file: dict[str, str] = {}  # the file it names (`_identity`)
     for name in table:
-        for index, key in ((by_key, _key(name)), (by_abs, os.path.abspath(_key(name)) if "://" not in _key(name)
-                                                   else None)):
-            if key is None:
-                continue
+        for index, key in ((by_key, _key(name)), (by_file, _identity(name))):
             other = index.setdefault(key, name)
             if table[other] != table[name]:  # one file, two spellings, two labels
                 raise VGGEmbedError(f"the labels name one file twice, differently: {display(other)} is "
                                     f"{table[other]!r}, {display(name)} is {table[name]!r}")
-    matched = []
-    for p in paths:
-        name = by_key.get(_key(p))
-        if name is None and "://" not in _key(p):
-            name = by_abs.get(os.path.abspath(_key(p)))
-        matched.append(name)
+    matched = [by_key.get(_key(p), by_file.get(_identity(p))) for p in paths]
     files = {_identity(p) for p in paths}  # a name is used when it names a row's file, however it spells it
     return matched, [n for n in table if _identity(n) not in files]
 
@@ -245,8 +237,7 @@ def folder_labels(paths: list[str], root: str | None = None) -> tuple[list[str |
     if len(set(shown.values())) < len(shown):
         twins = sorted(name for name in shown if sum(v == shown[name] for v in shown.values()) > 1)
         raise VGGEmbedError(f"class folders {' and '.join(repr(os.fsencode(n)) for n in twins)} would both be "
-                            f"the class "
-                            f"{shown[twins[0]]!r} (a name that is not UTF-8, shown as \\xNN); rename one")
+                            f"the class {shown[twins[0]]!r} (a name that is not UTF-8, shown as \\xNN); rename one")
     if common[:1] and common[0].endswith(":"):  # a URL
         found = common[0] + "//" + "/".join(common[1:depth])
     else:  # a local folder: shown from here when it lies here
