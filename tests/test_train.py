@@ -349,6 +349,21 @@ def test_a_file_that_is_not_a_head_is_one_line(tmp_path, image_dir, tiny16):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("content, what", [
+    (b"hello\n", "not a zip archive"), (b"", "an empty file"), ("npy", "a .npy array")])
+def test_a_head_that_is_not_an_npz_file_is_one_plain_line(tmp_path, image_dir, tiny16, content, what):
+    fake = tmp_path / "head.npz"
+    if content == "npy":
+        with open(fake, "wb") as f:
+            np.save(f, np.arange(3))
+    else:
+        fake.write_bytes(content)
+    result = run("classify", image_dir, "--head", fake, "--weights", tiny16)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"Error: {fake}: not a .npz head file ({what}); make one with "
+                                                  "vggembed train"]
+
+
 # --------------------------------------------------- the head where classify goes
 def test_classify_head_ranks_the_users_classes_in_every_format(tmp_path, head, classes, tiny16, feats):
     image = classes / "coffee" / "img000003.png"

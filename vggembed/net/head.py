@@ -42,6 +42,7 @@ from ..store.recipe import Recipe
 FORMAT = "vggembed-head"
 FORMAT_VERSION = 1
 KINDS = ("logistic",)
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # what np.load takes for an .npz: a zip's first entry, or an empty zip
 KEYS = ("format", "format_version", "kind", "classes", "coef", "intercept", "mean", "scale", "C", "recipe",
         "metrics")
 # The recipe fields a head's features must share with the network it runs on. dtype is not one: a head trained
@@ -182,6 +183,10 @@ def read_head(path) -> Head:
             data = f.read()
     except OSError as e:
         raise VGGEmbedError(f"{path}: cannot read the head ({reason(e)})") from None
+    if not data.startswith(ZIP_MAGIC):  # else numpy reads it as a .npy or talks of pickles
+        what = ("an empty file" if not data else "a .npy array" if data.startswith(b"\x93NUMPY")
+                else "not a zip archive")
+        raise VGGEmbedError(f"{path}: not a .npz head file ({what}); make one with vggembed train")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             missing = [k for k in KEYS if k not in z.files]
