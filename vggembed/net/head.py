@@ -14,7 +14,7 @@ HEAD.npz holds plain arrays, loadable with numpy alone
 | --- | --- |
 | `format`, `format_version` | `"vggembed-head"`, 1 |
 | `kind` | `"logistic"`: multinomial logistic regression (softmax, cross-entropy, L2) |
-| `classes` | (K,) str: class names; column k of `coef` is `classes[k]` |
+| `classes` | (K,) str: class names (at least two, none empty, no two alike); column k of `coef` is `classes[k]` |
 | `coef`, `intercept` | (D, K) and (K,) float32, on standardised features |
 | `mean`, `scale` | (D,) float32: features are standardised as `(x - mean) / scale` before `coef` |
 | `C` | float64 scalar: the inverse L2 strength (`0.5 * |coef|^2 + C * sum of cross-entropies`), as scikit-learn's |
@@ -29,13 +29,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import VGGEmbedError, reason
+from ..errors import VGGEmbedError, display, reason
 from ..images.safeio import open_regular
 from ..store.recipe import Recipe
 
@@ -79,7 +80,7 @@ class Head:
     network: object = field(default=None, repr=False)  # set by `load.load_head`: fn() -> the network it runs on
 
     def __post_init__(self):
-        self.classes = [str(c) for c in self.classes]
+        self.classes = class_names(self.classes, self.path or "head")
         d, k = self.coef.shape
         if k != len(self.classes) or self.intercept.shape != (k,) or self.mean.shape != (d,) \
                 or self.scale.shape != (d,):
@@ -168,6 +169,37 @@ class Head:
         np.savez(f, **self.arrays())
 
 
+# Lone surrogates that are no byte escaped by surrogateescape: `display` cannot encode them.
+_OTHER_SURROGATES = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+
+
+def class_text(name) -> str:
+    """A class name as text every consumer takes (JSON, Parquet, gRPC, the SavedModel's strings): bytes that are
+    not UTF-8 (surrogate escapes, as in file names) as \\xNN, as `display` shows them and `train` names such
+    classes; any other lone surrogate as \\uNNNN."""
+    name = _OTHER_SURROGATES.sub(lambda m: f"\\u{ord(m.group()):04x}", str(name))
+    return display(name)
+
+
+def class_names(classes, where: str) -> list[str]:
+    """A head's class names, as text (`class_text`), checked as `train` makes them: at least two, none empty,
+    no two alike; one line naming `where` and the problem otherwise."""
+    names = [class_text(c) for c in classes]
+    empty = [i for i, n in enumerate(names) if not n.strip()]
+    if empty:
+        raise VGGEmbedError(f"{where}: class {empty[0]} has an empty name; every class needs one")
+    if len(names) < 2:
+        raise VGGEmbedError(f"{where}: holds {len(names)} class{'' if len(names) == 1 else 'es'}"
+                            f"{' (' + repr(names[0]) + ')' if names else ''}; a head ranks at least two")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise VGGEmbedError(f"{where}: classes {seen[n]} and {i} are both named {n!r}; each class needs its "
+                                "own name")
+        seen[n] = i
+    return names
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     np.exp(z, out=z)
@@ -213,7 +245,12 @@ def read_head(path) -> Head:
         raise VGGEmbedError(f"{path}: holds NaN, infinite or non-positive scale values")
     if arrays["coef"].ndim != 2:
         raise VGGEmbedError(f"{path}: coef has shape {arrays['coef'].shape}; expected (D, K)")
-    return Head(classes=[str(c) for c in a["classes"].tolist()], C=float(a["C"]), recipe=recipe, metrics=metrics,
+    classes = a["classes"]
+    if classes.ndim != 1:
+        raise VGGEmbedError(f"{path}: classes has shape {classes.shape}; expected (K,) class names")
+    if classes.dtype.kind != "U":
+        raise VGGEmbedError(f"{path}: class names are {classes.dtype.name} values, not text")
+    return Head(classes=classes.tolist(), C=float(a["C"]), recipe=recipe, metrics=metrics,
                 kind=str(a["kind"]), path=str(path), md5=hashlib.md5(data).hexdigest(), **arrays)
 
 

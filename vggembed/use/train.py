@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import VGGEmbedError, display, reason
 from ..images.safeio import NotAFileError, open_regular
-from ..net.head import Head
+from ..net.head import Head, class_names, class_text
 from ..store.recipe import Recipe
 from . import evaluate
 from .logistic import Problem
@@ -311,7 +311,14 @@ def gather(sources: list[Rows], labels: dict[str, str] | None, classes: list[str
         names, root = folder_labels(all_paths)
     else:
         matched, unused = match_table(all_paths, labels)
-        names = [None if m is None else labels[m] for m in matched]
+        # A class's name is text wherever it goes, as a head holds it (`class_text`: a label that is no str, or
+        # holds bytes that are not UTF-8, as a {path: label} dict may give it); two labels shown alike are refused.
+        shown = {label: class_text(label) for label in {labels[m] for m in matched if m is not None}}
+        if len(set(shown.values())) < len(shown):
+            twins = sorted((label for label in shown if list(shown.values()).count(shown[label]) > 1), key=repr)
+            raise VGGEmbedError(f"labels {' and '.join(map(repr, twins))} would both be the class "
+                                f"{shown[twins[0]]!r} (as text, with bytes that are not UTF-8 as \\xNN); rename one")
+        names = [None if m is None else shown[labels[m]] for m in matched]
     offset = 0
     for s in sources:
         per_source.append(names[offset: offset + s.rows])
@@ -495,6 +502,7 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         hint = ("labels come from the first level of subfolders (photos/cat/a.jpg is cat); give the folder that "
                 "holds the class folders, or --labels FILE") if labels is None else "check --labels"
         raise VGGEmbedError(f"{where}: {what}; a classifier needs at least two classes: {hint}")
+    class_names(data.classes, where)  # as the head will check them (an empty label of a dict), before the fits
     smallest = int(counts.min())
     k = folds
     if smallest < 2 and not val_sources:
