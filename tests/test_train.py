@@ -556,6 +556,19 @@ def test_python_train_returns_a_head_that_predicts_and_classifies(feats, classes
     np.testing.assert_allclose(direct.predict_proba(x), head.predict_proba(x), atol=1e-4)
 
 
+def test_rows_that_are_not_finite_have_no_class(head, feats):
+    loaded = vggembed.load_head(head)
+    x = np.load(feats)[:5].copy()
+    x[2, 0], x[4, 3] = np.nan, np.inf
+    for fn in (loaded.predict, loaded.predict_proba):
+        with pytest.raises(vggembed.VGGEmbedError, match=re.escape(
+                f"{head}: 2 of 5 rows hold NaN or infinite values (the first is row 2); they have no class")):
+            fn(x)
+        with pytest.raises(vggembed.VGGEmbedError, match="1 of 1 rows hold NaN"):
+            fn(np.full((1, loaded.dim), np.nan))
+    assert loaded.predict(x[:2]) == loaded.predict(np.load(feats)[:2])  # finite rows as before
+
+
 def test_a_fifo_as_head_is_one_line_not_a_hang(tmp_path, image_dir, tiny16):
     fifo = tmp_path / "head.npz"
     os.mkfifo(fifo)

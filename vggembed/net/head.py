@@ -109,7 +109,18 @@ class Head:
         return self._w.astype(np.float32), self._b.astype(np.float32)
 
     def logits(self, vectors: np.ndarray) -> np.ndarray:
-        """(N, K) float64 logits of raw feature rows (as `embed` writes them)."""
+        """(N, K) float64 logits of raw feature rows (as `embed` writes them); rows holding NaN or infinite
+        values are refused (they have no class), naming how many and the first."""
+        out = self.raw_logits(vectors)
+        bad = ~np.isfinite(out).all(axis=1)  # a NaN or infinite value in a row makes its logits so
+        if bad.any():
+            raise VGGEmbedError(f"{self.path or 'head'}: {int(bad.sum())} of {len(out)} rows hold NaN or infinite "
+                                f"values (the first is row {int(np.argmax(bad))}); they have no class: leave them "
+                                "out")
+        return out
+
+    def raw_logits(self, vectors: np.ndarray) -> np.ndarray:
+        """`logits` without the check: the network's own rows (`VGG.run_outputs`), each batch's row on its own."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise VGGEmbedError(f"{self.path or 'head'}: takes {self.dim}-d {self.output.name} vectors; "
@@ -120,11 +131,17 @@ class Head:
         return out
 
     def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
-        """(N, K) float32 class probabilities of raw feature rows (as `embed` writes them)."""
+        """(N, K) float32 class probabilities of raw feature rows (as `embed` writes them); rows that are not
+        finite are refused (`logits`)."""
         return softmax(self.logits(vectors)).astype(np.float32)
 
+    def probabilities(self, vectors: np.ndarray) -> np.ndarray:
+        """`predict_proba` of the network's own rows, unchecked (`VGG.run_outputs`): as ImageNet's softmax, a row
+        is not checked there."""
+        return softmax(self.raw_logits(vectors)).astype(np.float32)
+
     def predict(self, vectors: np.ndarray) -> list[str]:
-        """The most probable class name of each row."""
+        """The most probable class name of each row; rows that are not finite are refused (`logits`)."""
         return [self.classes[i] for i in np.argmax(self.logits(vectors), axis=1)]
 
     def classify(self, images, top: int = 5, *, batch_size: int = 32) -> list:
