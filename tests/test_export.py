@@ -121,6 +121,55 @@ def test_export_refuses_what_it_cannot_write(tmp_path, tiny16, args, code, messa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fmt, name, message", [
+    ("saved-model", "afile", "{tmp}/afile/1: cannot write here: {tmp}/afile is a file, not a folder"),
+    ("saved-model", "/proc/nope", "/proc/nope/1: cannot write here: no such file or directory (/proc/nope)"),
+    ("tflite", "/proc/nope.tflite", "/proc/nope.tflite: cannot write here: no such file or directory"),
+    ("tflite", "afolder", "{tmp}/afolder: exists and is not a regular file"),
+    ("saved-model", "asm/1", "{tmp}/asm/1: exists and is not a folder"),
+])
+def test_a_place_that_cannot_be_written_is_one_line_before_the_network_is_built(tmp_path, tiny16, fmt, name,
+                                                                                 message):
+    (tmp_path / "afile").write_text("hi\n")
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "asm").mkdir()
+    (tmp_path / "asm" / "1").write_text("mine")
+    out = name if name.startswith("/") else tmp_path / (name.split("/")[0])
+    # --overwrite: the kind of the place is refused even where replacing is allowed
+    r = vggembed("-v", "export", out, "--format", fmt, "--weights", tiny16, "--overwrite")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == ["Error: " + message.format(tmp=tmp_path)]  # -v: nothing was loaded
+    assert (tmp_path / "afile").read_text() == "hi\n" and (tmp_path / "asm" / "1").read_text() == "mine"
+    assert list((tmp_path / "afolder").iterdir()) == [] and not list(tmp_path.glob("*.lock"))
+
+
+def test_an_existing_tflite_sidecar_needs_overwrite_like_the_file(tmp_path, tiny16):
+    out = tmp_path / "only.tflite"
+    (tmp_path / "only.tflite.json").write_text("{}\n")
+    r = vggembed("-v", "export", out, "--format", "tflite", "--weights", tiny16)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"Error: {out}.json already exists: pass --overwrite"]
+    assert (tmp_path / "only.tflite.json").read_text() == "{}\n" and not out.exists()
+    assert vggembed("export", out, "--format", "tflite", "--weights", tiny16, "--overwrite").returncode == 0
+    assert json.loads((tmp_path / "only.tflite.json").read_text())["outputs"] == ["fc2"] and out.stat().st_size
+
+
+def test_a_place_that_fails_while_writing_is_one_error_naming_it(tmp_path, tiny16, tiny_model):
+    """Past the check made before the build (a place that goes away, a full disk): TensorFlow's and the OS's
+    errors as one OutputError naming the output, and nothing left behind."""
+    from vggembed.engines.local import check_outputs
+    from vggembed.net import export
+    from vggembed.store.destination import OutputError
+    from vggembed.store.recipe import Recipe
+
+    bound = check_outputs(tiny_model, Recipe(weights=str(tiny16)))
+    with pytest.raises(OutputError, match=r"^/proc/nope/1: cannot write here: .*/proc/nope") as e:
+        export.saved_model(tiny_model, bound, "/proc/nope")
+    assert "\n" not in str(e.value)
+    with pytest.raises(OutputError, match=r"^/proc/nope.tflite: cannot write here: no such file or directory"):
+        export.tflite(tiny_model, bound, "/proc/nope.tflite")
+
+
 def test_bad_pool_is_a_usage_error(tmp_path, tiny16):
     r = vggembed("export", tmp_path / "out", "--format", "tflite", "--weights", tiny16, "--layer", "pool5:median")
     assert r.returncode == 2 and "pool5:median" in r.stderr

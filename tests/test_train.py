@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -441,6 +443,82 @@ def test_a_file_that_is_not_a_head_is_one_line(tmp_path, image_dir, tiny16):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("content, what", [
+    (b"hello\n", "not a zip archive"), (b"", "an empty file"), ("npy", "a .npy array")])
+def test_a_head_that_is_not_an_npz_file_is_one_plain_line(tmp_path, image_dir, tiny16, content, what):
+    fake = tmp_path / "head.npz"
+    if content == "npy":
+        with open(fake, "wb") as f:
+            np.save(f, np.arange(3))
+    else:
+        fake.write_bytes(content)
+    result = run("classify", image_dir, "--head", fake, "--weights", tiny16)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"Error: {fake}: not a .npz head file ({what}); make one with "
+                                                  "vggembed train"]
+
+
+def _head_with(head, path, classes):
+    """`head` with other classes (coef and intercept cut to fit), written to `path`."""
+    with np.load(head) as z:
+        arrays = dict(z)
+    k = len(classes)
+    arrays.update(classes=np.asarray(classes), coef=arrays["coef"][:, :k], intercept=arrays["intercept"][:k])
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("names, problem", [
+    (["cat"], "holds 1 class ('cat'); a head ranks at least two"),
+    (["cat", "cat", "person"], "classes 0 and 1 are both named 'cat'; each class needs its own name"),
+    (["cat", "", "person"], "class 1 has an empty name; every class needs one"),
+    (np.array([0, 1, 2]), "class names are int64 values, not text"),
+])
+def test_a_head_train_would_not_write_is_refused_naming_the_problem(tmp_path, head, image_dir, tiny16, names,
+                                                                    problem):
+    bad = _head_with(head, tmp_path / "bad.npz", names)
+    for command in (["classify", image_dir], ["export", tmp_path / "m", "--format", "saved-model"]):
+        result = run(*command, "--head", bad, "--weights", tiny16)
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines() == [f"Error: {bad}: {problem}"]
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(vggembed.VGGEmbedError, match=f"^{re.escape(f'{bad}: {problem}')}$"):
+        vggembed.load_head(bad)
+
+
+def test_class_names_that_are_not_utf8_are_text_in_every_head(tmp_path, head, classes, tiny16, feats):
+    """A name holding bytes that are not UTF-8 (a surrogate escape, as an older head or a {path: label} dict
+    carries it) is \\xNN text wherever the head goes: Parquet, JSON, model files, gRPC."""
+    from vggembed.net.head import Head
+
+    old = _head_with(head, tmp_path / "old.npz", ["cat", "k\udce4tze", "person"])
+    assert np.load(old)["classes"].tolist()[1] == "k\udce4tze"  # as such a file holds it
+    assert vggembed.load_head(old).classes == ["cat", "k\\xe4tze", "person"]
+    out = tmp_path / "preds.parquet"
+    result = run("classify", classes, "--head", old, "--weights", tiny16, "-o", out, "--top", 3)
+    assert result.exit_code == 0, result.output
+    import pyarrow.parquet as pq
+
+    labels = {label for row in pq.read_table(out).column("top_label").to_pylist() for label in row}
+    assert labels == {"cat", "k\\xe4tze", "person"}
+    # a Head made in Python gets the same text
+    made = Head(classes=["a", "k\udce4tze"], coef=np.zeros((2, 2), np.float32), intercept=np.zeros(2, np.float32),
+                mean=np.zeros(2, np.float32), scale=np.ones(2, np.float32), C=1.0,
+                recipe=vggembed.load_head(old).recipe)
+    assert made.classes == ["a", "k\\xe4tze"]
+    with pytest.raises(vggembed.VGGEmbedError, match="^head: classes 0 and 1 are both named 'a'"):
+        dataclasses.replace(made, classes=["a", "a"])
+    # train with such labels in a dict: the classes, the figures and the head alike; two labels shown alike refused
+    rows = [r[0] for r in read_csv(f"{feats}.index.csv")[1:]]
+    labels = {p: "k\udce4tze" if Path(p).parent.name == "cat" else Path(p).parent.name for p in rows}
+    trained = vggembed.train(str(feats), labels=labels, C=1.0, log=lambda line: None)
+    assert trained.classes == ["coffee", "k\\xe4tze", "person"]
+    assert set(trained.metrics["class_counts"]) == set(trained.classes) == set(trained.evaluation.classes)
+    twins = {**labels, rows[0]: "k\\xe4tze"}
+    with pytest.raises(vggembed.VGGEmbedError, match=r"would both be the class 'k\\\\xe4tze'"):
+        vggembed.train(str(feats), labels=twins, C=1.0, log=lambda line: None)
+
+
 # --------------------------------------------------- the head where classify goes
 def test_a_class_folder_whose_name_is_not_utf8_is_a_class_every_output_can_carry(tmp_path, photos, tiny16):
     pq = pytest.importorskip("pyarrow.parquet")
@@ -618,6 +696,19 @@ def test_python_train_returns_a_head_that_predicts_and_classifies(feats, classes
     assert direct.recipe.weights_md5 == vggembed.load_weights(tiny16)[1].md5
     np.testing.assert_allclose(direct.coef, head.coef, atol=1e-3)
     np.testing.assert_allclose(direct.predict_proba(x), head.predict_proba(x), atol=1e-4)
+
+
+def test_rows_that_are_not_finite_have_no_class(head, feats):
+    loaded = vggembed.load_head(head)
+    x = np.load(feats)[:5].copy()
+    x[2, 0], x[4, 3] = np.nan, np.inf
+    for fn in (loaded.predict, loaded.predict_proba):
+        with pytest.raises(vggembed.VGGEmbedError, match=re.escape(
+                f"{head}: 2 of 5 rows hold NaN or infinite values (the first is row 2); they have no class")):
+            fn(x)
+        with pytest.raises(vggembed.VGGEmbedError, match="1 of 1 rows hold NaN"):
+            fn(np.full((1, loaded.dim), np.nan))
+    assert loaded.predict(x[:2]) == loaded.predict(np.load(feats)[:2])  # finite rows as before
 
 
 def test_a_fifo_as_head_is_one_line_not_a_hang(tmp_path, image_dir, tiny16):

@@ -41,7 +41,7 @@ def _with_head(ctx, recipe, head_path):
                    "for LiteRT (float32, or --precision int8), with OUT.json beside it.")
 @click.option("--version", "model_version", type=click.IntRange(1), default=1, show_default=True,
               help="saved-model: the version folder under OUT (TensorFlow Serving serves the highest).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT/VERSION or OUT.tflite.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT/VERSION, or OUT.tflite and OUT.tflite.json.")
 @head_option
 @recipe_options(vector=True, inputs=True)
 @load_options
@@ -68,13 +68,17 @@ def export(ctx, out, fmt, model_version, overwrite, head_path, recipe, setup):
             fail("--precision int8 is a .tflite model: use --format tflite")
         if fmt == "tflite" and recipe.precision not in ("float32", "int8"):
             fail("--format tflite is float32 or int8")
-        vgg, bound = _loaded(recipe, setup)
+        # The place first: a destination that cannot be written is one line before the slow build.
+        with exporting.held(fmt, out, model_version, overwrite):
+            vgg, bound = _loaded(recipe, setup)
+            if fmt == "saved-model":
+                where = exporting.saved_model(vgg, bound, out, model_version, overwrite)
+            else:
+                side = exporting.tflite(vgg, bound, out, overwrite)
         if fmt == "saved-model":
-            where = exporting.saved_model(vgg, bound, out, model_version, overwrite)
             click.echo(f"vggembed: wrote {where} (signatures serving_default: images, pixels: pixels; outputs "
                        f"{', '.join(bound.names)})", err=True)
         else:
-            side = exporting.tflite(vgg, bound, out, overwrite)
             click.echo(f"vggembed: wrote {out} and {out}.json ({recipe.precision}; input pixels "
                        f"{side['input']['shape']}; outputs {', '.join(side['outputs'])})", err=True)
     except VGGEmbedError as e:

@@ -36,15 +36,74 @@ import copy
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 from ..errors import VGGEmbedError
+from ..store.destination import Destination, OutputError, is_stream
 from ..store.recipe import Recipe
 from .model import _key, _pooled
 from .tfimport import _silenced_stderr, tensorflow
 
 
+# ------------------------------------------------------------------ the place
+def targets(fmt: str, out, version: int = 1) -> list[Path]:
+    """What an export writes: [OUT/VERSION] (a folder) for a SavedModel, [OUT, OUT.json] for a .tflite."""
+    out = Path(out)
+    return [out / str(version)] if fmt == "saved-model" else [out, out.with_name(out.name + ".json")]
+
+
+def check_place(fmt: str, paths: list[Path], overwrite: bool) -> None:
+    """Refuse what is there already (without --overwrite), or is of the other kind (a file where the version
+    folder goes, a folder where a file goes): one line naming it."""
+    folder = fmt == "saved-model"
+    for p in paths:
+        if not os.path.lexists(p):
+            continue
+        if folder and not p.is_dir():
+            raise OutputError(p, "exists and is not a folder")
+        if not folder and (p.is_dir() or is_stream(p)):
+            raise OutputError(p, "exists and is not a regular file")
+        if not overwrite:
+            raise VGGEmbedError(f"{p} already exists: pass --overwrite"
+                                + (", or another --version" if folder else ""))
+
+
+@contextlib.contextmanager
+def held(fmt: str, out, version: int = 1, overwrite: bool = False):
+    """Hold an export's place while it is built and written, checked before any of that slow work: its folder
+    made and its lock taken (`Destination`: OUT/VERSION.lock, or OUT.lock beside a .tflite), so a place that
+    cannot be written (a parent that is a file, no such folder, no permission) is one line at once; then
+    `check_place`. Yields the `Destination`. An export that fails leaves no folder it made."""
+    paths = targets(fmt, out, version)
+    made = [p for p in paths[0].parents if not os.path.lexists(p)]  # innermost first
+    try:
+        with Destination(paths[0]) as dest:
+            check_place(fmt, paths, overwrite)
+            yield dest
+    except BaseException:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only if empty
+        raise
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """An OSError or a TensorFlow error while writing `path` as one `OutputError` naming it."""
+    with Destination(path).writing():
+        try:
+            yield
+        except Exception as e:  # TensorFlow's file system: FailedPrecondition, NotFound, PermissionDenied, ...
+            tf = sys.modules.get("tensorflow")  # not imported by an int8 export
+            if tf is None or not isinstance(e, tf.errors.OpError):
+                raise
+            text = " ".join((e.message or type(e).__name__).split())
+            raise OutputError(path, f"cannot write here: {text}") from None
+
+
+# ------------------------------------------------------------------ the network
 def input_shape(vgg, resize: str) -> tuple[int, int, int]:
     """(H, W, 3): exported and served networks take one fixed input size, so each batch has one shape."""
     if resize == "none":
@@ -195,9 +254,8 @@ def saved_model(vgg, recipe: Recipe, out, version: int = 1, overwrite: bool = Fa
         raise VGGEmbedError("a SavedModel runs in TensorFlow, which has no int8 VGG: use --format tflite for int8, "
                             "or --precision float32/bf16/fp16")
     h, w, _ = input_shape(vgg, recipe.resize)
-    target = Path(out) / str(version)
-    if target.exists() and not overwrite:
-        raise VGGEmbedError(f"{target} already exists: pass --overwrite, or another --version")
+    target, = targets("saved-model", out, version)
+    check_place("saved-model", [target], overwrite)
     net = _network(vgg)
     run = _head(net, recipe, with_labels=True)
     decode = _decoder(recipe.resize, h, w)
@@ -218,13 +276,13 @@ def saved_model(vgg, recipe: Recipe, out, version: int = 1, overwrite: bool = Fa
     staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        with _quiet():
+        with _writing(target), _quiet():
             tf.saved_model.save(module, str(staging), signatures={
                 "serving_default": from_images.get_concrete_function(),
                 "pixels": from_pixels.get_concrete_function()})
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -232,9 +290,8 @@ def saved_model(vgg, recipe: Recipe, out, version: int = 1, overwrite: bool = Fa
 
 def tflite(vgg, recipe: Recipe, out, overwrite: bool = False) -> dict:
     """Write OUT (.tflite) and OUT.json (recipe, input, outputs in order, labels); return the sidecar."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise VGGEmbedError(f"{out} already exists: pass --overwrite")
+    paths = targets("tflite", out)
+    check_place("tflite", paths, overwrite)
     h, w, _ = input_shape(vgg, recipe.resize)
     if vgg.precision == "int8":
         content, order = _int8_model(vgg, recipe)
@@ -246,14 +303,19 @@ def tflite(vgg, recipe: Recipe, out, overwrite: bool = False) -> dict:
     side = {"recipe": recipe.to_dict(), "input": {"name": "pixels", "shape": [None, h, w, 3], "dtype": "float32",
                                         "range": "RGB 0..255, mean subtracted inside"},
             "outputs": order, "labels": labels_of(vgg) if recipe.top else None}
-    for path, data in ((out, content), (out.with_name(out.name + ".json"),
-                                        (json.dumps(side, indent=1) + "\n").encode())):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    # Both written beside their places first, then renamed into them: a failed write replaces neither.
+    staged = [(path, path.with_name(f".{path.name}.{os.getpid()}.partial"), data)
+              for path, data in zip(paths, (content, (json.dumps(side, indent=1) + "\n").encode()))]
+    try:
+        with _writing(paths[0]):
+            for _, tmp, data in staged:
+                tmp.write_bytes(data)
+            for path, tmp, _ in staged:
+                os.replace(tmp, path)
+    finally:
+        for _, tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return side
 
 

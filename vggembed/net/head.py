@@ -14,7 +14,7 @@ HEAD.npz holds plain arrays, loadable with numpy alone
 | --- | --- |
 | `format`, `format_version` | `"vggembed-head"`, 1 |
 | `kind` | `"logistic"`: multinomial logistic regression (softmax, cross-entropy, L2) |
-| `classes` | (K,) str: class names; column k of `coef` is `classes[k]` |
+| `classes` | (K,) str: class names (at least two, none empty, no two alike); column k of `coef` is `classes[k]` |
 | `coef`, `intercept` | (D, K) and (K,) float32, on standardised features |
 | `mean`, `scale` | (D,) float32: features are standardised as `(x - mean) / scale` before `coef` |
 | `C` | float64 scalar: the inverse L2 strength (`0.5 * |coef|^2 + C * sum of cross-entropies`), as scikit-learn's |
@@ -29,19 +29,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import VGGEmbedError, reason
+from ..errors import VGGEmbedError, display, reason
 from ..images.safeio import open_regular
 from ..store.recipe import Recipe
 
 FORMAT = "vggembed-head"
 FORMAT_VERSION = 1
 KINDS = ("logistic",)
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # what np.load takes for an .npz: a zip's first entry, or an empty zip
 KEYS = ("format", "format_version", "kind", "classes", "coef", "intercept", "mean", "scale", "C", "recipe",
         "metrics")
 # The recipe fields a head's features must share with the network it runs on. dtype is not one: a head trained
@@ -78,7 +80,7 @@ class Head:
     network: object = field(default=None, repr=False)  # set by `load.load_head`: fn() -> the network it runs on
 
     def __post_init__(self):
-        self.classes = [str(c) for c in self.classes]
+        self.classes = class_names(self.classes, self.path or "head")
         d, k = self.coef.shape
         if k != len(self.classes) or self.intercept.shape != (k,) or self.mean.shape != (d,) \
                 or self.scale.shape != (d,):
@@ -107,7 +109,18 @@ class Head:
         return self._w.astype(np.float32), self._b.astype(np.float32)
 
     def logits(self, vectors: np.ndarray) -> np.ndarray:
-        """(N, K) float64 logits of raw feature rows (as `embed` writes them)."""
+        """(N, K) float64 logits of raw feature rows (as `embed` writes them); rows holding NaN or infinite
+        values are refused (they have no class), naming how many and the first."""
+        out = self.raw_logits(vectors)
+        bad = ~np.isfinite(out).all(axis=1)  # a NaN or infinite value in a row makes its logits so
+        if bad.any():
+            raise VGGEmbedError(f"{self.path or 'head'}: {int(bad.sum())} of {len(out)} rows hold NaN or infinite "
+                                f"values (the first is row {int(np.argmax(bad))}); they have no class: leave them "
+                                "out")
+        return out
+
+    def raw_logits(self, vectors: np.ndarray) -> np.ndarray:
+        """`logits` without the check: the network's own rows (`VGG.run_outputs`), each batch's row on its own."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise VGGEmbedError(f"{self.path or 'head'}: takes {self.dim}-d {self.output.name} vectors; "
@@ -118,11 +131,17 @@ class Head:
         return out
 
     def predict_proba(self, vectors: np.ndarray) -> np.ndarray:
-        """(N, K) float32 class probabilities of raw feature rows (as `embed` writes them)."""
+        """(N, K) float32 class probabilities of raw feature rows (as `embed` writes them); rows that are not
+        finite are refused (`logits`)."""
         return softmax(self.logits(vectors)).astype(np.float32)
 
+    def probabilities(self, vectors: np.ndarray) -> np.ndarray:
+        """`predict_proba` of the network's own rows, unchecked (`VGG.run_outputs`): as ImageNet's softmax, a row
+        is not checked there."""
+        return softmax(self.raw_logits(vectors)).astype(np.float32)
+
     def predict(self, vectors: np.ndarray) -> list[str]:
-        """The most probable class name of each row."""
+        """The most probable class name of each row; rows that are not finite are refused (`logits`)."""
         return [self.classes[i] for i in np.argmax(self.logits(vectors), axis=1)]
 
     def classify(self, images, top: int = 5, *, batch_size: int = 32) -> list:
@@ -167,6 +186,37 @@ class Head:
         np.savez(f, **self.arrays())
 
 
+# Lone surrogates that are no byte escaped by surrogateescape: `display` cannot encode them.
+_OTHER_SURROGATES = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+
+
+def class_text(name) -> str:
+    """A class name as text every consumer takes (JSON, Parquet, gRPC, the SavedModel's strings): bytes that are
+    not UTF-8 (surrogate escapes, as in file names) as \\xNN, as `display` shows them and `train` names such
+    classes; any other lone surrogate as \\uNNNN."""
+    name = _OTHER_SURROGATES.sub(lambda m: f"\\u{ord(m.group()):04x}", str(name))
+    return display(name)
+
+
+def class_names(classes, where: str) -> list[str]:
+    """A head's class names, as text (`class_text`), checked as `train` makes them: at least two, none empty,
+    no two alike; one line naming `where` and the problem otherwise."""
+    names = [class_text(c) for c in classes]
+    empty = [i for i, n in enumerate(names) if not n.strip()]
+    if empty:
+        raise VGGEmbedError(f"{where}: class {empty[0]} has an empty name; every class needs one")
+    if len(names) < 2:
+        raise VGGEmbedError(f"{where}: holds {len(names)} class{'' if len(names) == 1 else 'es'}"
+                            f"{' (' + repr(names[0]) + ')' if names else ''}; a head ranks at least two")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise VGGEmbedError(f"{where}: classes {seen[n]} and {i} are both named {n!r}; each class needs its "
+                                "own name")
+        seen[n] = i
+    return names
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     np.exp(z, out=z)
@@ -182,6 +232,10 @@ def read_head(path) -> Head:
             data = f.read()
     except OSError as e:
         raise VGGEmbedError(f"{path}: cannot read the head ({reason(e)})") from None
+    if not data.startswith(ZIP_MAGIC):  # else numpy reads it as a .npy or talks of pickles
+        what = ("an empty file" if not data else "a .npy array" if data.startswith(b"\x93NUMPY")
+                else "not a zip archive")
+        raise VGGEmbedError(f"{path}: not a .npz head file ({what}); make one with vggembed train")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             missing = [k for k in KEYS if k not in z.files]
@@ -208,7 +262,12 @@ def read_head(path) -> Head:
         raise VGGEmbedError(f"{path}: holds NaN, infinite or non-positive scale values")
     if arrays["coef"].ndim != 2:
         raise VGGEmbedError(f"{path}: coef has shape {arrays['coef'].shape}; expected (D, K)")
-    return Head(classes=[str(c) for c in a["classes"].tolist()], C=float(a["C"]), recipe=recipe, metrics=metrics,
+    classes = a["classes"]
+    if classes.ndim != 1:
+        raise VGGEmbedError(f"{path}: classes has shape {classes.shape}; expected (K,) class names")
+    if classes.dtype.kind != "U":
+        raise VGGEmbedError(f"{path}: class names are {classes.dtype.name} values, not text")
+    return Head(classes=classes.tolist(), C=float(a["C"]), recipe=recipe, metrics=metrics,
                 kind=str(a["kind"]), path=str(path), md5=hashlib.md5(data).hexdigest(), **arrays)
 
 

@@ -155,7 +155,7 @@ class VGG:
             vectors = out[feature]
             if self.head.recipe.l2_normalize:
                 vectors = pooling.unit_rows(vectors)
-            probs = self.head.predict_proba(vectors)
+            probs = self.head.probabilities(vectors)  # as the network's prob: each row as it comes
             return {**{o: out[o] for o in rest}, **{o: probs for o in outputs if o[0] == "prob"}}
         n = len(batch)
         if pad_to is not None and n < pad_to:

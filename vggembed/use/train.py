@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import VGGEmbedError, display, reason
 from ..images.safeio import NotAFileError, open_regular
-from ..net.head import Head
+from ..net.head import Head, class_names, class_text
 from ..store.recipe import Recipe
 from . import evaluate
 from .logistic import Problem
@@ -231,13 +231,7 @@ def folder_labels(paths: list[str], root: str | None = None) -> tuple[list[str |
         if folders and all(len(f) == depth for f in folders) and depth:
             depth -= 1
     raw = [c[depth] if len(c) > depth + 1 and c[:depth] == common[:depth] else None for c in parts]
-    # A class's name is text wherever it goes (JSON, model files, gRPC strings): a folder name's bytes that are
-    # not UTF-8 become \xNN, as vggembed shows such names everywhere.
-    shown = {name: display(name) for name in set(raw) if name is not None}
-    if len(set(shown.values())) < len(shown):
-        twins = sorted(name for name in shown if sum(v == shown[name] for v in shown.values()) > 1)
-        raise VGGEmbedError(f"class folders {' and '.join(repr(os.fsencode(n)) for n in twins)} would both be "
-                            f"the class {shown[twins[0]]!r} (a name that is not UTF-8, shown as \\xNN); rename one")
+    shown = class_texts([name for name in raw if name is not None], "class folders")
     if common[:1] and common[0].endswith(":"):  # a URL
         found = common[0] + "//" + "/".join(common[1:depth])
     else:  # a local folder: shown from here when it lies here
@@ -245,6 +239,18 @@ def folder_labels(paths: list[str], root: str | None = None) -> tuple[list[str |
         here = os.path.relpath(found)
         found = found if here.startswith("..") else here
     return [None if name is None else shown[name] for name in raw], found
+
+
+def class_texts(names, what: str) -> dict:
+    """{name: the class it names, as text}: a class's name is text wherever it goes (JSON, Parquet, model files,
+    gRPC strings), so bytes that are not UTF-8 become \\xNN (`net.head.class_text`); two names that would read
+    alike are refused, `what` saying whose names they are."""
+    shown = {name: class_text(name) for name in set(names)}
+    if len(set(shown.values())) < len(shown):
+        twins = sorted((name for name in shown if list(shown.values()).count(shown[name]) > 1), key=repr)
+        raise VGGEmbedError(f"{what} {' and '.join(map(repr, twins))} would both be the class "
+                            f"{shown[twins[0]]!r} (as text, with bytes that are not UTF-8 as \\xNN); rename one")
+    return shown
 
 
 def _absolute(name: str) -> str:
@@ -324,7 +330,9 @@ def gather(sources: list[Rows], labels: dict[str, str] | None, classes: list[str
         names, root = folder_labels(all_paths)
     else:
         matched, unused = match_table(all_paths, labels)
-        names = [None if m is None else labels[m] for m in matched]
+        # a label that is no str, or holds bytes that are not UTF-8 (as a {path: label} dict may give it)
+        shown = class_texts([labels[m] for m in matched if m is not None], "labels")
+        names = [None if m is None else shown[labels[m]] for m in matched]
     offset = 0
     for s in sources:
         per_source.append(names[offset: offset + s.rows])
@@ -519,6 +527,7 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         hint = ("labels come from the first level of subfolders (photos/cat/a.jpg is cat); give the folder that "
                 "holds the class folders, or --labels FILE") if labels is None else "check --labels"
         raise VGGEmbedError(f"{where}: {what}; a classifier needs at least two classes: {hint}")
+    class_names(data.classes, where)  # as the head will check them (an empty label of a dict), before the fits
     if val_sources:  # read and checked before any fit
         vdata = gather(list(val_sources), labels, classes=data.classes,
                        where=", ".join(s.source for s in val_sources))
