@@ -371,13 +371,18 @@ class Server:
         return np.stack([self._decode(i, v) for i, v in enumerate(items)]).astype(np.float32, copy=False)
 
     # -------------------------------------------------------- the queue
+    def check_count(self, n: int) -> None:
+        """Refused('too_large') when one request holds more instances than can ever be admitted. A protocol that
+        learns N from a declared shape (gRPC's tensor_shape) calls it before building anything of that size."""
+        if n > self.config.queue_size:
+            raise Refused("too_large", f"{n} instances in one request; this server takes at most "
+                                       f"{self.config.queue_size} (--queue-size)")
+
     async def predict(self, signature: str, items: list) -> list[dict]:
         """Admit, prepare and batch `items` (encoded images for serving_default, pixel arrays for pixels); one
         {output: array} per instance. A cancelled caller takes its images out of the queue."""
         n = len(items)
-        if n > self.config.queue_size:
-            raise Refused("too_large", f"{n} instances in one request; this server takes at most "
-                                       f"{self.config.queue_size} (--queue-size)")
+        self.check_count(n)
         if self.batcher is None or self.batcher.closing:
             raise Refused("unavailable", "shutting down")  # not reached while requests are in flight
         if self.metrics.waiting + n > self.config.queue_size:
