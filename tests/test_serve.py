@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import re
 import signal
 import socket
@@ -274,6 +275,47 @@ def test_size_limits_and_unknown_routes(served_small, photos):
     assert unlabelled.status_code == 400 and "--top K" in unlabelled.json()["error"]
     m = s.metrics()
     assert m["vggembed_errors_total"] >= 4
+
+
+def exchange(port: int, data: bytes) -> tuple[int, dict, dict]:
+    """Send raw bytes as one HTTP request; (status, headers, JSON body) of the answer, read to the connection's
+    close or the body's end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as c:
+        c.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = c.recv(65536)
+            assert chunk, f"the connection closed before an answer: {answer!r}"
+            answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            chunk = c.recv(65536)
+            assert chunk, "the connection closed inside the body"
+            body += chunk
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_an_undecodable_body_is_400_and_a_client_that_hangs_up_is_no_server_error(served_small, photos):
+    s = served_small
+    before = s.metrics()
+    # Content-Encoding: gzip on bytes that are not gzip: the client's fault, in words.
+    status, headers, doc = exchange(s.port, b"POST /v1/models/vggembed:predict HTTP/1.1\r\nHost: x\r\n"
+                                            b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello")
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert doc == {"error": "body could not be read: Can not decode content-encoding: gzip"}
+    # A client that sends part of its body and hangs up is counted as 499 (client closed request), not as 500.
+    with socket.create_connection(("127.0.0.1", s.port), timeout=HANG_GUARD) as c:
+        c.sendall(b"POST /v1/models/vggembed:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    s.wait_for("the hang-up counted", lambda m: m.get('vggembed_requests_total{route="predict",code="499"}', 0)
+               == before.get('vggembed_requests_total{route="predict",code="499"}', 0) + 1)
+    after = s.metrics()
+    assert after.get('vggembed_requests_total{route="predict",code="500"}', 0) == \
+        before.get('vggembed_requests_total{route="predict",code="500"}', 0)
+    assert after['vggembed_requests_total{route="predict",code="400"}'] == \
+        before.get('vggembed_requests_total{route="predict",code="400"}', 0) + 1
+    assert requests.post(f"{s.url}/embed", data=photos[0].read_bytes(), timeout=HANG_GUARD).status_code == 200
 
 
 def test_a_full_queue_is_503_with_retry_after(tiny16, photos):

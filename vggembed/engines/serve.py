@@ -148,8 +148,8 @@ class Metrics:
                   for (m, c), n in sorted(self.grpc_requests.items())]
         errors = sum(n for (_, c), n in self.requests.items() if c >= 400)
         errors += sum(n for (_, c), n in self.grpc_requests.items() if c != "OK")
-        lines += ["# HELP vggembed_errors_total Requests answered with an HTTP status of 400 or more, or a gRPC "
-                  "code other than OK.",
+        lines += ["# HELP vggembed_errors_total Requests answered with an HTTP status of 400 or more (499: the "
+                  "client closed its connection before sending its whole body), or a gRPC code other than OK.",
                   "# TYPE vggembed_errors_total counter", f"vggembed_errors_total {errors}",
                   "# HELP vggembed_images_total Images run through the network.",
                   "# TYPE vggembed_images_total counter", f"vggembed_images_total {self.images}",

@@ -19,7 +19,8 @@ Bodies are read asynchronously (a slow client holds a connection, never the mode
 `read_timeout`, and above `max_body` bytes refused with 413; a connection that sends no whole request head
 within `read_timeout`, or idles that long, is closed; beyond `max_connections` open connections a new one is
 answered 503 at once and closed. Every malformed request is a 4xx with words (a JSON body nested too deeply
-included), never a 500.
+included, a body not in its Content-Encoding), never a 500; a client that hangs up before its body arrived is
+counted as 499 (`CLIENT_CLOSED`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from ..errors import reason
 from .serve import INPUT_NAMES, Front, Refused, Server
 
 STATUS = {"invalid": 400, "not_found": 404, "too_large": 413, "busy": 503, "unavailable": 503, "internal": 500}
+# The code counted (never sent: nobody is there to read it) for a request whose client closed its connection
+# before the whole body arrived: nginx's "client closed request". Not a 500, which is the server's own failure;
+# like any 4xx (and like a gRPC call's CANCELLED) it counts in vggembed_errors_total.
+CLIENT_CLOSED = 499
 # TensorFlow Serving's model paths: NAME, then /versions/N or /labels/L, then :VERB or /metadata.
 MODEL_PATH = re.compile(r"(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
                         r"(?::(?P<verb>[A-Za-z]+)|/(?P<metadata>metadata))?")
@@ -49,6 +54,16 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _one_line(e: BaseException) -> str:
+    """aiohttp's words for a request it could not read, on one line and without the client's bytes it quotes
+    (`Invalid char in url path:\n\n  b'GET /\\xff ...'\n  ^` is `Invalid char in url path`)."""
+    text = getattr(e, "message", None) or str(e) or type(e).__name__
+    text = re.sub(r"^\d{3}, message:\s*", "", text.strip())  # aiohttp's str() of its own errors
+    text = text.split("\n", 1)[0].split(": b'", 1)[0].split(': b"', 1)[0]
+    text = text.split(". ", 1)[0]  # "... brotli (br). Please install `Brotli`": advice for whoever runs aiohttp
+    return text.rstrip(" :.")[:200]
 
 
 def http_error(e: Refused) -> HTTPError:
@@ -240,6 +255,11 @@ class Rest:
                 raise HTTPError(408, f"body not received within {self.config.read_timeout:g}s") from None
             except web.HTTPRequestEntityTooLarge:
                 raise HTTPError(413, f"body is over --max-body {self.config.max_body} bytes") from None
+            except web.RequestPayloadError as e:  # a Content-Encoding the bytes are not in, a broken chunk
+                raise HTTPError(400, f"body could not be read: {_one_line(e.__cause__ or e)}") from None
+            except ConnectionError:  # the client closed the connection before its whole body arrived
+                raise HTTPError(CLIENT_CLOSED, "the client closed the connection before sending the whole "
+                                               "body") from None
             out = await handler(request, body)
             self.metrics.request_seconds.observe(time.perf_counter() - start)
             return web.Response(body=out, content_type="application/json")
