@@ -313,6 +313,51 @@ class Rest:
 
 
 # ------------------------------------------------------------- listening
+def _connection_class():
+    """aiohttp's connection handler, answering the requests it cannot parse as the rest of the API answers.
+
+    aiohttp answers a request it cannot read before any route sees it (bad bytes in the path, a bad or duplicate
+    Content-Length, a header line over 8 KiB, a Content-Encoding it cannot decode): a text/plain 400, and an
+    "Error handling request" line with the parser's traceback on the log for every one of them (after a body it
+    could not decode, "Unhandled exception" with one), so any client could flood the server's log. Here such a
+    request is answered `{"error": "malformed HTTP request: ..."}` and counted in the metrics (route
+    "malformed"), and nothing is logged for what a client did wrong (aiohttp's parse errors, an unreadable body, a
+    closed connection); anything else aiohttp catches (a failure of the server's own) is still logged whole."""
+    import sys
+
+    from aiohttp import http_exceptions, web
+
+    client_faults = (http_exceptions.HttpProcessingError, web.RequestPayloadError, ConnectionError)
+
+    class Connection(web.RequestHandler):
+        def __init__(self, manager, metrics, **kwargs):
+            super().__init__(manager, **kwargs)
+            self.metrics = metrics
+
+        def log_exception(self, *args, **kwargs):
+            exc = kwargs.get("exc_info")
+            if exc is True:
+                exc = sys.exc_info()[1]
+            if not isinstance(exc, client_faults):
+                super().log_exception(*args, **kwargs)
+
+        def handle_error(self, request, status=500, exc=None, message=None):
+            if status >= 500:  # an exception escaped the app (its middleware answers every failure of its own)
+                self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+                text = f"internal error: {reason(exc)}" if exc is not None else "internal error"
+            else:
+                text = f"malformed HTTP request: {_one_line(exc) if exc is not None else message}"
+            self.metrics.requests[request.get("route", "malformed" if status < 500 else "other"), status] += 1
+            if request.writer.output_size > 0:  # as aiohttp's: part of an answer went out, the connection is broken
+                raise ConnectionError("Response is sent already, cannot send another response with the error")
+            response = web.Response(status=status, body=json.dumps({"error": text}).encode(),
+                                    content_type="application/json")
+            response.force_close()
+            return response
+
+    return Connection
+
+
 class _Refuse(asyncio.Protocol):
     """A connection over --max-connections: answered 503 at once, then closed (after the client has had a moment
     to read it: closing with its request unread would reset the connection and lose the answer)."""
@@ -342,10 +387,11 @@ async def start(server: Server) -> Front:
     # keepalive_timeout: a connection that has not sent a whole request (headers) within read_timeout, or sits
     # idle that long between requests, is closed (aiohttp's own default is an hour: slow-header clients could
     # hold every file descriptor).
-    runner = web.AppRunner(rest.app(), access_log=None, shutdown_timeout=config.read_timeout + 60,
-                           keepalive_timeout=config.read_timeout)
+    options = {"access_log": None, "keepalive_timeout": config.read_timeout}
+    runner = web.AppRunner(rest.app(), shutdown_timeout=config.read_timeout + 60, **options)
     await runner.setup()
     handlers = runner.server
+    connection, loop = _connection_class(), asyncio.get_running_loop()
     server.metrics.connections["rest"] = lambda: len(handlers.connections)
     message = json.dumps({"error": f"too many connections: {config.max_connections} are open "
                                    "(--max-connections); retry shortly"}).encode()
@@ -356,9 +402,9 @@ async def start(server: Server) -> Front:
         if len(handlers.connections) >= config.max_connections:
             server.metrics.refused_connections["rest"] += 1
             return _Refuse(refusal)
-        return handlers()
+        return connection(handlers, server.metrics, loop=loop, **options)
 
-    listening = await asyncio.get_running_loop().create_server(factory, config.host, config.port, backlog=1024,
+    listening = await loop.create_server(factory, config.host, config.port, backlog=1024,
                                                                reuse_address=True)
 
     async def stop():
