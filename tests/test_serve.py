@@ -352,6 +352,33 @@ def test_malformed_http_is_a_json_400_and_leaves_the_log_quiet(tiny16, photos):
         assert "Traceback" not in log and "Error handling request" not in log and "Unhandled" not in log, log[-3000:]
 
 
+def test_requests_are_taken_as_documented_and_no_more(tiny16, photos):
+    """:classify takes the feature and signature it documents, pixels are JSON numbers only, and a refused request
+    leaves nothing on the server's stderr (Python's advice, numpy's warnings)."""
+    with serve(tiny16, "--batch-size", "2", "--top", "2") as s:
+        classify = f"{s.url}/v1/models/vggembed:classify"
+        image = b64(photos[0])
+        for body, words in (
+                ({"examples": [{"foo": image}]}, 'example 0: must be an object with one feature, {"images": '
+                                                 '{"b64": "..."}}; it has feature \'foo\''),
+                ({"examples": [{"images": image, "extra": image}]}, "it has feature 'extra'"),
+                ({"examples": [{"images": image}], "signature_name": "pixels"},
+                 "classify takes encoded images (serving_default); signature_name 'pixels' takes pixels"),
+                ({"examples": [{"images": image}], "signature_name": 5}, "signature_name must be a string"),
+                ({"examples": [{"images": image}], "signature_name": "nope"}, "unknown signature_name 'nope'")):
+            r = requests.post(classify, json=body, timeout=HANG_GUARD)
+            assert r.status_code == 400 and words in r.json()["error"], (body.keys(), r.text)
+        for name in ("serving_default", ""):
+            r = requests.post(classify, json={"examples": [{"images": [image]}], "signature_name": name},
+                              timeout=HANG_GUARD)
+            assert r.status_code == 200 and len(r.json()["result"][0]) == 2, r.text
+
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(HANG_GUARD) == 0
+        log = s.stderr()
+        assert "Warning" not in log and "Traceback" not in log, log[-3000:]
+
+
 def test_a_full_queue_is_503_with_retry_after(tiny16, photos):
     with serve(tiny16, "--batch-size", "4", "--max-wait", "600000", "--queue-size", "4") as s:
         first = []

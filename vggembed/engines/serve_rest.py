@@ -133,20 +133,30 @@ class Rest:
         return _b64(i, value)
 
     def parse_classify(self, body: bytes) -> list[bytes]:
-        """The images of a classify body: `{"examples": [{"FEATURE": {"b64": "..."}}, ...]}`, one feature each."""
+        """The images of a classify body: `{"examples": [{"images": {"b64": "..."}}, ...]}`. As in TensorFlow
+        Serving, an example's features are named by the model's input: here `images`, the one feature; the
+        signature is serving_default (encoded images): pixels are for :predict."""
         doc = _load_json(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("examples"), list) or not doc["examples"]:
             raise HTTPError(400, 'body must be a JSON object with "examples": a non-empty list of '
                                  '{"images": {"b64": "..."}}')
-        self.server.signature(doc.get("signature_name") if isinstance(doc.get("signature_name"), str) else None)
+        name = doc.get("signature_name", "serving_default")
+        if not isinstance(name, str):
+            raise HTTPError(400, "signature_name must be a string")
+        if self.server.signature(name) != "serving_default":
+            raise HTTPError(400, f"classify takes encoded images (serving_default); signature_name {name!r} takes "
+                                 "pixels: use :predict")
         if doc.get("context"):
             raise HTTPError(400, "context is not taken: put each image in its own example")
+        key = INPUT_NAMES["serving_default"]
         items = []
         for i, ex in enumerate(doc["examples"]):
-            if not (isinstance(ex, dict) and len(ex) == 1):
-                raise HTTPError(400, f'example {i}: must be an object with one feature, {{"images": {{"b64": '
-                                     f'"..."}}}}')
-            (value,) = ex.values()
+            if not (isinstance(ex, dict) and set(ex) == {key}):
+                other = [f for f in ex if f != key] if isinstance(ex, dict) else []
+                named = f"; it has feature {other[0][:40]!r}" if other else ""
+                raise HTTPError(400, f'example {i}: must be an object with one feature, {{"{key}": {{"b64": '
+                                     f'"..."}}}}{named}')
+            value = ex[key]
             if isinstance(value, list) and len(value) == 1:
                 value = value[0]
             items.append(_b64(i, value))
