@@ -352,6 +352,12 @@ def test_malformed_http_is_a_json_400_and_leaves_the_log_quiet(tiny16, photos):
         assert "Traceback" not in log and "Error handling request" not in log and "Unhandled" not in log, log[-3000:]
 
 
+def pixels_body(first: bytes) -> bytes:
+    """A pixels predict body: one 224x224x3 instance of zeros whose first value is FIRST, as written in JSON."""
+    rows = b"[" + b",".join([b"[" + b",".join([b"[0,0,0]"] * 224) + b"]"] * 224) + b"]"
+    return b'{"signature_name": "pixels", "instances": [' + rows.replace(b"[[[0", b"[[[" + first, 1) + b"]}"
+
+
 def test_requests_are_taken_as_documented_and_no_more(tiny16, photos):
     """:classify takes the feature and signature it documents, pixels are JSON numbers only, and a refused request
     leaves nothing on the server's stderr (Python's advice, numpy's warnings)."""
@@ -373,6 +379,15 @@ def test_requests_are_taken_as_documented_and_no_more(tiny16, photos):
                               timeout=HANG_GUARD)
             assert r.status_code == 200 and len(r.json()["result"][0]) == 2, r.text
 
+        assert s.predict(None, data=pixels_body(b"7")).status_code == 200
+        for first, words in ((b"true", "instance 0: pixels must be numbers, not true/false"),
+                             (b'"7"', "instance 0: pixels must be numbers, not strings"),
+                             (b"null", "instance 0: pixels must be numbers, not null"),
+                             (b"1e39", "instance 0: pixels contain NaN, infinity or values beyond float32's range")):
+            r = s.predict(None, data=pixels_body(first))
+            assert r.status_code == 400 and r.json()["error"] == words, r.text
+        r = s.predict(None, data=b'{"instances": [' + b"7" * 5000 + b"]}")
+        assert r.status_code == 400 and r.json() == {"error": "body has a number of more than 4300 digits"}
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(HANG_GUARD) == 0
         log = s.stderr()

@@ -31,6 +31,7 @@ import binascii
 import hmac
 import json
 import re
+import sys
 import time
 
 import numpy as np
@@ -79,8 +80,10 @@ def _load_json(body: bytes):
         return json.loads(body)
     except RecursionError:
         raise HTTPError(400, "body is nested too deeply to be a request") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPError(400, f"body is not JSON: {e}") from None
+    except ValueError:  # Python's own limit on reading long integers (its words advise sys.set_int_max_str_digits)
+        raise HTTPError(400, f"body has a number of more than {sys.get_int_max_str_digits()} digits") from None
 
 
 def _b64(i: int, value) -> bytes:
