@@ -408,6 +408,23 @@ def test_a_full_queue_is_503_with_retry_after(tiny16, photos):
         assert len(first[0].json()["predictions"]) == 3
 
 
+def test_a_rest_client_that_hangs_up_takes_its_images_out_of_the_queue(tiny16, photos):
+    # --max-wait beyond the test: the image waits for a batch of 2 until its client goes away.
+    with serve(tiny16, "--batch-size", "2", "--max-wait", "600000") as s:
+        body = json.dumps({"instances": [b64(photos[0])]}).encode()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=HANG_GUARD) as c:
+            c.sendall(b"POST /v1/models/vggembed:predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                      % len(body) + body)
+            s.wait_for("the image waiting", lambda m: m["vggembed_queue_images"] == 1)
+        s.wait_for("the image taken out", lambda m: m["vggembed_cancelled_images_total"] == 1)
+        m = s.metrics()
+        assert m["vggembed_queue_images"] == 0 and m['vggembed_requests_total{route="predict",code="499"}'] == 1
+        assert 'vggembed_requests_total{route="predict",code="200"}' not in m
+        # It never runs: the next two images make the batch.
+        two = s.predict({"instances": [b64(photos[1]), b64(photos[2])]})
+        assert two.status_code == 200 and s.metrics()["vggembed_images_total"] == 2
+
+
 def test_a_slow_client_holds_no_worker_and_times_out(tiny16, photos):
     with serve(tiny16, "--batch-size", "1", "--read-timeout", "2") as s:
         slow = socket.create_connection(("127.0.0.1", s.port))

@@ -149,7 +149,7 @@ class Metrics:
         errors = sum(n for (_, c), n in self.requests.items() if c >= 400)
         errors += sum(n for (_, c), n in self.grpc_requests.items() if c != "OK")
         lines += ["# HELP vggembed_errors_total Requests answered with an HTTP status of 400 or more (499: the "
-                  "client closed its connection before sending its whole body), or a gRPC code other than OK.",
+                  "client closed its connection before its answer), or a gRPC code other than OK.",
                   "# TYPE vggembed_errors_total counter", f"vggembed_errors_total {errors}",
                   "# HELP vggembed_images_total Images run through the network.",
                   "# TYPE vggembed_images_total counter", f"vggembed_images_total {self.images}",
@@ -411,6 +411,10 @@ class Server:
                 raise
         except VGGEmbedError as e:
             raise Refused("internal", str(e)) from None
+        except asyncio.CancelledError:
+            if not submitted:  # the client went away while its images were decoded: they never run either
+                self.metrics.cancelled += n
+            raise
         finally:
             if not submitted:
                 self.metrics.waiting -= n

@@ -19,8 +19,8 @@ Bodies are read asynchronously (a slow client holds a connection, never the mode
 `read_timeout`, and above `max_body` bytes refused with 413; a connection that sends no whole request head
 within `read_timeout`, or idles that long, is closed; beyond `max_connections` open connections a new one is
 answered 503 at once and closed. Every malformed request is a 4xx with words (a JSON body nested too deeply
-included, a body not in its Content-Encoding), never a 500; a client that hangs up before its body arrived is
-counted as 499 (`CLIENT_CLOSED`).
+included, a body not in its Content-Encoding), never a 500. A client that closes its connection before its
+answer is counted as 499 (`CLIENT_CLOSED`), and its images waiting in the queue are taken out unrun.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from .serve import INPUT_NAMES, Front, Refused, Server
 
 STATUS = {"invalid": 400, "not_found": 404, "too_large": 413, "busy": 503, "unavailable": 503, "internal": 500}
 # The code counted (never sent: nobody is there to read it) for a request whose client closed its connection
-# before the whole body arrived: nginx's "client closed request". Not a 500, which is the server's own failure;
-# like any 4xx (and like a gRPC call's CANCELLED) it counts in vggembed_errors_total.
+# before its answer: nginx's "client closed request". Not a 500, which is the server's own failure; like any 4xx
+# (and like a gRPC call's CANCELLED) it counts in vggembed_errors_total.
 CLIENT_CLOSED = 499
 # TensorFlow Serving's model paths: NAME, then /versions/N or /labels/L, then :VERB or /metadata.
 MODEL_PATH = re.compile(r"(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
@@ -317,6 +317,9 @@ class Rest:
                     message = f"no such endpoint: {request.method} {request.path}"
             except Exception as e:  # noqa: BLE001 - a failure in the model (TensorFlow's own kinds): one line
                 status, message, headers = 500, f"internal error: {reason(e)}", {}
+            except asyncio.CancelledError:  # the client closed its connection (handler_cancellation)
+                status = CLIENT_CLOSED
+                raise
             finally:
                 self.metrics.requests[request.get("route", "other"), status] += 1
             return web.Response(body=json.dumps({"error": message}).encode(), status=status,
@@ -401,7 +404,10 @@ async def start(server: Server) -> Front:
     # idle that long between requests, is closed (aiohttp's own default is an hour: slow-header clients could
     # hold every file descriptor).
     options = {"access_log": None, "keepalive_timeout": config.read_timeout}
-    runner = web.AppRunner(rest.app(), shutdown_timeout=config.read_timeout + 60, **options)
+    # handler_cancellation: a client that closes its connection cancels its handler, so its images are taken out
+    # of the queue unrun (Server.predict withdraws them), as a gRPC call's are (aiohttp's default runs them).
+    runner = web.AppRunner(rest.app(), shutdown_timeout=config.read_timeout + 60, handler_cancellation=True,
+                           **options)
     await runner.setup()
     handlers = runner.server
     connection, loop = _connection_class(), asyncio.get_running_loop()
