@@ -325,3 +325,63 @@ def test_idle_connections_and_slowloris_on_both_apis_leave_requests_answered(tin
         finally:
             for c in held:
                 c.close()
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), bytes: an allocation made and freed between two reads
+    still shows."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def pixels_request(dims, **values) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "vggembed", "pixels"
+    tensor = request.inputs["pixels"]
+    tensor.dtype = tf.float32.as_datatype_enum
+    for d in dims:
+        tensor.tensor_shape.dim.add(size=d)
+    for field, v in values.items():
+        getattr(tensor, field).extend(v)
+    return request
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc/PID/status")
+def test_a_small_message_declaring_a_huge_shape_is_refused_before_anything_is_built(tiny16, photos):
+    with serve_grpc(tiny16, "--batch-size", "2", "--queue-size", "8") as s:
+        before = peak_rss(s.proc.pid)
+        # 2000 images of one repeated value: 60 bytes on the wire, 1.2 GB as float32. Refused from the shape alone,
+        # naming the limit; the server's peak memory does not move by anything near the tensor's size.
+        for n in (2000, 100_000, 2**62):
+            request = pixels_request([n, 224, 224, 3], float_val=[0.5])
+            assert request.ByteSize() < 100
+            code, words = code_of(lambda: s.stub.Predict(request, HANG_GUARD))  # noqa: B023
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, words
+            assert words == f"{n} instances in one request; this server takes at most 8 (--queue-size)"
+        assert peak_rss(s.proc.pid) - before < 200 << 20
+        # Values that do not fill the shape, given or in tensor_content, are named.
+        code, words = code_of(lambda: s.stub.Predict(pixels_request([2, 224, 224, 3], float_val=[1, 2]), HANG_GUARD))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words == (
+            "input 'pixels': float_val has 2 values; shape [2, 224, 224, 3] needs 301056")
+        short = pixels_request([3, 224, 224, 3])
+        short.inputs["pixels"].tensor_content = b"\0" * 12
+        code, words = code_of(lambda: s.stub.Predict(short, HANG_GUARD))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "tensor_content has 12 bytes" in words
+        # Within the limit one value still fills the tensor, as TensorFlow reads a TensorProto: both rows equal
+        # the row of that image sent whole.
+        filled = s.stub.Predict(pixels_request([2, 224, 224, 3], float_val=[0.5]), HANG_GUARD)
+        whole = s.stub.Predict(pixels_request([1, 224, 224, 3], float_val=[0.5] * (224 * 224 * 3)), HANG_GUARD)
+        rows = tf.make_ndarray(filled.outputs["fc2"])
+        assert rows.shape[0] == 2 and np.array_equal(rows[0], rows[1])
+        assert np.allclose(rows[0], tf.make_ndarray(whole.outputs["fc2"])[0], atol=1e-6)
+        # Doubles beyond float32's range are refused as such, without a warning on the server's stderr.
+        huge = pixels_request([1, 224, 224, 3])
+        huge.inputs["pixels"].dtype = tf.float64.as_datatype_enum
+        huge.inputs["pixels"].double_val.append(1e39)
+        code, words = code_of(lambda: s.stub.Predict(huge, HANG_GUARD))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and words.startswith("instance 0: pixels contain")
+        m = s.metrics()
+        assert m.get('vggembed_grpc_requests_total{method="Predict",code="INTERNAL"}', 0) == 0
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(HANG_GUARD) == 0
+        assert "Traceback" not in s.stderr() and "Warning" not in s.stderr(), s.stderr()[-3000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import re
 import signal
 import socket
@@ -276,6 +277,123 @@ def test_size_limits_and_unknown_routes(served_small, photos):
     assert m["vggembed_errors_total"] >= 4
 
 
+def exchange(port: int, data: bytes) -> tuple[int, dict, dict]:
+    """Send raw bytes as one HTTP request; (status, headers, JSON body) of the answer, read to the connection's
+    close or the body's end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as c:
+        c.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = c.recv(65536)
+            assert chunk, f"the connection closed before an answer: {answer!r}"
+            answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            chunk = c.recv(65536)
+            assert chunk, "the connection closed inside the body"
+            body += chunk
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_an_undecodable_body_is_400_and_a_client_that_hangs_up_is_no_server_error(served_small, photos):
+    s = served_small
+    before = s.metrics()
+    # Content-Encoding: gzip on bytes that are not gzip: the client's fault, in words.
+    status, headers, doc = exchange(s.port, b"POST /v1/models/vggembed:predict HTTP/1.1\r\nHost: x\r\n"
+                                            b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello")
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert doc == {"error": "body could not be read: Can not decode content-encoding: gzip"}
+    # A client that sends part of its body and hangs up is counted as 499 (client closed request), not as 500.
+    with socket.create_connection(("127.0.0.1", s.port), timeout=HANG_GUARD) as c:
+        c.sendall(b"POST /v1/models/vggembed:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    s.wait_for("the hang-up counted", lambda m: m.get('vggembed_requests_total{route="predict",code="499"}', 0)
+               == before.get('vggembed_requests_total{route="predict",code="499"}', 0) + 1)
+    after = s.metrics()
+    assert after.get('vggembed_requests_total{route="predict",code="500"}', 0) == \
+        before.get('vggembed_requests_total{route="predict",code="500"}', 0)
+    assert after['vggembed_requests_total{route="predict",code="400"}'] == \
+        before.get('vggembed_requests_total{route="predict",code="400"}', 0) + 1
+    assert requests.post(f"{s.url}/embed", data=photos[0].read_bytes(), timeout=HANG_GUARD).status_code == 200
+
+
+MALFORMED = [
+    b"GET /v1/models/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+    b"POST /embed HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+]
+
+
+def test_malformed_http_is_a_json_400_and_leaves_the_log_quiet(tiny16, photos):
+    """Requests aiohttp cannot parse are answered before any route; each was a text/plain 400 and a traceback on
+    the server's log, so any client could flood the log. Now: a JSON 400 in words, nothing logged, counted."""
+    with serve(tiny16, "--batch-size", "1") as s:
+        for data in MALFORMED * 3:
+            status, headers, doc = exchange(s.port, data)
+            assert status == 400 and headers["content-type"].startswith("application/json"), (data[:40], doc)
+            assert doc["error"].startswith("malformed HTTP request: ") and "\n" not in doc["error"]
+            assert "b'" not in doc["error"]  # the client's bytes are not echoed
+        # A Content-Encoding aiohttp cannot decode (br without the Brotli package; with it, the bytes are not br)
+        # and one whose bytes are not what it says.
+        for encoding in (b"br", b"gzip", b"deflate"):
+            status, _, doc = exchange(s.port, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Encoding: " + encoding +
+                                      b"\r\nContent-Length: 5\r\n\r\nhello")
+            assert status == 400 and "content-encoding" in doc["error"].lower(), doc
+        m = s.metrics()
+        assert m['vggembed_requests_total{route="malformed",code="400"}'] >= len(MALFORMED) * 3
+        # The server answers everyone else throughout.
+        assert requests.post(f"{s.url}/embed", data=photos[0].read_bytes(), timeout=HANG_GUARD).status_code == 200
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(HANG_GUARD) == 0
+        log = s.stderr()
+        assert "Traceback" not in log and "Error handling request" not in log and "Unhandled" not in log, log[-3000:]
+
+
+def pixels_body(first: bytes) -> bytes:
+    """A pixels predict body: one 224x224x3 instance of zeros whose first value is FIRST, as written in JSON."""
+    rows = b"[" + b",".join([b"[" + b",".join([b"[0,0,0]"] * 224) + b"]"] * 224) + b"]"
+    return b'{"signature_name": "pixels", "instances": [' + rows.replace(b"[[[0", b"[[[" + first, 1) + b"]}"
+
+
+def test_requests_are_taken_as_documented_and_no_more(tiny16, photos):
+    """:classify takes the feature and signature it documents, pixels are JSON numbers only, and a refused request
+    leaves nothing on the server's stderr (Python's advice, numpy's warnings)."""
+    with serve(tiny16, "--batch-size", "2", "--top", "2") as s:
+        classify = f"{s.url}/v1/models/vggembed:classify"
+        image = b64(photos[0])
+        for body, words in (
+                ({"examples": [{"foo": image}]}, 'example 0: must be an object with one feature, {"images": '
+                                                 '{"b64": "..."}}; it has feature \'foo\''),
+                ({"examples": [{"images": image, "extra": image}]}, "it has feature 'extra'"),
+                ({"examples": [{"images": image}], "signature_name": "pixels"},
+                 "classify takes encoded images (serving_default); signature_name 'pixels' takes pixels"),
+                ({"examples": [{"images": image}], "signature_name": 5}, "signature_name must be a string"),
+                ({"examples": [{"images": image}], "signature_name": "nope"}, "unknown signature_name 'nope'")):
+            r = requests.post(classify, json=body, timeout=HANG_GUARD)
+            assert r.status_code == 400 and words in r.json()["error"], (body.keys(), r.text)
+        for name in ("serving_default", ""):
+            r = requests.post(classify, json={"examples": [{"images": [image]}], "signature_name": name},
+                              timeout=HANG_GUARD)
+            assert r.status_code == 200 and len(r.json()["result"][0]) == 2, r.text
+
+        assert s.predict(None, data=pixels_body(b"7")).status_code == 200
+        for first, words in ((b"true", "instance 0: pixels must be numbers, not true/false"),
+                             (b'"7"', "instance 0: pixels must be numbers, not strings"),
+                             (b"null", "instance 0: pixels must be numbers, not null"),
+                             (b"1e39", "instance 0: pixels contain NaN, infinity or values beyond float32's range")):
+            r = s.predict(None, data=pixels_body(first))
+            assert r.status_code == 400 and r.json()["error"] == words, r.text
+        r = s.predict(None, data=b'{"instances": [' + b"7" * 5000 + b"]}")
+        assert r.status_code == 400 and r.json() == {"error": "body has a number of more than 4300 digits"}
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(HANG_GUARD) == 0
+        log = s.stderr()
+        assert "Warning" not in log and "Traceback" not in log, log[-3000:]
+
+
 def test_a_full_queue_is_503_with_retry_after(tiny16, photos):
     with serve(tiny16, "--batch-size", "4", "--max-wait", "600000", "--queue-size", "4") as s:
         first = []
@@ -288,6 +406,23 @@ def test_a_full_queue_is_503_with_retry_after(tiny16, photos):
         t.join(HANG_GUARD)
         assert last.status_code == 200 and first[0].status_code == 200
         assert len(first[0].json()["predictions"]) == 3
+
+
+def test_a_rest_client_that_hangs_up_takes_its_images_out_of_the_queue(tiny16, photos):
+    # --max-wait beyond the test: the image waits for a batch of 2 until its client goes away.
+    with serve(tiny16, "--batch-size", "2", "--max-wait", "600000") as s:
+        body = json.dumps({"instances": [b64(photos[0])]}).encode()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=HANG_GUARD) as c:
+            c.sendall(b"POST /v1/models/vggembed:predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                      % len(body) + body)
+            s.wait_for("the image waiting", lambda m: m["vggembed_queue_images"] == 1)
+        s.wait_for("the image taken out", lambda m: m["vggembed_cancelled_images_total"] == 1)
+        m = s.metrics()
+        assert m["vggembed_queue_images"] == 0 and m['vggembed_requests_total{route="predict",code="499"}'] == 1
+        assert 'vggembed_requests_total{route="predict",code="200"}' not in m
+        # It never runs: the next two images make the batch.
+        two = s.predict({"instances": [b64(photos[1]), b64(photos[2])]})
+        assert two.status_code == 200 and s.metrics()["vggembed_images_total"] == 2
 
 
 def test_a_slow_client_holds_no_worker_and_times_out(tiny16, photos):

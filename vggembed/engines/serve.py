@@ -148,8 +148,8 @@ class Metrics:
                   for (m, c), n in sorted(self.grpc_requests.items())]
         errors = sum(n for (_, c), n in self.requests.items() if c >= 400)
         errors += sum(n for (_, c), n in self.grpc_requests.items() if c != "OK")
-        lines += ["# HELP vggembed_errors_total Requests answered with an HTTP status of 400 or more, or a gRPC "
-                  "code other than OK.",
+        lines += ["# HELP vggembed_errors_total Requests answered with an HTTP status of 400 or more (499: the "
+                  "client closed its connection before its answer), or a gRPC code other than OK.",
                   "# TYPE vggembed_errors_total counter", f"vggembed_errors_total {errors}",
                   "# HELP vggembed_images_total Images run through the network.",
                   "# TYPE vggembed_images_total counter", f"vggembed_images_total {self.images}",
@@ -354,14 +354,23 @@ class Server:
 
     def _pixels(self, i: int, value) -> np.ndarray:
         try:
-            arr = np.asarray(value, np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # 1e39 becomes inf, refused below without a warning
+                arr = np.asarray(value, np.float32)
         except (ValueError, TypeError, RecursionError):
             raise Refused("invalid", f"instance {i}: pixels must be nested lists of numbers") from None
         if arr.shape != self.shape:
             raise Refused("invalid", f"instance {i}: pixels have shape {list(arr.shape)}; expected "
                                      f"{list(self.shape)}")
+        if not isinstance(value, np.ndarray):
+            # numpy reads JSON's true/false as 1/0, a string such as "7" as 7 and null as NaN: only numbers are
+            # pixels. (The shape is right, so every element is a scalar; one pass in C over them, ~10 ms.)
+            kinds = set(map(type, np.asarray(value, object).ravel())) - {int, float}
+            if kinds:
+                names = sorted({bool: "true/false", str: "strings", type(None): "null"}.get(k, k.__name__)
+                               for k in kinds)
+                raise Refused("invalid", f"instance {i}: pixels must be numbers, not {', '.join(names)}")
         if not np.isfinite(arr).all():
-            raise Refused("invalid", f"instance {i}: pixels contain NaN or infinite values")
+            raise Refused("invalid", f"instance {i}: pixels contain NaN, infinity or values beyond float32's range")
         return arr
 
     def _prepare_all(self, signature: str, items: list) -> np.ndarray:
@@ -371,13 +380,18 @@ class Server:
         return np.stack([self._decode(i, v) for i, v in enumerate(items)]).astype(np.float32, copy=False)
 
     # -------------------------------------------------------- the queue
+    def check_count(self, n: int) -> None:
+        """Refused('too_large') when one request holds more instances than can ever be admitted. A protocol that
+        learns N from a declared shape (gRPC's tensor_shape) calls it before building anything of that size."""
+        if n > self.config.queue_size:
+            raise Refused("too_large", f"{n} instances in one request; this server takes at most "
+                                       f"{self.config.queue_size} (--queue-size)")
+
     async def predict(self, signature: str, items: list) -> list[dict]:
         """Admit, prepare and batch `items` (encoded images for serving_default, pixel arrays for pixels); one
         {output: array} per instance. A cancelled caller takes its images out of the queue."""
         n = len(items)
-        if n > self.config.queue_size:
-            raise Refused("too_large", f"{n} instances in one request; this server takes at most "
-                                       f"{self.config.queue_size} (--queue-size)")
+        self.check_count(n)
         if self.batcher is None or self.batcher.closing:
             raise Refused("unavailable", "shutting down")  # not reached while requests are in flight
         if self.metrics.waiting + n > self.config.queue_size:
@@ -397,6 +411,10 @@ class Server:
                 raise
         except VGGEmbedError as e:
             raise Refused("internal", str(e)) from None
+        except asyncio.CancelledError:
+            if not submitted:  # the client went away while its images were decoded: they never run either
+                self.metrics.cancelled += n
+            raise
         finally:
             if not submitted:
                 self.metrics.waiting -= n

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import time
 
 import grpc
@@ -136,14 +137,18 @@ class Grpc:
         return self._pixels(key, t, dims)
 
     def _pixels(self, key: str, t, dims: list[int]) -> list:
+        """The N arrays of a pixels tensor. The declared shape is checked first, N against --queue-size included,
+        so a small message declaring a huge shape is refused before anything of that size is built; the sizes are
+        Python integers (numpy's int64 product of a shape such as [2**62, 224, 224, 3] wraps around)."""
         shape = list(self.server.shape)
         if len(dims) != 4 or dims[1:] != shape or dims[0] < 1:
             raise _invalid(f"input {key!r} has shape {dims}; expected [N, {', '.join(map(str, shape))}]")
+        self.server.check_count(dims[0])
         dtypes = {pb.DATA_TYPES["DT_FLOAT"]: ("<f4", "float_val"), pb.DATA_TYPES["DT_DOUBLE"]: ("<f8", "double_val")}
         if t.dtype not in dtypes:
             raise _invalid(f"input {key!r} must be DT_FLOAT (or DT_DOUBLE) RGB pixels in 0..255, not dtype {t.dtype}")
         dtype, field = dtypes[t.dtype]
-        count = int(np.prod(dims))
+        count = dims[0] * math.prod(shape)  # at most --queue-size images' worth
         if t.tensor_content:
             if len(t.tensor_content) != count * np.dtype(dtype).itemsize:
                 raise _invalid(f"input {key!r}: tensor_content has {len(t.tensor_content)} bytes; shape {dims} "
@@ -151,11 +156,17 @@ class Grpc:
             values = np.frombuffer(t.tensor_content, dtype)
         else:
             values = np.asarray(getattr(t, field), dtype)
-            if len(values) == 1:
-                values = np.full(count, values[0], dtype)  # one value fills the tensor, as TensorFlow reads it
-            elif len(values) != count:
+            if len(values) != 1 and len(values) != count:
                 raise _invalid(f"input {key!r}: {field} has {len(values)} values; shape {dims} needs {count}")
-        arr = values.astype(np.float32).reshape(dims)
+        with np.errstate(over="ignore", invalid="ignore"):  # doubles beyond float32: inf, refused as such later
+            values = values.astype(np.float32, copy=False)
+        if len(values) == 1 and count > 1:
+            # One value fills the tensor, as TensorFlow reads a TensorProto (tensor.cc, FromProtoField: values
+            # short of the shape repeat the last). A read-only view: nothing of the tensor's size is built here,
+            # on the event loop; the decoding thread builds the batch from it (--queue-size images at most).
+            arr = np.broadcast_to(values[0], dims)
+        else:
+            arr = values.reshape(dims)
         return list(arr)
 
     @staticmethod

@@ -19,7 +19,8 @@ Bodies are read asynchronously (a slow client holds a connection, never the mode
 `read_timeout`, and above `max_body` bytes refused with 413; a connection that sends no whole request head
 within `read_timeout`, or idles that long, is closed; beyond `max_connections` open connections a new one is
 answered 503 at once and closed. Every malformed request is a 4xx with words (a JSON body nested too deeply
-included), never a 500.
+included, a body not in its Content-Encoding), never a 500. A client that closes its connection before its
+answer is counted as 499 (`CLIENT_CLOSED`), and its images waiting in the queue are taken out unrun.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import binascii
 import hmac
 import json
 import re
+import sys
 import time
 
 import numpy as np
@@ -38,6 +40,10 @@ from ..errors import reason
 from .serve import INPUT_NAMES, Front, Refused, Server
 
 STATUS = {"invalid": 400, "not_found": 404, "too_large": 413, "busy": 503, "unavailable": 503, "internal": 500}
+# The code counted (never sent: nobody is there to read it) for a request whose client closed its connection
+# before its answer: nginx's "client closed request". Not a 500, which is the server's own failure; like any 4xx
+# (and like a gRPC call's CANCELLED) it counts in vggembed_errors_total.
+CLIENT_CLOSED = 499
 # TensorFlow Serving's model paths: NAME, then /versions/N or /labels/L, then :VERB or /metadata.
 MODEL_PATH = re.compile(r"(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
                         r"(?::(?P<verb>[A-Za-z]+)|/(?P<metadata>metadata))?")
@@ -49,6 +55,16 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _one_line(e: BaseException) -> str:
+    """aiohttp's words for a request it could not read, on one line and without the client's bytes it quotes
+    (`Invalid char in url path:\n\n  b'GET /\\xff ...'\n  ^` is `Invalid char in url path`)."""
+    text = getattr(e, "message", None) or str(e) or type(e).__name__
+    text = re.sub(r"^\d{3}, message:\s*", "", text.strip())  # aiohttp's str() of its own errors
+    text = text.split("\n", 1)[0].split(": b'", 1)[0].split(': b"', 1)[0]
+    text = text.split(". ", 1)[0]  # "... brotli (br). Please install `Brotli`": advice for whoever runs aiohttp
+    return text.rstrip(" :.")[:200]
 
 
 def http_error(e: Refused) -> HTTPError:
@@ -64,8 +80,10 @@ def _load_json(body: bytes):
         return json.loads(body)
     except RecursionError:
         raise HTTPError(400, "body is nested too deeply to be a request") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPError(400, f"body is not JSON: {e}") from None
+    except ValueError:  # Python's own limit on reading long integers (its words advise sys.set_int_max_str_digits)
+        raise HTTPError(400, f"body has a number of more than {sys.get_int_max_str_digits()} digits") from None
 
 
 def _b64(i: int, value) -> bytes:
@@ -118,20 +136,30 @@ class Rest:
         return _b64(i, value)
 
     def parse_classify(self, body: bytes) -> list[bytes]:
-        """The images of a classify body: `{"examples": [{"FEATURE": {"b64": "..."}}, ...]}`, one feature each."""
+        """The images of a classify body: `{"examples": [{"images": {"b64": "..."}}, ...]}`. As in TensorFlow
+        Serving, an example's features are named by the model's input: here `images`, the one feature; the
+        signature is serving_default (encoded images): pixels are for :predict."""
         doc = _load_json(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("examples"), list) or not doc["examples"]:
             raise HTTPError(400, 'body must be a JSON object with "examples": a non-empty list of '
                                  '{"images": {"b64": "..."}}')
-        self.server.signature(doc.get("signature_name") if isinstance(doc.get("signature_name"), str) else None)
+        name = doc.get("signature_name", "serving_default")
+        if not isinstance(name, str):
+            raise HTTPError(400, "signature_name must be a string")
+        if self.server.signature(name) != "serving_default":
+            raise HTTPError(400, f"classify takes encoded images (serving_default); signature_name {name!r} takes "
+                                 "pixels: use :predict")
         if doc.get("context"):
             raise HTTPError(400, "context is not taken: put each image in its own example")
+        key = INPUT_NAMES["serving_default"]
         items = []
         for i, ex in enumerate(doc["examples"]):
-            if not (isinstance(ex, dict) and len(ex) == 1):
-                raise HTTPError(400, f'example {i}: must be an object with one feature, {{"images": {{"b64": '
-                                     f'"..."}}}}')
-            (value,) = ex.values()
+            if not (isinstance(ex, dict) and set(ex) == {key}):
+                other = [f for f in ex if f != key] if isinstance(ex, dict) else []
+                named = f"; it has feature {other[0][:40]!r}" if other else ""
+                raise HTTPError(400, f'example {i}: must be an object with one feature, {{"{key}": {{"b64": '
+                                     f'"..."}}}}{named}')
+            value = ex[key]
             if isinstance(value, list) and len(value) == 1:
                 value = value[0]
             items.append(_b64(i, value))
@@ -240,6 +268,11 @@ class Rest:
                 raise HTTPError(408, f"body not received within {self.config.read_timeout:g}s") from None
             except web.HTTPRequestEntityTooLarge:
                 raise HTTPError(413, f"body is over --max-body {self.config.max_body} bytes") from None
+            except web.RequestPayloadError as e:  # a Content-Encoding the bytes are not in, a broken chunk
+                raise HTTPError(400, f"body could not be read: {_one_line(e.__cause__ or e)}") from None
+            except ConnectionError:  # the client closed the connection before its whole body arrived
+                raise HTTPError(CLIENT_CLOSED, "the client closed the connection before sending the whole "
+                                               "body") from None
             out = await handler(request, body)
             self.metrics.request_seconds.observe(time.perf_counter() - start)
             return web.Response(body=out, content_type="application/json")
@@ -284,6 +317,9 @@ class Rest:
                     message = f"no such endpoint: {request.method} {request.path}"
             except Exception as e:  # noqa: BLE001 - a failure in the model (TensorFlow's own kinds): one line
                 status, message, headers = 500, f"internal error: {reason(e)}", {}
+            except asyncio.CancelledError:  # the client closed its connection (handler_cancellation)
+                status = CLIENT_CLOSED
+                raise
             finally:
                 self.metrics.requests[request.get("route", "other"), status] += 1
             return web.Response(body=json.dumps({"error": message}).encode(), status=status,
@@ -293,6 +329,51 @@ class Rest:
 
 
 # ------------------------------------------------------------- listening
+def _connection_class():
+    """aiohttp's connection handler, answering the requests it cannot parse as the rest of the API answers.
+
+    aiohttp answers a request it cannot read before any route sees it (bad bytes in the path, a bad or duplicate
+    Content-Length, a header line over 8 KiB, a Content-Encoding it cannot decode): a text/plain 400, and an
+    "Error handling request" line with the parser's traceback on the log for every one of them (after a body it
+    could not decode, "Unhandled exception" with one), so any client could flood the server's log. Here such a
+    request is answered `{"error": "malformed HTTP request: ..."}` and counted in the metrics (route
+    "malformed"), and nothing is logged for what a client did wrong (aiohttp's parse errors, an unreadable body, a
+    closed connection); anything else aiohttp catches (a failure of the server's own) is still logged whole."""
+    import sys
+
+    from aiohttp import http_exceptions, web
+
+    client_faults = (http_exceptions.HttpProcessingError, web.RequestPayloadError, ConnectionError)
+
+    class Connection(web.RequestHandler):
+        def __init__(self, manager, metrics, **kwargs):
+            super().__init__(manager, **kwargs)
+            self.metrics = metrics
+
+        def log_exception(self, *args, **kwargs):
+            exc = kwargs.get("exc_info")
+            if exc is True:
+                exc = sys.exc_info()[1]
+            if not isinstance(exc, client_faults):
+                super().log_exception(*args, **kwargs)
+
+        def handle_error(self, request, status=500, exc=None, message=None):
+            if status >= 500:  # an exception escaped the app (its middleware answers every failure of its own)
+                self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+                text = f"internal error: {reason(exc)}" if exc is not None else "internal error"
+            else:
+                text = f"malformed HTTP request: {_one_line(exc) if exc is not None else message}"
+            self.metrics.requests[request.get("route", "malformed" if status < 500 else "other"), status] += 1
+            if request.writer.output_size > 0:  # as aiohttp's: part of an answer went out, the connection is broken
+                raise ConnectionError("Response is sent already, cannot send another response with the error")
+            response = web.Response(status=status, body=json.dumps({"error": text}).encode(),
+                                    content_type="application/json")
+            response.force_close()
+            return response
+
+    return Connection
+
+
 class _Refuse(asyncio.Protocol):
     """A connection over --max-connections: answered 503 at once, then closed (after the client has had a moment
     to read it: closing with its request unread would reset the connection and lose the answer)."""
@@ -322,10 +403,14 @@ async def start(server: Server) -> Front:
     # keepalive_timeout: a connection that has not sent a whole request (headers) within read_timeout, or sits
     # idle that long between requests, is closed (aiohttp's own default is an hour: slow-header clients could
     # hold every file descriptor).
-    runner = web.AppRunner(rest.app(), access_log=None, shutdown_timeout=config.read_timeout + 60,
-                           keepalive_timeout=config.read_timeout)
+    options = {"access_log": None, "keepalive_timeout": config.read_timeout}
+    # handler_cancellation: a client that closes its connection cancels its handler, so its images are taken out
+    # of the queue unrun (Server.predict withdraws them), as a gRPC call's are (aiohttp's default runs them).
+    runner = web.AppRunner(rest.app(), shutdown_timeout=config.read_timeout + 60, handler_cancellation=True,
+                           **options)
     await runner.setup()
     handlers = runner.server
+    connection, loop = _connection_class(), asyncio.get_running_loop()
     server.metrics.connections["rest"] = lambda: len(handlers.connections)
     message = json.dumps({"error": f"too many connections: {config.max_connections} are open "
                                    "(--max-connections); retry shortly"}).encode()
@@ -336,9 +421,9 @@ async def start(server: Server) -> Front:
         if len(handlers.connections) >= config.max_connections:
             server.metrics.refused_connections["rest"] += 1
             return _Refuse(refusal)
-        return handlers()
+        return connection(handlers, server.metrics, loop=loop, **options)
 
-    listening = await asyncio.get_running_loop().create_server(factory, config.host, config.port, backlog=1024,
+    listening = await loop.create_server(factory, config.host, config.port, backlog=1024,
                                                                reuse_address=True)
 
     async def stop():
