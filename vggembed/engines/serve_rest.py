@@ -339,8 +339,6 @@ def _connection_class():
     request is answered `{"error": "malformed HTTP request: ..."}` and counted in the metrics (route
     "malformed"), and nothing is logged for what a client did wrong (aiohttp's parse errors, an unreadable body, a
     closed connection); anything else aiohttp catches (a failure of the server's own) is still logged whole."""
-    import sys
-
     from aiohttp import http_exceptions, web
 
     client_faults = (http_exceptions.HttpProcessingError, web.RequestPayloadError, ConnectionError)
@@ -423,8 +421,7 @@ async def start(server: Server) -> Front:
             return _Refuse(refusal)
         return connection(handlers, server.metrics, loop=loop, **options)
 
-    listening = await loop.create_server(factory, config.host, config.port, backlog=1024,
-                                                               reuse_address=True)
+    listening = await loop.create_server(factory, config.host, config.port, backlog=1024, reuse_address=True)
 
     async def stop():
         listening.close()
