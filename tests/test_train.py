@@ -106,6 +106,55 @@ def test_the_head_equals_scikit_learns_logistic_regression_at_the_same_C():
         np.testing.assert_allclose(head.scale, x.std(axis=0), rtol=1e-4)
 
 
+def test_fits_made_together_equal_the_same_fits_made_alone():
+    """The head and its folds share each pass over the rows; each fit must still be the one it would be alone
+    (a fit reading another's weights or rows would not be)."""
+    from vggembed.use.logistic import Problem, Task
+
+    x, y = separable(n=500, d=30, k=3, seed=4)
+    problem = Problem(x.copy(), y, 3)
+    scale = problem.scale_from(*problem.sums([slice(0, 500)]))
+    first = problem.fit([slice(0, 100)], 0.5, scale, tol=1e-6)
+    tasks = [Task([slice(0, 500)], 1.0, scale, tol=1e-7),  # every row
+             Task([slice(100, 500)], 0.05, scale, tol=1e-6),  # a fold's two slices, one of them empty
+             Task([slice(0, 200), slice(300, 500)], 20.0, scale * 2, tol=1e-6, balanced=True),
+             Task([slice(0, 100)], 2.0, scale, init=first, tol=1e-6)]  # warm-started, a few rows
+    together = problem.fit_together(tasks)
+    for task, fit in zip(tasks, together):
+        alone = problem.fit(task.rows, task.C, task.scale, init=task.init, tol=task.tol, balanced=task.balanced)
+        assert fit.C == task.C and fit.iterations > 0
+        assert abs(fit.objective - alone.objective) <= 1e-6 * alone.objective, (task.C, fit.objective,
+                                                                               alone.objective)
+        np.testing.assert_allclose(fit.coef, alone.coef, atol=1e-3 * float(np.abs(alone.coef).max()))
+        assert np.array_equal(problem.proba(fit, slice(0, 500)).argmax(1),
+                              problem.proba(alone, slice(0, 500)).argmax(1))
+    # different tolerances and data: the fits did not stop together
+    assert len({fit.iterations for fit in together}) > 1
+
+
+def test_an_error_in_one_of_the_fits_made_together_stops_them_all_and_is_raised():
+    import threading
+
+    from vggembed.use.logistic import Fit, Problem, Task
+
+    x, y = separable(n=200, d=10, k=3, seed=5)
+    problem = Problem(x.copy(), y, 3)
+    scale = np.ones(10, np.float32)
+    wrong = Fit(coef=np.zeros((11, 3), np.float32), intercept=np.zeros(3, np.float32), scale=scale, C=1.0,
+                iterations=0, evaluations=0, objective=0.0, converged=True)
+    before = threading.active_count()
+    with pytest.raises(ValueError):  # a start of the wrong shape, met in its own thread
+        problem.fit_together([Task([slice(0, 200)], 1.0, scale, tol=1e-9),
+                              Task([slice(0, 100)], 1.0, scale, init=wrong)])
+    with pytest.raises(ValueError):  # an error in the shared pass
+        problem.fit_together([Task([slice(0, 200)], 1.0, scale),
+                              Task([slice(0, 100)], 1.0, np.ones(9, np.float32))])
+    deadline = time.monotonic() + HANG
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before  # no fit's thread is left waiting
+
+
 def uneven(seed=1):
     """Three overlapping classes of 600, 150 and 30 rows: ok, a common defect and a rare one."""
     rng = np.random.default_rng(seed)

@@ -19,6 +19,9 @@ What makes it fast where `LogisticRegression(lbfgs)` is slow:
   fit starting from the last, and the head starts from the sweep's choice.
   (The folds start from zero: a start that saw a fold's held-out rows would
   leak them into its figures.)
+- **Fits together.** The head and the folds run at once (`fit_together`),
+  one pass over the rows serving all of them: one wide product per block
+  instead of a K-wide one per fit, which BLAS runs far below its speed.
 """
 
 from __future__ import annotations
@@ -99,62 +102,56 @@ class Problem:
         from `init`'s weights (a fit at another C or on other rows) when given. `balanced` weighs each row's
         cross-entropy by n / (K * its class's rows among `rows`), as scikit-learn's class_weight="balanced":
         every class then weighs as much in the loss, however few its rows."""
+        return self.fit_together([Task(rows, C, scale, init, tol, balanced)], max_iter)[0]
+
+    def fit_together(self, tasks: list[Task], max_iter: int = 2000) -> list[Fit]:
+        """Each task's `fit`, all at once: whenever every unfinished fit waits for its objective, one pass over
+        the rows evaluates them all, with one product `X_block @ [A_1 ... A_m]` a block instead of m of them (a
+        K-wide product leaves most of the cores' work undone: at 100 classes, 6 fits together take 0.6 times
+        the time of 6 passes). Each fit runs scipy's L-BFGS-B in a thread of its own, which only waits while
+        this thread computes, so every fit makes the same steps as it would alone."""
         import scipy.optimize
 
-        n = sum(r.stop - r.start for r in rows)
-        D, K = self.D, self.K
-        inv_scale = (1.0 / scale).astype(np.float32)
-        y = np.concatenate([self.y[r] for r in rows])
-        weight = None
-        if balanced:
-            counts = np.bincount(y, minlength=K)
-            weight = (n / (K * np.maximum(counts, 1)))[y]  # they sum to n, as the unweighted rows
-        lam = 1.0 / (C * n)  # the objective divided by C * n: mean cross-entropy + lam/2 |W|^2
+        objectives = [_Objective(self, t) for t in tasks]
 
-        def f(theta):
-            W = theta[: D * K].reshape(D, K).astype(np.float32)
-            b = theta[D * K:].astype(np.float32)
-            A = W * inv_scale[:, None]
-            loss = 0.0
-            dAt = np.zeros((K, D), np.float32)  # the gradient transposed: z.T @ X runs faster than X.T @ z
-            db = np.zeros(K, np.float64)
-            offset = 0
-            for r in rows:
-                for start in range(r.start, r.stop, EVAL_ROWS):
-                    Xb = self.X[start:min(start + EVAL_ROWS, r.stop)]
-                    m = len(Xb)
-                    z = np.matmul(Xb, A, out=buffer[:m])
-                    z += b
-                    z -= z.max(axis=1, keepdims=True)
-                    at = (np.arange(m), y[offset:offset + m])
-                    w = None if weight is None else weight[offset:offset + m]
-                    offset += m
-                    picked = z[at].astype(np.float64)
-                    np.exp(z, out=z)  # one exp: z becomes the softmax's numerators, then its probabilities
-                    total = z.sum(axis=1, dtype=np.float64)
-                    row_loss = np.log(total) - picked
-                    loss += float(row_loss.sum() if w is None else row_loss @ w)
-                    z *= ((1.0 if w is None else w) / total).astype(np.float32)[:, None]
-                    z[at] -= np.float32(1.0) if w is None else w.astype(np.float32)
-                    dAt += z.T @ Xb
-                    db += z.sum(axis=0, dtype=np.float64)
-            W64 = W.astype(np.float64)
-            value = loss / n + 0.5 * lam * float(np.sum(W64 * W64))
-            dW = (dAt.T * inv_scale[:, None]).astype(np.float64) / n + lam * W64
-            return value, np.concatenate([dW.ravel(), db / n])
+        def minimise(i: int, evaluate) -> Fit:
+            task, objective = tasks[i], objectives[i]
+            result = scipy.optimize.minimize(evaluate, objective.theta0(), jac=True, method="L-BFGS-B",
+                                             options={"maxiter": max_iter, "gtol": task.tol, "ftol": 1e-12,
+                                                      "maxcor": 10})
+            return objective.result(result)
 
-        buffer = np.empty((min(EVAL_ROWS, n), K), np.float32)
-        if init is None:
-            theta0 = np.zeros(D * K + K)
-        else:
-            theta0 = np.concatenate([init.coef.astype(np.float64).ravel(), init.intercept.astype(np.float64)])
-        result = scipy.optimize.minimize(f, theta0, jac=True, method="L-BFGS-B",
-                                         options={"maxiter": max_iter, "gtol": tol, "ftol": 1e-12,
-                                                  "maxcor": 10})
-        theta = result.x
-        return Fit(coef=theta[: D * K].reshape(D, K).astype(np.float32), intercept=theta[D * K:].astype(np.float32),
-                   scale=scale.astype(np.float32), C=C, iterations=int(result.nit),
-                   evaluations=int(result.nfev), objective=float(result.fun) * C * n, converged=result.status != 1)
+        if len(tasks) == 1:
+            return [minimise(0, lambda theta: self._evaluate({0: theta}, objectives)[0])]
+        return _Lockstep(len(tasks), minimise, lambda thetas: self._evaluate(thetas, objectives)).run()
+
+    def _evaluate(self, thetas: dict[int, np.ndarray], objectives: list[_Objective]) -> dict[int, tuple]:
+        """{i: (objective value, gradient)} of the fits `thetas` names, in one pass over the rows."""
+        fits = sorted(thetas)
+        for i in fits:
+            objectives[i].begin(thetas[i])
+        # the rows cut where any fit's rows start or stop; each piece is rows of the same fits
+        cuts = sorted({0, self.N} | {e for i in fits for r in objectives[i].rows for e in (r.start, r.stop)})
+        K = self.K
+        products = {}  # the fits of a piece -> their weights side by side (D, len * K)
+        buffer = np.empty((min(EVAL_ROWS, self.N), len(fits) * K), np.float32)
+        for lo, hi in zip(cuts, cuts[1:]):
+            covering = tuple(i for i in fits if objectives[i].covers(lo))
+            if not covering or lo == hi:
+                continue
+            if covering not in products:
+                products[covering] = np.concatenate([objectives[i].A for i in covering], axis=1)
+            A = products[covering]
+            for start in range(lo, hi, EVAL_ROWS):
+                stop = min(start + EVAL_ROWS, hi)
+                Xb = self.X[start:stop]
+                z = np.matmul(Xb, A, out=buffer[:stop - start, :A.shape[1]])
+                for j, i in enumerate(covering):
+                    objectives[i].block(z[:, j * K:(j + 1) * K], start, stop)
+                grad = z.T @ Xb  # (len * K, D): the gradient transposed, as z.T @ X runs faster than X.T @ z
+                for j, i in enumerate(covering):
+                    objectives[i].dAt += grad[j * K:(j + 1) * K]
+        return {i: objectives[i].end() for i in fits}
 
     def proba(self, fit: Fit, rows: slice) -> np.ndarray:
         """(rows, K) float32 probabilities of `rows` under `fit`."""
@@ -169,3 +166,159 @@ class Problem:
             z /= z.sum(axis=1, keepdims=True)
             out[start - rows.start: stop - rows.start] = z
         return out
+
+
+@dataclass
+class Task:
+    """One fit for `Problem.fit_together` (the arguments of `Problem.fit`)."""
+
+    rows: list[slice]
+    C: float
+    scale: np.ndarray
+    init: Fit | None = None
+    tol: float = 1e-6
+    balanced: bool = False
+
+
+class _Objective:
+    """The objective of one task and its gradient, accumulated block by block over its rows.
+
+    In the parameters' terms (theta = W, b, standardised space), divided by C * n: the mean (weighted)
+    cross-entropy + lam/2 |W|^2, with lam = 1 / (C * n)."""
+
+    def __init__(self, problem: Problem, task: Task):
+        self.problem, self.task, self.rows = problem, task, task.rows
+        self.n = sum(r.stop - r.start for r in task.rows)
+        self.inv_scale = (1.0 / task.scale).astype(np.float32)
+        self.lam = 1.0 / (task.C * self.n)
+        self.class_weight = None
+        if task.balanced:
+            y = np.concatenate([problem.y[r] for r in task.rows])
+            counts = np.bincount(y, minlength=problem.K)
+            self.class_weight = self.n / (problem.K * np.maximum(counts, 1))  # the rows' weights sum to n
+
+    def covers(self, row: int) -> bool:
+        return any(r.start <= row < r.stop for r in self.rows)
+
+    def theta0(self) -> np.ndarray:
+        init, D, K = self.task.init, self.problem.D, self.problem.K
+        if init is None:
+            return np.zeros(D * K + K)
+        return np.concatenate([init.coef.astype(np.float64).ravel(), init.intercept.astype(np.float64)])
+
+    def begin(self, theta: np.ndarray) -> None:
+        D, K = self.problem.D, self.problem.K
+        self.W = theta[: D * K].reshape(D, K).astype(np.float32)
+        self.b = theta[D * K:].astype(np.float32)
+        self.A = self.W * self.inv_scale[:, None]
+        self.loss = 0.0
+        self.dAt = np.zeros((K, D), np.float32)
+        self.db = np.zeros(K, np.float64)
+
+    def block(self, z: np.ndarray, start: int, stop: int) -> None:
+        """Take in the logits `z` (overwritten) of rows start:stop, all among this task's rows."""
+        m = stop - start
+        y = self.problem.y[start:stop]
+        w = None if self.class_weight is None else self.class_weight[y]
+        z += self.b
+        z -= z.max(axis=1, keepdims=True)
+        at = (np.arange(m), y)
+        picked = z[at].astype(np.float64)
+        np.exp(z, out=z)  # one exp: z becomes the softmax's numerators, then its probabilities
+        total = z.sum(axis=1, dtype=np.float64)
+        row_loss = np.log(total) - picked
+        self.loss += float(row_loss.sum() if w is None else row_loss @ w)
+        z *= ((1.0 if w is None else w) / total).astype(np.float32)[:, None]
+        z[at] -= np.float32(1.0) if w is None else w.astype(np.float32)
+        self.db += z.sum(axis=0, dtype=np.float64)
+
+    def end(self) -> tuple[float, np.ndarray]:
+        W64 = self.W.astype(np.float64)
+        value = self.loss / self.n + 0.5 * self.lam * float(np.sum(W64 * W64))
+        dW = (self.dAt.T * self.inv_scale[:, None]).astype(np.float64) / self.n + self.lam * W64
+        return value, np.concatenate([dW.ravel(), self.db / self.n])
+
+    def result(self, result) -> Fit:
+        D, K, task = self.problem.D, self.problem.K, self.task
+        theta = result.x
+        return Fit(coef=theta[: D * K].reshape(D, K).astype(np.float32), intercept=theta[D * K:].astype(np.float32),
+                   scale=task.scale.astype(np.float32), C=task.C, iterations=int(result.nit),
+                   evaluations=int(result.nfev), objective=float(result.fun) * task.C * self.n,
+                   converged=result.status != 1)
+
+
+class _Abandoned(Exception):
+    """Raised in a fit's thread when the run it belongs to has stopped (an error elsewhere, or Ctrl-C)."""
+
+
+class _Lockstep:
+    """Runs `minimise(i, evaluate)` for i < count, each in a thread, and answers their `evaluate(theta)` calls
+    in this thread, all of them together: once every unfinished one is waiting, `evaluate_many({i: theta})`
+    answers them in one call. An error in any of them (or Ctrl-C here) stops them all and is raised here."""
+
+    def __init__(self, count: int, minimise, evaluate_many):
+        import threading
+
+        self.count, self.minimise, self.evaluate_many = count, minimise, evaluate_many
+        self.changed = threading.Condition()
+        self.pending: dict[int, np.ndarray] = {}
+        self.answers: dict[int, tuple] = {}
+        self.running = count
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.results: list = [None] * count
+        self.threads = [threading.Thread(target=self._one, args=(i,), daemon=True, name=f"vggembed-fit-{i}")
+                        for i in range(count)]
+
+    def _evaluate(self, i: int, theta: np.ndarray) -> tuple:
+        with self.changed:
+            if self.stopped:
+                raise _Abandoned
+            self.pending[i] = theta
+            self.changed.notify_all()
+            while i not in self.answers and not self.stopped:
+                self.changed.wait()
+            if self.stopped:
+                raise _Abandoned
+            return self.answers.pop(i)
+
+    def _one(self, i: int) -> None:
+        try:
+            self.results[i] = self.minimise(i, lambda theta: self._evaluate(i, theta))
+        except _Abandoned:
+            pass
+        except BaseException as e:  # handed to the thread that waits for the run
+            with self.changed:
+                if self.error is None:
+                    self.error = e
+                self.stopped = True
+        finally:
+            with self.changed:
+                self.running -= 1
+                self.changed.notify_all()
+
+    def run(self) -> list:
+        for t in self.threads:
+            t.start()
+        try:
+            while True:
+                with self.changed:
+                    while not self.stopped and self.running and len(self.pending) < self.running:
+                        self.changed.wait()
+                    if self.stopped or not self.running:
+                        break
+                    thetas, self.pending = self.pending, {}
+                answers = self.evaluate_many(thetas)  # every unfinished fit is waiting meanwhile
+                with self.changed:
+                    self.answers.update(answers)
+                    self.changed.notify_all()
+        except BaseException:
+            with self.changed:
+                self.stopped = True
+                self.changed.notify_all()
+            raise
+        for t in self.threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
+        return self.results

@@ -39,7 +39,7 @@ from ..images.safeio import NotAFileError, open_regular
 from ..net.head import Head, class_names, class_text
 from ..store.recipe import Recipe
 from . import evaluate
-from .logistic import Problem
+from .logistic import Problem, Task
 
 # The sweep's values of C times the number of training rows (scikit-learn's C sums the loss over rows, so
 # C * n is the inverse of the per-row L2 strength), strong to weak.
@@ -575,20 +575,25 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         C, sweep, chosen_fit = _sweep(problem, bounds, fold_scale(0), balanced, log)
 
     evaluation_kind = f"{k}-fold out-of-fold" if not val_sources else "validation set"
-    final = problem.fit([slice(0, problem.N)], C, problem.scale_from(*total), init=chosen_fit, tol=HEAD_TOL,
-                        balanced=balanced)
+    # The head and the folds fit together, sharing each pass over the rows (`Problem.fit_together`). The folds
+    # start from zero, as scikit-learn's cross_val_predict: a fold's fit stops within a tolerance of its optimum,
+    # so one started from a model that saw its held-out rows (the head) could stop close to that model and score
+    # those rows as if it had never seen them. With weak L2 on rows it separates, the head itself met the
+    # tolerance: every fold ran 0 iterations and scored 1.0 where 0.68 was honest.
+    tasks = [Task([slice(0, problem.N)], C, problem.scale_from(*total), init=chosen_fit, tol=HEAD_TOL,
+                  balanced=balanced)]
+    if not val_sources:
+        tasks += [Task(train_rows(f), C, fold_scale(f), tol=FIT_TOL, balanced=balanced) for f in range(k)]
+    if len(tasks) > 1:
+        log(f"fitting the head and the {k} folds together")
+    final, *fits = problem.fit_together(tasks)
     log(f"final fit on all {problem.N} rows: {final.iterations} iterations")
     if not final.converged:
         log(f"note: the final fit stopped after {final.iterations} iterations before converging")
     fold_fits = []
     if not val_sources:
         proba = np.empty((problem.N, problem.K), np.float32)
-        for f in range(k):
-            # From zero, as scikit-learn's cross_val_predict: a fold's fit stops within a tolerance of its
-            # optimum, so one started from a model that saw its held-out rows (the head) could stop close to that
-            # model and score those rows as if it had never seen them. With weak L2 on rows it separates, the head
-            # itself met the tolerance: every fold ran 0 iterations and scored 1.0 where 0.68 was honest.
-            fit = problem.fit(train_rows(f), C, fold_scale(f), tol=FIT_TOL, balanced=balanced)
+        for f, fit in enumerate(fits):
             proba[bounds[f]:bounds[f + 1]] = problem.proba(fit, slice(int(bounds[f]), int(bounds[f + 1])))
             log(f"fold {f + 1}/{k}: {fit.iterations} iterations")
             fold_fits.append({"rows": problem.N - int(bounds[f + 1] - bounds[f]), "iterations": fit.iterations,
