@@ -119,17 +119,18 @@ def test_fits_made_together_equal_the_same_fits_made_alone():
              Task([slice(100, 500)], 0.05, scale, tol=1e-6),  # a fold's two slices, one of them empty
              Task([slice(0, 200), slice(300, 500)], 20.0, scale * 2, tol=1e-6, balanced=True),
              Task([slice(0, 100)], 2.0, scale, init=first, tol=1e-6)]  # warm-started, a few rows
-    together = problem.fit_together(tasks)
-    for task, fit in zip(tasks, together):
-        alone = problem.fit(task.rows, task.C, task.scale, init=task.init, tol=task.tol, balanced=task.balanced)
-        assert fit.C == task.C and fit.iterations > 0
-        assert abs(fit.objective - alone.objective) <= 1e-6 * alone.objective, (task.C, fit.objective,
-                                                                               alone.objective)
-        np.testing.assert_allclose(fit.coef, alone.coef, atol=1e-3 * float(np.abs(alone.coef).max()))
-        assert np.array_equal(problem.proba(fit, slice(0, 500)).argmax(1),
-                              problem.proba(alone, slice(0, 500)).argmax(1))
-    # different tolerances and data: the fits did not stop together
-    assert len({fit.iterations for fit in together}) > 1
+    alone = [problem.fit(t.rows, t.C, t.scale, init=t.init, tol=t.tol, balanced=t.balanced) for t in tasks]
+    for at_once in (None, 2):  # all at once, or two at a time (the next starting as one ends)
+        together = problem.fit_together(tasks, together=at_once)
+        for task, fit, single in zip(tasks, together, alone):
+            assert fit.C == task.C and fit.iterations > 0
+            assert abs(fit.objective - single.objective) <= 1e-6 * single.objective, (task.C, fit.objective,
+                                                                                     single.objective)
+            np.testing.assert_allclose(fit.coef, single.coef, atol=1e-3 * float(np.abs(single.coef).max()))
+            assert np.array_equal(problem.proba(fit, slice(0, 500)).argmax(1),
+                                  problem.proba(single, slice(0, 500)).argmax(1))
+        # different tolerances and data: the fits did not stop together
+        assert len({fit.iterations for fit in together}) > 1
 
 
 def test_an_error_in_one_of_the_fits_made_together_stops_them_all_and_is_raised():

@@ -19,9 +19,10 @@ What makes it fast where `LogisticRegression(lbfgs)` is slow:
   fit starting from the last, and the head starts from the sweep's choice.
   (The folds start from zero: a start that saw a fold's held-out rows would
   leak them into its figures.)
-- **Fits together.** The head and the folds run at once (`fit_together`),
-  one pass over the rows serving all of them: one wide product per block
-  instead of a K-wide one per fit, which BLAS runs far below its speed.
+- **Fits together.** The head and the folds run at once (`fit_together`, as
+  many as the caller's memory allows), one pass over the rows serving all
+  of them: one wide product per block instead of a K-wide one per fit,
+  which BLAS runs well below its speed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import numpy as np
 BLOCK_ROWS = 8192
 # Row blocks of one evaluation of the objective: its (EVAL_ROWS, K) logits are reused from block to block.
 EVAL_ROWS = 4 * BLOCK_ROWS
+# L-BFGS's memory: the curvature pairs it keeps (scipy's default).
+MAX_CORRECTIONS = 10
 
 
 @dataclass
@@ -104,12 +107,13 @@ class Problem:
         every class then weighs as much in the loss, however few its rows."""
         return self.fit_together([Task(rows, C, scale, init, tol, balanced)], max_iter)[0]
 
-    def fit_together(self, tasks: list[Task], max_iter: int = 2000) -> list[Fit]:
-        """Each task's `fit`, all at once: whenever every unfinished fit waits for its objective, one pass over
-        the rows evaluates them all, with one product `X_block @ [A_1 ... A_m]` a block instead of m of them (a
-        K-wide product leaves most of the cores' work undone: at 100 classes, 6 fits together take 0.6 times
-        the time of 6 passes). Each fit runs scipy's L-BFGS-B in a thread of its own, which only waits while
-        this thread computes, so every fit makes the same steps as it would alone."""
+    def fit_together(self, tasks: list[Task], max_iter: int = 2000, together: int | None = None) -> list[Fit]:
+        """Each task's `fit`, up to `together` of them at once (all by default; the next starts as one ends):
+        whenever every running fit waits for its objective, one pass over the rows evaluates them all, with one
+        product `X_block @ [A_1 ... A_m]` a block instead of m of them (a K-wide product leaves much of the
+        cores' work undone: at 100 classes a 600-wide one costs 0.65 of six). Each fit runs scipy's L-BFGS-B in a
+        thread of its own, which only waits while this thread computes, so every fit makes the steps it would
+        make alone. Each fit running holds its own L-BFGS state: `state_bytes()`."""
         import scipy.optimize
 
         objectives = [_Objective(self, t) for t in tasks]
@@ -118,12 +122,19 @@ class Problem:
             task, objective = tasks[i], objectives[i]
             result = scipy.optimize.minimize(evaluate, objective.theta0(), jac=True, method="L-BFGS-B",
                                              options={"maxiter": max_iter, "gtol": task.tol, "ftol": 1e-12,
-                                                      "maxcor": 10})
+                                                      "maxcor": MAX_CORRECTIONS})
             return objective.result(result)
 
         if len(tasks) == 1:
             return [minimise(0, lambda theta: self._evaluate({0: theta}, objectives)[0])]
-        return _Lockstep(len(tasks), minimise, lambda thetas: self._evaluate(thetas, objectives)).run()
+        return _Lockstep(len(tasks), minimise, lambda thetas: self._evaluate(thetas, objectives),
+                         len(tasks) if together is None else together).run()
+
+    def state_bytes(self) -> int:
+        """The memory one running fit holds beside the rows, as measured: 145 MB at 4,096 x 100 parameters, 44
+        float64 vectors of them (scipy's L-BFGS-B keeps 2 * 10 corrections and 5 more; the fit's own copies and
+        the allocator's slack in its thread make the rest)."""
+        return (2 * MAX_CORRECTIONS + 24) * (self.D * self.K + self.K) * 8
 
     def _evaluate(self, thetas: dict[int, np.ndarray], objectives: list[_Objective]) -> dict[int, tuple]:
         """{i: (objective value, gradient)} of the fits `thetas` names, in one pass over the rows."""
@@ -134,7 +145,9 @@ class Problem:
         cuts = sorted({0, self.N} | {e for i in fits for r in objectives[i].rows for e in (r.start, r.stop)})
         K = self.K
         products = {}  # the fits of a piece -> their weights side by side (D, len * K)
-        buffer = np.empty((min(EVAL_ROWS, self.N), len(fits) * K), np.float32)
+        # blocks of fewer rows the more fits share them: the logits' buffer is one fit's, however many
+        step = max(BLOCK_ROWS // 8, EVAL_ROWS // len(fits))
+        buffer = np.empty((min(step, self.N), len(fits) * K), np.float32)
         for lo, hi in zip(cuts, cuts[1:]):
             covering = tuple(i for i in fits if objectives[i].covers(lo))
             if not covering or lo == hi:
@@ -142,8 +155,8 @@ class Problem:
             if covering not in products:
                 products[covering] = np.concatenate([objectives[i].A for i in covering], axis=1)
             A = products[covering]
-            for start in range(lo, hi, EVAL_ROWS):
-                stop = min(start + EVAL_ROWS, hi)
+            for start in range(lo, hi, step):
+                stop = min(start + step, hi)
                 Xb = self.X[start:stop]
                 z = np.matmul(Xb, A, out=buffer[:stop - start, :A.shape[1]])
                 for j, i in enumerate(covering):
@@ -252,23 +265,26 @@ class _Abandoned(Exception):
 
 
 class _Lockstep:
-    """Runs `minimise(i, evaluate)` for i < count, each in a thread, and answers their `evaluate(theta)` calls
-    in this thread, all of them together: once every unfinished one is waiting, `evaluate_many({i: theta})`
-    answers them in one call. An error in any of them (or Ctrl-C here) stops them all and is raised here."""
+    """Runs `minimise(i, evaluate)` for i < count, each in a thread, at most `together` at a time (in order,
+    the next starting as one ends), and answers their `evaluate(theta)` calls in this thread: once every
+    running one is waiting, `evaluate_many({i: theta})` answers them all in one call. An error in any of them
+    (or Ctrl-C here) stops them all and is raised here."""
 
-    def __init__(self, count: int, minimise, evaluate_many):
+    def __init__(self, count: int, minimise, evaluate_many, together: int):
         import threading
 
         self.count, self.minimise, self.evaluate_many = count, minimise, evaluate_many
+        self.together = max(1, together)
         self.changed = threading.Condition()
         self.pending: dict[int, np.ndarray] = {}
         self.answers: dict[int, tuple] = {}
-        self.running = count
+        self.active = 0  # started, not ended
         self.error: BaseException | None = None
         self.stopped = False
         self.results: list = [None] * count
         self.threads = [threading.Thread(target=self._one, args=(i,), daemon=True, name=f"vggembed-fit-{i}")
                         for i in range(count)]
+        self.started = 0
 
     def _evaluate(self, i: int, theta: np.ndarray) -> tuple:
         with self.changed:
@@ -294,21 +310,25 @@ class _Lockstep:
                 self.stopped = True
         finally:
             with self.changed:
-                self.running -= 1
+                self.active -= 1
                 self.changed.notify_all()
 
     def run(self) -> list:
-        for t in self.threads:
-            t.start()
         try:
             while True:
                 with self.changed:
-                    while not self.stopped and self.running and len(self.pending) < self.running:
+                    while not self.stopped:
+                        while self.started < self.count and self.active < self.together:
+                            self.active += 1
+                            self.threads[self.started].start()
+                            self.started += 1
+                        if not self.active or len(self.pending) >= self.active:
+                            break
                         self.changed.wait()
-                    if self.stopped or not self.running:
+                    if self.stopped or not self.active:
                         break
                     thetas, self.pending = self.pending, {}
-                answers = self.evaluate_many(thetas)  # every unfinished fit is waiting meanwhile
+                answers = self.evaluate_many(thetas)  # every running fit is waiting meanwhile
                 with self.changed:
                     self.answers.update(answers)
                     self.changed.notify_all()
@@ -317,7 +337,7 @@ class _Lockstep:
                 self.stopped = True
                 self.changed.notify_all()
             raise
-        for t in self.threads:
+        for t in self.threads[:self.started]:
             t.join()
         if self.error is not None:
             raise self.error

@@ -575,7 +575,7 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         C, sweep, chosen_fit = _sweep(problem, bounds, fold_scale(0), balanced, log)
 
     evaluation_kind = f"{k}-fold out-of-fold" if not val_sources else "validation set"
-    # The head and the folds fit together, sharing each pass over the rows (`Problem.fit_together`). The folds
+    # The head and the folds fit together, sharing passes over the rows (`Problem.fit_together`). The folds
     # start from zero, as scikit-learn's cross_val_predict: a fold's fit stops within a tolerance of its optimum,
     # so one started from a model that saw its held-out rows (the head) could stop close to that model and score
     # those rows as if it had never seen them. With weak L2 on rows it separates, the head itself met the
@@ -584,9 +584,12 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
                   balanced=balanced)]
     if not val_sources:
         tasks += [Task(train_rows(f), C, fold_scale(f), tol=FIT_TOL, balanced=balanced) for f in range(k)]
-    if len(tasks) > 1:
-        log(f"fitting the head and the {k} folds together")
-    final, *fits = problem.fit_together(tasks)
+    # As many at once as hold their L-BFGS state in a third of the matrix's size (at least 256 MiB): the run's
+    # memory grows with its rows, not with its folds (3 at a time at 100,000 x 4,096 and 100 classes).
+    together = max(1, max(X.nbytes // 3, 256 << 20) // problem.state_bytes())
+    if len(tasks) > 1 and together > 1:
+        log(f"fitting the head and the {k} folds, {min(together, len(tasks))} at a time")
+    final, *fits = problem.fit_together(tasks, together=together)
     log(f"final fit on all {problem.N} rows: {final.iterations} iterations")
     if not final.converged:
         log(f"note: the final fit stopped after {final.iterations} iterations before converging")
@@ -626,6 +629,7 @@ def fit_head(sources: list[Rows], labels: dict | None, val_sources: list[Rows] =
         # the work of each fit, in passes over its rows (an evaluation of the objective and its gradient)
         "final_evaluations": final.evaluations,
         "fold_fits": fold_fits,
+        "fits_at_once": min(together, len(tasks)),  # the head and the folds, sharing passes over the rows
     }
     head.evaluation = evaluation
     return head
