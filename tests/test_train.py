@@ -770,6 +770,25 @@ def test_a_fifo_as_head_is_one_line_not_a_hang(tmp_path, image_dir, tiny16):
     assert result.stderr.strip().splitlines() == [f"Error: {fifo}: is a FIFO (named pipe), not a head file"]
 
 
+def test_a_binary_file_as_labels_is_named_as_such_and_a_parquet_table_is_read_whatever_its_name(tmp_path, feats,
+                                                                                                   head):
+    for wrong in (head, Path(str(head).removesuffix(".npz") + ".confusion.png")):  # a zip, an image
+        result = subprocess.run(VGGEMBED + ["train", str(feats), "-o", str(tmp_path / "h.npz"), "--labels",
+                                            str(wrong)], capture_output=True, text=True, timeout=HANG)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"Error: {wrong}: not a label table (binary data; expected a CSV of path,label or a Parquet table)"]
+        assert not (tmp_path / "h.npz").exists()
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    from vggembed.use.train import read_label_table
+
+    named_csv = tmp_path / "labels.csv"
+    pq.write_table(pa.table({"path": ["a.jpg", "b.jpg"], "label": ["cat", "dog"]}), named_csv)
+    assert read_label_table(named_csv) == {"a.jpg": "cat", "b.jpg": "dog"}
+
+
 @pytest.mark.parametrize("name", ["labels.csv", "labels.parquet"])
 def test_a_fifo_as_label_file_is_one_line_not_a_hang(tmp_path, feats, name):
     fifo = tmp_path / name

@@ -88,8 +88,11 @@ def read_label_table(path, split_column: str | None = None) -> LabelTable:
         raise VGGEmbedError(f"{where}: {e.problem}") from None
     except OSError as e:
         raise VGGEmbedError(f"{where}: cannot read the labels ({reason(e)})") from None
-    if path.suffix.lower() == ".parquet":
+    if path.suffix.lower() == ".parquet" or data[:4] == b"PAR1":  # a Parquet table by its name or its bytes
         rows = _parquet_labels(data, where, split_column)
+    elif b"\0" in data[:65536]:  # no CSV holds a NUL byte: a zip, an .npz, an image, ...
+        raise VGGEmbedError(f"{where}: not a label table (binary data; expected a CSV of path,label or a Parquet "
+                            "table)")
     else:
         rows = _csv_labels(data, where, split_column)
     table = LabelTable()
