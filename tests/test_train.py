@@ -143,17 +143,19 @@ def test_an_error_in_one_of_the_fits_made_together_stops_them_all_and_is_raised(
     scale = np.ones(10, np.float32)
     wrong = Fit(coef=np.zeros((11, 3), np.float32), intercept=np.zeros(3, np.float32), scale=scale, C=1.0,
                 iterations=0, evaluations=0, objective=0.0, converged=True)
-    before = threading.active_count()
+    def fits_running():
+        return [t for t in threading.enumerate() if t.name.startswith("vggembed-fit-")]
+
     with pytest.raises(ValueError):  # a start of the wrong shape, met in its own thread
         problem.fit_together([Task([slice(0, 200)], 1.0, scale, tol=1e-9),
                               Task([slice(0, 100)], 1.0, scale, init=wrong)])
     with pytest.raises(ValueError):  # an error in the shared pass
         problem.fit_together([Task([slice(0, 200)], 1.0, scale),
                               Task([slice(0, 100)], 1.0, np.ones(9, np.float32))])
-    deadline = time.monotonic() + HANG
-    while threading.active_count() > before and time.monotonic() < deadline:
+    deadline = time.monotonic() + HANG  # they end as soon as they are told; the deadline only bounds a hang
+    while fits_running() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() == before  # no fit's thread is left waiting
+    assert not fits_running()  # no fit's thread is left waiting
 
 
 def uneven(seed=1):
@@ -571,6 +573,12 @@ def test_class_names_that_are_not_utf8_are_text_in_every_head(tmp_path, head, cl
 
 # --------------------------------------------------- the head where classify goes
 def test_a_class_folder_whose_name_is_not_utf8_is_a_class_every_output_can_carry(tmp_path, photos, tiny16):
+    utf16 = tmp_path / "labels.txt"  # a spreadsheet's "Unicode text"
+    utf16.write_bytes("path,label\na.jpg,cat\n".encode("utf-16"))
+    result = subprocess.run(VGGEMBED + ["train", str(feats), "-o", str(tmp_path / "h.npz"), "--labels", str(utf16)],
+                            capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"Error: {utf16}: is UTF-16 text; save the label file as UTF-8"]
     pq = pytest.importorskip("pyarrow.parquet")
     root = tmp_path / "odd"
     for name, photo in ((os.fsdecode(b"k\xe4tze"), photos[0]), ("dog", photos[1])):
@@ -779,6 +787,12 @@ def test_a_binary_file_as_labels_is_named_as_such_and_a_parquet_table_is_read_wh
         assert result.stderr.strip().splitlines() == [
             f"Error: {wrong}: not a label table (binary data; expected a CSV of path,label or a Parquet table)"]
         assert not (tmp_path / "h.npz").exists()
+    utf16 = tmp_path / "labels.txt"  # a spreadsheet's "Unicode text"
+    utf16.write_bytes("path,label\na.jpg,cat\n".encode("utf-16"))
+    result = subprocess.run(VGGEMBED + ["train", str(feats), "-o", str(tmp_path / "h.npz"), "--labels", str(utf16)],
+                            capture_output=True, text=True, timeout=HANG)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"Error: {utf16}: is UTF-16 text; save the label file as UTF-8"]
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 

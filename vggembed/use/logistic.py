@@ -142,7 +142,7 @@ class Problem:
         for i in fits:
             objectives[i].begin(thetas[i])
         # the rows cut where any fit's rows start or stop; each piece is rows of the same fits
-        cuts = sorted({0, self.N} | {e for i in fits for r in objectives[i].rows for e in (r.start, r.stop)})
+        cuts = sorted({0, self.N} | {e for i in fits for r in objectives[i].task.rows for e in (r.start, r.stop)})
         K = self.K
         products = {}  # the fits of a piece -> their weights side by side (D, len * K)
         # blocks of fewer rows the more fits share them: the logits' buffer is one fit's, however many
@@ -200,7 +200,7 @@ class _Objective:
     cross-entropy + lam/2 |W|^2, with lam = 1 / (C * n)."""
 
     def __init__(self, problem: Problem, task: Task):
-        self.problem, self.task, self.rows = problem, task, task.rows
+        self.problem, self.task = problem, task
         self.n = sum(r.stop - r.start for r in task.rows)
         self.inv_scale = (1.0 / task.scale).astype(np.float32)
         self.lam = 1.0 / (task.C * self.n)
@@ -211,7 +211,7 @@ class _Objective:
             self.class_weight = self.n / (problem.K * np.maximum(counts, 1))  # the rows' weights sum to n
 
     def covers(self, row: int) -> bool:
-        return any(r.start <= row < r.stop for r in self.rows)
+        return any(r.start <= row < r.stop for r in self.task.rows)
 
     def theta0(self) -> np.ndarray:
         init, D, K = self.task.init, self.problem.D, self.problem.K

@@ -90,7 +90,9 @@ def read_label_table(path, split_column: str | None = None) -> LabelTable:
         raise VGGEmbedError(f"{where}: cannot read the labels ({reason(e)})") from None
     if path.suffix.lower() == ".parquet" or data[:4] == b"PAR1":  # a Parquet table by its name or its bytes
         rows = _parquet_labels(data, where, split_column)
-    elif b"\0" in data[:65536]:  # no CSV holds a NUL byte: a zip, an .npz, an image, ...
+    elif data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # what spreadsheets save as "Unicode text"
+        raise VGGEmbedError(f"{where}: is UTF-16 text; save the label file as UTF-8")
+    elif b"\0" in data[:65536]:  # no UTF-8 CSV holds a NUL byte: a zip, an .npz, an image, ...
         raise VGGEmbedError(f"{where}: not a label table (binary data; expected a CSV of path,label or a Parquet "
                             "table)")
     else:
